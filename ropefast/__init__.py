@@ -1,0 +1,12 @@
+"""ropefast: scaled rotary attention (RoPE with scaled frequencies + logit temperature +
+flash attention) in fused Triton kernels.
+
+    from ropefast import scaled_rope_attention, schedules
+"""
+
+from . import reference, schedules
+from .attention import scaled_rope_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["scaled_rope_attention", "schedules", "reference", "__version__"]

@@ -1,0 +1,128 @@
+"""Plain-PyTorch reference of scaled rotary attention: the ground truth of every test.
+
+Written for clarity, not speed: it materializes the rotated q and k and the full score
+matrix. Given float64 inputs it computes everything in float64 (exact up to float64
+rounding); given float16/bfloat16/float32 inputs it computes in float32 and returns the
+input dtype. It is also the path `scaled_rope_attention` takes where no kernel can run
+(CPU tensors without ``TRITON_INTERPRET=1``).
+
+Inputs are taken as already validated by `ropefast.attention.scaled_rope_attention`
+(which calls this with fully resolved arguments); the shapes are those of DESIGN.md.
+
+The operation, for each rotated pair (a, b) with frequency f at position p:
+    theta = p * f
+    a' = rotary_scale * (a cos theta - b sin theta)
+    b' = rotary_scale * (b cos theta + a sin theta)
+    s[i, j] = softmax_scale * t_i * <q'_i, k'_j>, -inf where key j is not visible to query i
+    out_i = softmax_j(s[i, :]) @ v,  lse_i = logsumexp_j s[i, j]
+A query that sees no key at all (possible only with causal and Nq > Nk) gets out = 0 and
+lse = -inf, as flash-attn does.
+"""
+
+import torch
+
+__all__ = ["default_positions", "rotate", "scaled_rope_attention_reference"]
+
+
+def default_positions(batch, seq_len, offset, device):
+    """Positions [batch, seq_len] = offset + arange(seq_len) (int64)."""
+    return (torch.arange(seq_len, device=device) + offset).expand(batch, seq_len)
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotate(x, positions, inv_freq, *, rotary_dim=None, interleaved=False, rotary_scale=1.0):
+    """Apply scaled RoPE to x [B, N, H, D] (bshd) at positions [B, N].
+
+    The first `rotary_dim` features are rotated in pairs (2i, 2i+1) if `interleaved`,
+    else (i, i + rotary_dim/2); the remaining features pass through unchanged.
+    Angles are computed in float64 from the float32 frequencies, so they are exact for
+    any position the caller can pass. Returns x's compute dtype (float64 or float32).
+    """
+    dtype = _compute_dtype(x.dtype)
+    x = x.to(dtype)
+    rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    half = rotary_dim // 2
+    theta = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # [B, N, R/2]
+    cos = (torch.cos(theta) * rotary_scale).to(dtype)[:, :, None, :]  # broadcast over heads
+    sin = (torch.sin(theta) * rotary_scale).to(dtype)[:, :, None, :]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+    a_rot = a * cos - b * sin
+    b_rot = b * cos + a * sin
+    if interleaved:
+        rot = torch.stack((a_rot, b_rot), dim=-1).flatten(-2)
+    else:
+        rot = torch.cat((a_rot, b_rot), dim=-1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def scaled_rope_attention_reference(
+    q,
+    k,
+    v,
+    *,
+    inv_freq,
+    rotary_dim=None,
+    interleaved=False,
+    q_positions=None,
+    k_positions=None,
+    causal=False,
+    softmax_scale=None,
+    rotary_scale=1.0,
+    q_temperature=None,
+    layout="bshd",
+    return_lse=False,
+):
+    """Reference scaled rotary attention; same arguments and results as
+    `ropefast.scaled_rope_attention` (with `inv_freq` given explicitly).
+
+    q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] for layout "bshd" ([B, H, N, D] for "bhsd").
+    q_positions [B, Nq] / k_positions [B, Nk] (or [N], shared by the batch) default to
+    arange, with queries offset by Nk - Nq. q_temperature is [Nq] or [B, Nq].
+    Returns out (input dtype, input layout), and lse [B, Hq, Nq] float32 if asked.
+    Gradients flow to q, k, v, inv_freq and q_temperature through autograd.
+    """
+    out_dtype = q.dtype
+    dtype = _compute_dtype(q.dtype)
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    batch, nq, hq, head_dim = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    device = q.device
+    if q_positions is None:
+        q_positions = default_positions(batch, nq, nk - nq, device)
+    if k_positions is None:
+        k_positions = default_positions(batch, nk, 0, device)
+    q_positions = q_positions.expand(batch, nq)
+    k_positions = k_positions.expand(batch, nk)
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+
+    rope = dict(rotary_dim=rotary_dim, interleaved=interleaved, rotary_scale=rotary_scale)
+    q_rot = rotate(q, q_positions, inv_freq, **rope)
+    k_rot = rotate(k, k_positions, inv_freq, **rope)
+    # GQA: query head h reads KV head h // (Hq / Hkv).
+    k_rot = k_rot.repeat_interleave(hq // hkv, dim=2)
+    v_rep = v.to(dtype).repeat_interleave(hq // hkv, dim=2)
+
+    scores = torch.einsum("bihd,bjhd->bhij", q_rot, k_rot) * softmax_scale
+    if q_temperature is not None:
+        scores = scores * q_temperature.to(dtype).expand(batch, nq)[:, None, :, None]
+    if causal:
+        # Bottom-right aligned: key j is visible to query i iff j <= i + (Nk - Nq).
+        i = torch.arange(nq, device=device)[:, None]
+        j = torch.arange(nk, device=device)[None, :]
+        scores = scores.masked_fill(j > i + (nk - nq), float("-inf"))
+
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Nq]; -inf for a row that sees nothing
+    probs = torch.exp(scores - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    out = torch.einsum("bhij,bjhd->bihd", probs, v_rep).to(out_dtype)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse.float()) if return_lse else out
