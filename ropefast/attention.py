@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .function import ScaledRopeAttention
 from .reference import default_positions, scaled_rope_attention_reference
 from .schedules.base import RopeSchedule
 
@@ -173,6 +174,10 @@ def scaled_rope_attention(
         if q_temperature.device != q.device:
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
+    if q.dtype != torch.float64 and (q.is_cuda or (q.device.type == "cpu" and _interpreting())):
+        out, lse = ScaledRopeAttention.apply(q, k, v, inv_freq, q_temperature, q_positions, k_positions,
+                                             rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout)
+        return (out, lse) if return_lse else out
     return scaled_rope_attention_reference(
         q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
         q_positions=q_positions, k_positions=k_positions, causal=causal, softmax_scale=softmax_scale,

@@ -1,0 +1,90 @@
+"""One device session for the forward kernel: block-config sweep, then the issue's table.
+
+python -m bench.gpu_forward [--sweep] > table.md   (CUDA only)
+"""
+
+import argparse
+import sys
+
+import torch
+import triton
+
+from ropefast import schedules
+from ropefast.kernels import attention_fwd
+
+from .peers import attention_flops, eager_rope_sdpa, rope_cos_sin, ropefast_attention, sdpa
+
+TOKENS = 16384
+
+
+def bench_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def inputs(n, heads, head_dim, dtype=torch.bfloat16):
+    batch = TOKENS // n
+    q, k, v = (torch.randn(batch, n, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    sched = schedules.YaRN(head_dim, factor=4.0, original_max_position_embeddings=4096)
+    return q, k, v, sched
+
+
+def sweep(configs_by_dim):
+    print("| D | N | causal | config (BM, BN, warps, stages) | ms | TF/s |\n| --- | --- | --- | --- | --- | --- |")
+    original = attention_fwd.fwd_config
+    for (heads, head_dim), configs in configs_by_dim.items():
+        for n in (4096,):
+            for causal in (False, True):
+                q, k, v, sched = inputs(n, heads, head_dim)
+                flops = attention_flops(q.shape[0], heads, n, n, head_dim, causal)
+                for cfg in configs:
+                    attention_fwd.fwd_config = lambda *a, cfg=cfg: cfg
+                    try:
+                        ms = bench_ms(lambda: ropefast_attention(q, k, v, causal, sched))
+                        print(f"| {head_dim} | {n} | {causal} | {cfg} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
+                    except Exception as e:  # out of shared memory, etc.
+                        print(f"| {head_dim} | {n} | {causal} | {cfg} | failed: {type(e).__name__} | |")
+                    sys.stdout.flush()
+    attention_fwd.fwd_config = original
+
+
+def table():
+    rows = []
+    for heads, head_dim in ((16, 128), (32, 64)):
+        for n in (1024, 4096, 16384):
+            for causal in (False, True):
+                q, k, v, sched = inputs(n, heads, head_dim)
+                cos, sin = rope_cos_sin(sched, n, "cuda", q.dtype)
+                flops = attention_flops(q.shape[0], heads, n, n, head_dim, causal)
+                impls = {
+                    "ropefast": lambda: ropefast_attention(q, k, v, causal, sched),
+                    "sdpa_cudnn_norope": lambda: sdpa(q, k, v, causal, "cudnn"),
+                    "sdpa_flash_norope": lambda: sdpa(q, k, v, causal, "flash"),
+                    "eager_rope+cudnn": lambda: eager_rope_sdpa(q, k, v, causal, cos, sin, "cudnn"),
+                }
+                tf = {name: flops / bench_ms(fn) / 1e9 for name, fn in impls.items()}
+                rows.append((head_dim, heads, n, causal, tf))
+                print(f"D={head_dim} N={n} causal={causal}: " + ", ".join(f"{k} {v:.0f}" for k, v in tf.items()),
+                      file=sys.stderr)
+    names = list(rows[0][4])
+    print("| D | H | N | B | causal | " + " | ".join(f"{n} TF/s" for n in names)
+          + " | vs cudnn | vs flash | vs eager+cudnn |")
+    print("| --- " * (5 + len(names) + 3) + "|")
+    for head_dim, heads, n, causal, tf in rows:
+        r = tf["ropefast"]
+        print(f"| {head_dim} | {heads} | {n} | {TOKENS // n} | {causal} | "
+              + " | ".join(f"{tf[k]:.0f}" for k in names)
+              + f" | {r / tf['sdpa_cudnn_norope']:.2f} | {r / tf['sdpa_flash_norope']:.2f}"
+              + f" | {r / tf['eager_rope+cudnn']:.2f} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    if args.sweep:
+        sweep({
+            (16, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                        (128, 32, 8, 4)],
+            (32, 64): [(128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        })
+    table()

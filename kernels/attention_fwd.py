@@ -1,0 +1,198 @@
+"""Fused forward: scaled RoPE on q and k + per-query temperature + flash attention.
+
+One program owns BLOCK_M queries of one (batch, query head). It loads its Q tile, rotates
+it in registers (angles computed in-kernel, see rotary.py), folds rotary_scale**2 (on the
+rotated features), softmax_scale, the query's temperature and log2(e) into it once, then
+streams K/V tiles of the matching KV head (GQA by index, no repeated KV): each K tile is
+rotated in registers with cos/sin rows of the key positions (a float32 table built once per
+call, so the inner loop spends no special-function work on angles), and folded into an
+online softmax in base 2. The features are kept split as (a, b, pass-through) for q and k
+alike, so q.k is the sum of three dots and no tile is ever re-interleaved.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .rotary import load_increments, load_pairs, load_table, sincos_at
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, qa, qb, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m, start_n, NQ, NK,
+              stride_kn, stride_vn,
+              PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+              ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+              INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K/V tile of the online softmax. MASKED tiles check key bounds and causality."""
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = (start_n + offs_n) < NK
+    kn_off = tl.cast(start_n, tl.int64) * stride_kn
+    ka, kb = load_pairs(k_ptr + kn_off, offs_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, INTERLEAVED)
+    cos = load_table(cos_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
+    sin = load_table(sin_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
+    ka_rot = (ka * cos - kb * sin).to(qa.dtype)
+    kb_rot = (kb * cos + ka * sin).to(qa.dtype)
+    qk = tl.dot(qa, tl.trans(ka_rot), input_precision=DOT_PRECISION)
+    qk = tl.dot(qb, tl.trans(kb_rot), qk, input_precision=DOT_PRECISION)
+    if PASS > 0:
+        cols = tl.arange(0, PASS_PAD)
+        kp = tl.load(k_ptr + kn_off + offs_n[:, None] * stride_kn + ROTARY_DIM + cols[None, :],
+                     mask=n_mask[:, None] & (cols[None, :] < PASS), other=0.0)
+        qk = tl.dot(qp, tl.trans(kp), qk, input_precision=DOT_PRECISION)
+
+    if MASKED:
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & ((start_n + offs_n)[None, :] <= offs_m[:, None] + (NK - NQ))
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead of NaN
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(qk - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    d = tl.arange(0, D_PAD)
+    v = tl.load(v_ptr + tl.cast(start_n, tl.int64) * stride_vn + offs_n[:, None] * stride_vn + d[None, :],
+                mask=n_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def rope_attention_fwd_kernel(
+    Q, K, V, O, LSE, INC, COS_K, SIN_K, QPOS, QTEMP,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_table_b, stride_qpos_b, stride_qpos_n, stride_qtemp_b, stride_qtemp_n,
+    NQ, NK, HQ, GROUP, q_scale, q_rot_scale,
+    PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_QTEMP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    off_b = (pid_bh // HQ).to(tl.int64)
+    off_h = (pid_bh % HQ).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < NQ
+    rows_m = offs_m.to(tl.int64)
+
+    # Q tile: rotate at the query positions, fold every logit scale in once.
+    q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + off_b * stride_qpos_b + offs_m * stride_qpos_n, mask=m_mask, other=0).to(tl.int32)
+    else:
+        qpos = offs_m + (NK - NQ)
+    scale = tl.zeros((BLOCK_M,), tl.float32) + q_scale  # softmax_scale * log2(e)
+    if HAS_QTEMP:
+        scale *= tl.load(QTEMP + off_b * stride_qtemp_b + offs_m * stride_qtemp_n, mask=m_mask, other=1.0)
+    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    cos_q, sin_q = sincos_at(qpos, inc_hi, inc_lo)
+    qa, qb = load_pairs(q_ptr, rows_m, m_mask, stride_qn, PAIRS, PAIRS_PAD, INTERLEAVED)
+    rot_scale = (scale * q_rot_scale)[:, None]  # the k side's rotary_scale rides on q too
+    dtype = Q.dtype.element_ty
+    qa_rot = ((qa * cos_q - qb * sin_q) * rot_scale).to(dtype)
+    qb_rot = ((qb * cos_q + qa * sin_q) * rot_scale).to(dtype)
+    if PASS > 0:
+        cols = tl.arange(0, PASS_PAD)
+        qp = tl.load(q_ptr + rows_m[:, None] * stride_qn + ROTARY_DIM + cols[None, :],
+                     mask=m_mask[:, None] & (cols[None, :] < PASS), other=0.0)
+        qp = (qp.to(tl.float32) * scale[:, None]).to(dtype)
+    else:
+        qp = qa_rot  # unused
+
+    k_ptr = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
+    v_ptr = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    cos_ptr = COS_K + off_b * stride_table_b
+    sin_ptr = SIN_K + off_b * stride_table_b
+
+    # Tiles [0, lo) are fully visible to every row: no masks. [lo, hi) need masks.
+    full_end = (NK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        m0 = pid_m * BLOCK_M + (NK - NQ)  # the first row's last visible key
+        hi = tl.minimum(NK, tl.maximum(m0 + BLOCK_M, 0))
+        lo = tl.minimum((tl.maximum(m0 + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
+    else:
+        hi = NK
+        lo = full_end
+
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for start_n in range(0, lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qa_rot, qb_rot, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
+                                  start_n, NQ, NK, stride_kn, stride_vn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
+                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, False, BLOCK_N, DOT_PRECISION)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qa_rot, qb_rot, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
+                                  start_n, NQ, NK, stride_kn, stride_vn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
+                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, True, BLOCK_N, DOT_PRECISION)
+
+    # A row that saw no key (causal, Nq > Nk) gets out = 0 and lse = -inf.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    d = tl.arange(0, D_PAD)
+    o_ptr = O + off_b * stride_ob + off_h * stride_oh
+    tl.store(o_ptr + rows_m[:, None] * stride_on + d[None, :], out.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & (d[None, :] < HEAD_DIM))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
+
+
+def _bshd_strides(x, layout):
+    """(batch, seq, head) strides of a 4-D tensor in either layout."""
+    return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
+
+
+def _dot_pad(n):
+    """Power-of-two tile width >= 16 (tl.dot's smallest reduction size)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def fwd_config(head_dim_pad, dtype, is_cuda):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, measured on H100 (bench/RESULTS.md)."""
+    if not is_cuda:  # the interpreter: larger tiles, fewer programs
+        return 32, 32, 4, 1
+    if head_dim_pad <= 64:
+        return 128, 64, 4, 3
+    if head_dim_pad <= 128:
+        return 128, 64, 8, 3
+    return 64, 64, 8, 2
+
+
+def rope_attention_fwd(q, k, v, increments, cos_k, sin_k, q_positions, q_temperature, *, rotary_dim, interleaved,
+                       causal, softmax_scale, rotary_scale, layout, config=None):
+    """Launch the fused forward. q/k/v in `layout` ("bshd" or "bhsd"), last dim contiguous;
+    increments int32 [2, P] (rotary.turn_increments); cos_k/sin_k float32 [Bp, Nk, P]
+    (Bp = 1 or B); q_positions [B, Nq] int or None (arange + Nk - Nq); q_temperature
+    [B, Nq] float32 or None. Returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
+    batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
+    pairs = rotary_dim // 2
+    d_pad = _dot_pad(head_dim)
+    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.dtype, q.is_cuda)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
+    qpos_strides = (0, 0) if q_positions is None else q_positions.stride()
+    qtemp_strides = (0, 0) if q_temperature is None else q_temperature.stride()
+    grid = (triton.cdiv(nq, block_m), batch * hq)
+    rope_attention_fwd_kernel[grid](
+        q, k, v, out, lse, increments, cos_k, sin_k, q_positions, q_temperature,
+        *_bshd_strides(q, layout), *_bshd_strides(k, layout), *_bshd_strides(v, layout), *_bshd_strides(out, layout),
+        cos_k.stride(0) if cos_k.shape[0] > 1 else 0, *qpos_strides, *qtemp_strides,
+        nq, nk, hq, hq // hkv, softmax_scale * LOG2E, rotary_scale * rotary_scale,
+        PAIRS=pairs, PAIRS_PAD=_dot_pad(pairs), PASS=head_dim - rotary_dim,
+        PASS_PAD=_dot_pad(head_dim - rotary_dim), ROTARY_DIM=rotary_dim, HEAD_DIM=head_dim,
+        D_PAD=d_pad, INTERLEAVED=interleaved, CAUSAL=causal, HAS_QPOS=q_positions is not None,
+        HAS_QTEMP=q_temperature is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse

@@ -1,0 +1,115 @@
+"""Rotary angles and tile rotation shared by the attention kernels.
+
+Accurate angles at large positions. A naive kernel computes theta = p * f in float32,
+whose rounding error grows with p (about 0.03 rad at p = 2**20, f = 1). Only theta mod
+2*pi matters, so we work in *turns*: on the host, in float64, u = frac(f / (2*pi)) is
+written as a 64-bit fixed-point fraction (hi, lo: two uint32 words). In the kernel the
+phase p * u mod 1 is taken exactly with integer arithmetic, keeping its top 32 bits:
+    phase = p * hi + umulhi(p, lo)   (mod 2**32, wrapping; |p| < 2**31)
+and mapped to an angle in [-pi, pi) as int32(phase) * 2*pi / 2**32. The error is a few
+units of 2**-32 turns (~1e-9 rad) plus one float32 rounding of a number below pi, for
+any position below 2**31, far below the fp32 rounding of p * f itself.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TWO_PI_OVER_2_32 = 2 * math.pi / 2**32
+
+
+def turn_increments(inv_freq):
+    """inv_freq float32 [P] -> int32 [2, P]: (hi, lo) words of frac(f / 2pi) * 2**64."""
+    turns = inv_freq.detach().to(torch.float64) / (2 * math.pi)
+    scaled = (turns - torch.floor(turns)) * 2.0**32  # exact: a power-of-two scale
+    hi = torch.floor(scaled)
+    lo = torch.floor((scaled - hi) * 2.0**32)
+    # uint32 values stored in int32 words (two's complement); the kernel bitcasts them back.
+    return torch.stack((hi, lo)).to(torch.int64).to(torch.int32)
+
+
+@triton.jit
+def sincos_at(pos, inc_hi, inc_lo):
+    """cos and sin of pos[:, None] * f[None, :] as float32 [M, P]; pos int32 [M],
+    inc_hi / inc_lo uint32 [P] from `turn_increments`."""
+    magnitude = tl.abs(pos).to(tl.uint32)[:, None]
+    phase = magnitude * inc_hi[None, :] + tl.umulhi(magnitude, inc_lo[None, :])
+    phase = tl.where(pos[:, None] < 0, 0 - phase, phase)  # p * f is odd in p
+    angle = phase.to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09  # 2 pi / 2**32
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def load_increments(INC, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr):
+    offs = tl.arange(0, PAIRS_PAD)
+    mask = offs < PAIRS
+    inc_hi = tl.load(INC + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    inc_lo = tl.load(INC + PAIRS + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    return inc_hi, inc_lo
+
+
+@triton.jit
+def load_pairs(ptr, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr,
+               INTERLEAVED: tl.constexpr):
+    """Load the rotated features of a [M, D] tile as its two pair halves (a, b), float32
+    [M, PAIRS_PAD] each: a = features 2i / i, b = 2i+1 / i + PAIRS (interleaved / halves).
+    `ptr` points at feature 0 of row 0 of the tile; padded pairs load as 0."""
+    rows = offs_row[:, None] * stride_row
+    if INTERLEAVED:
+        # One contiguous [M, 2 * PAIRS_PAD] load, then split the (even, odd) columns in registers.
+        cols = tl.arange(0, 2 * PAIRS_PAD)
+        x = tl.load(ptr + rows + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < 2 * PAIRS), other=0.0)
+        a, b = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], PAIRS_PAD, 2)))
+    else:
+        cols = tl.arange(0, PAIRS_PAD)
+        mask = row_mask[:, None] & (cols[None, :] < PAIRS)
+        a = tl.load(ptr + rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(ptr + rows + (cols + PAIRS)[None, :], mask=mask, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def load_table(ptr, offs_row, row_mask, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr):
+    """Load rows of a [N, PAIRS] float32 cos or sin table."""
+    cols = tl.arange(0, PAIRS_PAD)
+    return tl.load(ptr + offs_row[:, None] * PAIRS + cols[None, :],
+                   mask=row_mask[:, None] & (cols[None, :] < PAIRS), other=0.0)
+
+
+@triton.jit
+def rope_table_kernel(COS, SIN, POS, INC, stride_pos_b, stride_pos_n, N, offset,
+                      HAS_POS: tl.constexpr, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """cos/sin tables [Bp, N, PAIRS] of the positions POS [Bp, N] (or offset + arange)."""
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    if HAS_POS:
+        pos = tl.load(POS + pid_b.to(tl.int64) * stride_pos_b + offs * stride_pos_n, mask=mask, other=0).to(tl.int32)
+    else:
+        pos = offs + offset
+    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    cos, sin = sincos_at(pos, inc_hi, inc_lo)
+    cols = tl.arange(0, PAIRS_PAD)
+    out = pid_b.to(tl.int64) * N * PAIRS + offs[:, None] * PAIRS + cols[None, :]
+    store_mask = mask[:, None] & (cols[None, :] < PAIRS)
+    tl.store(COS + out, cos, mask=store_mask)
+    tl.store(SIN + out, sin, mask=store_mask)
+
+
+def rope_table(positions, length, offset, increments):
+    """Launch `rope_table_kernel`: (cos, sin) float32 [Bp, length, P] for positions
+    [Bp, length] (int), or for offset + arange(length) (Bp = 1) when positions is None."""
+    pairs = increments.shape[1]
+    batch = 1 if positions is None else positions.shape[0]
+    cos = torch.empty(batch, length, pairs, device=increments.device, dtype=torch.float32)
+    sin = torch.empty_like(cos)
+    block = 64
+    strides = (0, 0) if positions is None else positions.stride()
+    rope_table_kernel[(triton.cdiv(length, block), batch)](
+        cos, sin, positions, increments, *strides, length, offset,
+        HAS_POS=positions is not None, PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), BLOCK=block,
+    )
+    return cos, sin

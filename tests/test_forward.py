@@ -1,0 +1,121 @@
+"""The fused forward kernel against the float64 reference.
+
+CPU: through the Triton interpreter (TRITON_INTERPRET=1), float32 and float16, small shapes.
+GPU: bfloat16 and float16 over realistic shapes (skipped without CUDA).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from ropefast import scaled_rope_attention, schedules
+from ropefast.reference import scaled_rope_attention_reference
+
+from conftest import TOLERANCE, rel_err, requires_cuda
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_kernel = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                     reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def run_case(B, Nq, Nk, Hq, Hkv, D, R, dtype, device, *, interleaved=False, causal=False, layout="bshd",
+             positions=False, temperature=False, rotary_scale=1.0, base=10000.0, pos_scale=1, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape_q, shape_k = ((B, Nq, Hq, D), (B, Nk, Hkv, D)) if layout == "bshd" else ((B, Hq, Nq, D), (B, Hkv, Nk, D))
+    q = torch.randn(shape_q, generator=gen).to(device, dtype)
+    k = torch.randn(shape_k, generator=gen).to(device, dtype)
+    v = torch.randn(shape_k, generator=gen).to(device, dtype)
+    inv_freq = schedules.YaRN(R, base, factor=4.0, original_max_position_embeddings=64).inv_freq(device=device)
+    kw = dict(rotary_dim=R, interleaved=interleaved, causal=causal, layout=layout, rotary_scale=rotary_scale)
+    if positions:
+        kw["q_positions"] = torch.randint(0, 1000 * pos_scale, (B, Nq), generator=gen).to(device)
+        kw["k_positions"] = torch.randint(0, 1000 * pos_scale, (Nk,), generator=gen).to(device)
+    if temperature:
+        kw["q_temperature"] = (torch.rand(B, Nq, generator=gen) + 0.5).to(device)
+    out, lse = scaled_rope_attention(q, k, v, inv_freq=inv_freq, return_lse=True, **kw)
+    ref_kw = {key: (val.double() if key == "q_temperature" else val) for key, val in kw.items()}
+    ref_out, ref_lse = scaled_rope_attention_reference(q.double(), k.double(), v.double(), inv_freq=inv_freq,
+                                                       return_lse=True, **ref_kw)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, Hq, Nq)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    seen = torch.isfinite(ref_lse)
+    return rel_err(out, ref_out), rel_err(lse[seen], ref_lse[seen])
+
+
+# (B, Nq, Nk, Hq, Hkv, D, R) and the features each case turns on.
+CPU_CASES = [
+    ((1, 40, 40, 2, 2, 32, 32), dict()),
+    ((2, 40, 40, 4, 2, 32, 32), dict(causal=True)),
+    ((1, 24, 70, 4, 1, 32, 32), dict(causal=True, interleaved=True)),  # Nq < Nk, MQA
+    ((1, 70, 33, 2, 1, 48, 32), dict(causal=True)),  # Nq > Nk: rows that see nothing
+    ((1, 33, 40, 2, 2, 64, 32), dict(temperature=True, rotary_scale=1.3)),  # partial rotary
+    ((1, 33, 47, 2, 2, 40, 24), dict(interleaved=True, positions=True)),  # non-power-of-two D and R
+    ((2, 35, 35, 4, 2, 32, 32), dict(layout="bhsd", causal=True, temperature=True)),
+    ((1, 32, 32, 2, 2, 32, 16), dict(positions=True, pos_scale=1000, causal=True)),  # positions ~1e6
+]
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
+def test_forward_small(case, dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape, features = case
+    err_out, err_lse = run_case(*shape, dtype, device, **features)
+    assert err_out < TOLERANCE[dtype], err_out
+    assert err_lse < TOLERANCE[dtype], err_lse
+
+
+@requires_kernel
+def test_forward_positions_near_2_pow_20_are_exact():
+    # fp32 p * f would be off by up to 0.03 rad here; the kernel's fixed-point phases are not.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, N, H, D = 1, 32, 2, 32
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, N, H, D, generator=gen).to(device) for _ in range(3))
+    inv_freq = torch.tensor([1.0, 0.77, 0.5, 0.3, 0.1, 0.05, 0.01, 1e-3] * 2, device=device)
+    pos = 2**20 - torch.randint(0, 4096, (B, N), generator=gen).to(device)
+    out = scaled_rope_attention(q, k, v, inv_freq=inv_freq, q_positions=pos, k_positions=pos, softmax_scale=1.0)
+    ref = scaled_rope_attention_reference(q.double(), k.double(), v.double(), inv_freq=inv_freq,
+                                          q_positions=pos, k_positions=pos, softmax_scale=1.0)
+    assert rel_err(out, ref) < 2e-6
+    # Naive float32 angles give a visibly different answer at these positions.
+    naive_freq = inv_freq.double()
+    theta32 = (pos.float()[..., None] * inv_freq).double()
+    assert (theta32 - pos.double()[..., None] * naive_freq).abs().max() > 1e-3
+
+
+@requires_kernel
+def test_forward_writes_every_output():
+    # Outputs come from torch.empty; a second call on poisoned memory must give the same result.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(1, 37, 2, 32, device=device) for _ in range(3))
+    f = schedules.DefaultRope(32).inv_freq(device=device)
+    first = scaled_rope_attention(q, k, v, inv_freq=f, causal=True)
+    poison = torch.full((1 << 16,), float("nan"), device=device)  # fill the allocator's free blocks
+    del poison
+    second = scaled_rope_attention(q, k, v, inv_freq=f, causal=True)
+    assert torch.isfinite(second).all() and torch.equal(first, second)
+
+
+GPU_CASES = [
+    (2, 1024, 1024, 16, 16, 128, 128, dict(causal=True)),
+    (2, 1024, 1024, 16, 16, 128, 128, dict()),
+    (1, 512, 2048, 32, 4, 128, 128, dict(causal=True)),  # Nq != Nk, GQA 8:1
+    (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),
+    (1, 1024, 1024, 8, 2, 256, 256, dict(causal=True)),
+    (2, 1000, 1000, 8, 8, 128, 64, dict(temperature=True, rotary_scale=1.2)),  # rotary_dim = D/2
+    (1, 1024, 1024, 8, 8, 80, 80, dict(layout="bhsd")),
+    (1, 1024, 1024, 8, 8, 96, 96, dict(causal=True, positions=True, pos_scale=1000)),  # long positions
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c[:7])) + "-" + "-".join(c[7]))
+def test_forward_gpu(case, dtype):
+    err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
+    assert err_out < TOLERANCE[dtype], err_out
+    assert err_lse < 1e-3, err_lse  # lse is float32 math over low-precision scores
