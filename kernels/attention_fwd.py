@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rotary import load_increments, load_pairs, load_table, sincos_at
+from .rope import bshd_strides, rope
+from .rotary import load_increments, load_pairs, load_table, rope_table, rotate_pairs, sincos_at
 
 LOG2E = 1.4426950408889634
 
@@ -24,17 +25,20 @@ def _fwd_tile(acc, l_i, m_i, qa, qb, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
               stride_kn, stride_vn,
               PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
               ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-              INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, ROTATE_K: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One K/V tile of the online softmax. MASKED tiles check key bounds and causality."""
     offs_n = tl.arange(0, BLOCK_N)
     n_mask = (start_n + offs_n) < NK
     kn_off = tl.cast(start_n, tl.int64) * stride_kn
-    ka, kb = load_pairs(k_ptr + kn_off, offs_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, INTERLEAVED)
-    cos = load_table(cos_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
-    sin = load_table(sin_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
-    ka_rot = (ka * cos - kb * sin).to(qa.dtype)
-    kb_rot = (kb * cos + ka * sin).to(qa.dtype)
+    if ROTATE_K:
+        ka, kb = load_pairs(k_ptr + kn_off, offs_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, INTERLEAVED)
+        cos = load_table(cos_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
+        sin = load_table(sin_ptr + start_n * PAIRS, offs_n, n_mask, PAIRS, PAIRS_PAD)
+        ka_rot, kb_rot = rotate_pairs(ka, kb, cos, sin)
+        ka_rot, kb_rot = ka_rot.to(qa.dtype), kb_rot.to(qa.dtype)
+    else:  # K was rotated once for this call (rope.py)
+        ka_rot, kb_rot = load_pairs(k_ptr + kn_off, offs_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, INTERLEAVED)
     qk = tl.dot(qa, tl.trans(ka_rot), input_precision=DOT_PRECISION)
     qk = tl.dot(qb, tl.trans(kb_rot), qk, input_precision=DOT_PRECISION)
     if PASS > 0:
@@ -75,7 +79,7 @@ def rope_attention_fwd_kernel(
     PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_QTEMP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTATE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     off_b = (pid_bh // HQ).to(tl.int64)
@@ -96,10 +100,10 @@ def rope_attention_fwd_kernel(
     inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
     cos_q, sin_q = sincos_at(qpos, inc_hi, inc_lo)
     qa, qb = load_pairs(q_ptr, rows_m, m_mask, stride_qn, PAIRS, PAIRS_PAD, INTERLEAVED)
+    qa_rot, qb_rot = rotate_pairs(qa, qb, cos_q, sin_q)
     rot_scale = (scale * q_rot_scale)[:, None]  # the k side's rotary_scale rides on q too
     dtype = Q.dtype.element_ty
-    qa_rot = ((qa * cos_q - qb * sin_q) * rot_scale).to(dtype)
-    qb_rot = ((qb * cos_q + qa * sin_q) * rot_scale).to(dtype)
+    qa_rot, qb_rot = (qa_rot * rot_scale).to(dtype), (qb_rot * rot_scale).to(dtype)
     if PASS > 0:
         cols = tl.arange(0, PASS_PAD)
         qp = tl.load(q_ptr + rows_m[:, None] * stride_qn + ROTARY_DIM + cols[None, :],
@@ -129,11 +133,13 @@ def rope_attention_fwd_kernel(
     for start_n in range(0, lo, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qa_rot, qb_rot, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
                                   start_n, NQ, NK, stride_kn, stride_vn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
-                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, False, BLOCK_N, DOT_PRECISION)
+                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, False, ROTATE_K, BLOCK_N,
+                                  DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qa_rot, qb_rot, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
                                   start_n, NQ, NK, stride_kn, stride_vn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
-                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, True, BLOCK_N, DOT_PRECISION)
+                                  ROTARY_DIM, HEAD_DIM, D_PAD, INTERLEAVED, CAUSAL, True, ROTATE_K, BLOCK_N,
+                                  DOT_PRECISION)
 
     # A row that saw no key (causal, Nq > Nk) gets out = 0 and lse = -inf.
     seen = l_i > 0
@@ -144,11 +150,6 @@ def rope_attention_fwd_kernel(
              mask=m_mask[:, None] & (d[None, :] < HEAD_DIM))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_mask)
-
-
-def _bshd_strides(x, layout):
-    """(batch, seq, head) strides of a 4-D tensor in either layout."""
-    return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
 
 
 def _dot_pad(n):
@@ -167,17 +168,26 @@ def fwd_config(head_dim_pad, dtype, is_cuda):
     return 64, 64, 8, 2
 
 
-def rope_attention_fwd(q, k, v, increments, cos_k, sin_k, q_positions, q_temperature, *, rotary_dim, interleaved,
-                       causal, softmax_scale, rotary_scale, layout, config=None):
+def rope_attention_fwd(q, k, v, increments, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
+                       causal, softmax_scale, rotary_scale, layout, rotate_k_in_loop=False, config=None):
     """Launch the fused forward. q/k/v in `layout` ("bshd" or "bhsd"), last dim contiguous;
-    increments int32 [2, P] (rotary.turn_increments); cos_k/sin_k float32 [Bp, Nk, P]
-    (Bp = 1 or B); q_positions [B, Nq] int or None (arange + Nk - Nq); q_temperature
-    [B, Nq] float32 or None. Returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
+    increments int32 [2, P] (rotary.turn_increments); q_positions [B, Nq] and k_positions
+    [B or 1, Nk] ints or None (arange, queries offset by Nk - Nq); q_temperature [B, Nq]
+    float32 or None. K is rotated once for the call (rope.py) into a scratch buffer that is
+    not kept, or, with rotate_k_in_loop, tile by tile inside the attention loop from a
+    cos/sin table. Returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
     batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     pairs = rotary_dim // 2
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.dtype, q.is_cuda)
+    if rotate_k_in_loop:
+        cos_k, sin_k = rope_table(k_positions, nk, 0, increments)
+        table_stride = cos_k.stride(0) if cos_k.shape[0] > 1 else 0
+    else:
+        k = rope(k, increments, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
+        cos_k = sin_k = increments  # unused
+        table_stride = 0
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     qpos_strides = (0, 0) if q_positions is None else q_positions.stride()
@@ -185,13 +195,13 @@ def rope_attention_fwd(q, k, v, increments, cos_k, sin_k, q_positions, q_tempera
     grid = (triton.cdiv(nq, block_m), batch * hq)
     rope_attention_fwd_kernel[grid](
         q, k, v, out, lse, increments, cos_k, sin_k, q_positions, q_temperature,
-        *_bshd_strides(q, layout), *_bshd_strides(k, layout), *_bshd_strides(v, layout), *_bshd_strides(out, layout),
-        cos_k.stride(0) if cos_k.shape[0] > 1 else 0, *qpos_strides, *qtemp_strides,
+        *bshd_strides(q, layout), *bshd_strides(k, layout), *bshd_strides(v, layout), *bshd_strides(out, layout),
+        table_stride, *qpos_strides, *qtemp_strides,
         nq, nk, hq, hq // hkv, softmax_scale * LOG2E, rotary_scale * rotary_scale,
         PAIRS=pairs, PAIRS_PAD=_dot_pad(pairs), PASS=head_dim - rotary_dim,
         PASS_PAD=_dot_pad(head_dim - rotary_dim), ROTARY_DIM=rotary_dim, HEAD_DIM=head_dim,
         D_PAD=d_pad, INTERLEAVED=interleaved, CAUSAL=causal, HAS_QPOS=q_positions is not None,
-        HAS_QTEMP=q_temperature is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_QTEMP=q_temperature is not None, ROTATE_K=rotate_k_in_loop, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -53,21 +53,44 @@ def load_increments(INC, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr):
 @triton.jit
 def load_pairs(ptr, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr,
                INTERLEAVED: tl.constexpr):
-    """Load the rotated features of a [M, D] tile as its two pair halves (a, b), float32
-    [M, PAIRS_PAD] each: a = features 2i / i, b = 2i+1 / i + PAIRS (interleaved / halves).
-    `ptr` points at feature 0 of row 0 of the tile; padded pairs load as 0."""
+    """Load the rotated features of a [M, D] tile as its two pair halves (a, b), in the
+    tensor's dtype, [M, PAIRS_PAD] each: a = features 2i / i, b = 2i+1 / i + PAIRS
+    (interleaved / halves). `ptr` points at feature 0 of row 0; padded pairs load as 0."""
     rows = offs_row[:, None] * stride_row
     if INTERLEAVED:
         # One contiguous [M, 2 * PAIRS_PAD] load, then split the (even, odd) columns in registers.
         cols = tl.arange(0, 2 * PAIRS_PAD)
         x = tl.load(ptr + rows + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < 2 * PAIRS), other=0.0)
-        a, b = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], PAIRS_PAD, 2)))
+        a, b = tl.split(tl.reshape(x, (x.shape[0], PAIRS_PAD, 2)))
     else:
         cols = tl.arange(0, PAIRS_PAD)
         mask = row_mask[:, None] & (cols[None, :] < PAIRS)
-        a = tl.load(ptr + rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(ptr + rows + (cols + PAIRS)[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(ptr + rows + cols[None, :], mask=mask, other=0.0)
+        b = tl.load(ptr + rows + (cols + PAIRS)[None, :], mask=mask, other=0.0)
     return a, b
+
+
+@triton.jit
+def store_pairs(ptr, a, b, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr,
+                INTERLEAVED: tl.constexpr):
+    """Inverse of `load_pairs`: write the halves (a, b) [M, PAIRS_PAD] back in place."""
+    rows = offs_row[:, None] * stride_row
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * PAIRS_PAD)
+        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * PAIRS_PAD))
+        tl.store(ptr + rows + cols[None, :], x, mask=row_mask[:, None] & (cols[None, :] < 2 * PAIRS))
+    else:
+        cols = tl.arange(0, PAIRS_PAD)
+        mask = row_mask[:, None] & (cols[None, :] < PAIRS)
+        tl.store(ptr + rows + cols[None, :], a, mask=mask)
+        tl.store(ptr + rows + (cols + PAIRS)[None, :], b, mask=mask)
+
+
+@triton.jit
+def rotate_pairs(a, b, cos, sin):
+    """(a, b) -> (a cos - b sin, b cos + a sin) in float32."""
+    a, b = a.to(tl.float32), b.to(tl.float32)
+    return a * cos - b * sin, b * cos + a * sin
 
 
 @triton.jit

@@ -4,7 +4,7 @@ prepare the kernel inputs, launch, save what backward needs."""
 import torch
 
 from ropefast.kernels.attention_fwd import rope_attention_fwd
-from ropefast.kernels.rotary import rope_table, turn_increments
+from ropefast.kernels.rotary import turn_increments
 
 
 def _as_batched(t, batch):
@@ -17,15 +17,14 @@ class ScaledRopeAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, inv_freq, q_temperature, q_positions, k_positions,
                 rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout):
         batch = q.shape[0]
-        nq, nk = (q.shape[1], k.shape[1]) if layout == "bshd" else (q.shape[2], k.shape[2])
+        nq = q.shape[1] if layout == "bshd" else q.shape[2]
         increments = turn_increments(inv_freq)
         q_positions, k_positions = _as_batched(q_positions, batch), _as_batched(k_positions, batch)
-        cos_k, sin_k = rope_table(k_positions, nk, 0, increments)
         if q_temperature is not None:
             q_temperature = _as_batched(q_temperature.float(), batch).expand(batch, nq)
         out, lse = rope_attention_fwd(
-            q, k, v, increments, cos_k, sin_k,
-            None if q_positions is None else q_positions.expand(batch, nq), q_temperature,
+            q, k, v, increments, None if q_positions is None else q_positions.expand(batch, nq), k_positions,
+            q_temperature,
             rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
             rotary_scale=rotary_scale, layout=layout)
         ctx.mark_non_differentiable(lse)

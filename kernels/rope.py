@@ -1,0 +1,73 @@
+"""Standalone scaled RoPE: rotate a [B, N, H, D] tensor (either layout) at given positions.
+
+One program owns BLOCK_N positions of one sequence: it computes their angles once
+(rotary.sincos_at, exact fixed-point phases) and rotates every head with them. INVERSE
+applies the transposed rotation (the backward of a rotation, and how gradients of rotated
+tensors go back to the unrotated frame).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
+
+
+@triton.jit
+def rope_kernel(X, OUT, POS, INC, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
+                stride_pos_b, stride_pos_n, N, H, offset, scale,
+                PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
+                INVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    if HAS_POS:
+        pos = tl.load(POS + pid_b * stride_pos_b + offs * stride_pos_n, mask=mask, other=0).to(tl.int32)
+    else:
+        pos = offs + offset
+    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    cos, sin = sincos_at(pos, inc_hi, inc_lo)
+    cos, sin = cos * scale, sin * scale
+    if INVERSE:
+        sin = -sin
+    rows = offs.to(tl.int64)
+    cols = tl.arange(0, PASS_PAD)
+    for h in range(H):
+        x_ptr = X + pid_b * stride_xb + h * stride_xh
+        o_ptr = OUT + pid_b * stride_ob + h * stride_oh
+        a, b = load_pairs(x_ptr, rows, mask, stride_xn, PAIRS, PAIRS_PAD, INTERLEAVED)
+        a, b = rotate_pairs(a, b, cos, sin)
+        store_pairs(o_ptr, a.to(OUT.dtype.element_ty), b.to(OUT.dtype.element_ty), rows, mask, stride_on,
+                    PAIRS, PAIRS_PAD, INTERLEAVED)
+        if PASS > 0:
+            pass_mask = mask[:, None] & (cols[None, :] < PASS)
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
+            tl.store(o_ptr + rows[:, None] * stride_on + ROTARY_DIM + cols[None, :], x.to(OUT.dtype.element_ty),
+                     mask=pass_mask)
+
+
+def bshd_strides(x, layout):
+    """(batch, seq, head) strides of a 4-D tensor in either layout."""
+    return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
+
+
+def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0, layout="bshd", inverse=False,
+         out=None):
+    """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") at positions [B or 1, N]
+    (or offset + arange(N) when None), amplitude `scale` on the rotated features.
+    Writes `out` (default: a new tensor like x) and returns it."""
+    batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    out = torch.empty_like(x) if out is None else out
+    pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
+    block_n = 32
+    pos_strides = (0, 0) if positions is None else (positions.stride(0) if positions.shape[0] > 1 else 0,
+                                                    positions.stride(1))
+    rope_kernel[(triton.cdiv(n, block_n), batch)](
+        x, out, positions, increments, *bshd_strides(x, layout), *bshd_strides(out, layout), *pos_strides,
+        n, heads, offset, scale,
+        PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
+        PASS_PAD=triton.next_power_of_2(max(passthrough, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
+        HAS_POS=positions is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
