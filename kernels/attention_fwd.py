@@ -8,6 +8,11 @@ rotated in registers with cos/sin rows of the key positions (a float32 table bui
 call, so the inner loop spends no special-function work on angles), and folded into an
 online softmax in base 2. The features are kept split as (a, b, pass-through) for q and k
 alike, so q.k is the sum of three dots and no tile is ever re-interleaved.
+
+ROTATE_K=False is the other variant: K is rotated once per call by rope.py into a scratch
+buffer (never saved), and the loop feeds K straight into the dots. Rotating per tile costs
+(Nq / BLOCK_M) times the rotation work and keeps the K loads out of Triton's dot
+pipelining; measured on H100 it runs at 0.28-0.51x of cuDNN (bench/RESULTS.md).
 """
 
 import torch
@@ -169,13 +174,15 @@ def fwd_config(head_dim_pad, dtype, is_cuda):
 
 
 def rope_attention_fwd(q, k, v, increments, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
-                       causal, softmax_scale, rotary_scale, layout, rotate_k_in_loop=False, config=None):
+                       causal, softmax_scale, rotary_scale, layout, rotate_k_in_loop=True, config=None):
     """Launch the fused forward. q/k/v in `layout` ("bshd" or "bhsd"), last dim contiguous;
     increments int32 [2, P] (rotary.turn_increments); q_positions [B, Nq] and k_positions
     [B or 1, Nk] ints or None (arange, queries offset by Nk - Nq); q_temperature [B, Nq]
-    float32 or None. K is rotated once for the call (rope.py) into a scratch buffer that is
-    not kept, or, with rotate_k_in_loop, tile by tile inside the attention loop from a
-    cos/sin table. Returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
+    float32 or None. With rotate_k_in_loop (the default, the variant verified and timed on
+    H100 so far) each K tile is rotated inside the attention loop from a cos/sin table of
+    the key positions; without it K is rotated once for the call (rope.py) into a scratch
+    buffer that is not kept, and the loop is a plain flash loop (not yet run on a GPU; see
+    bench/RESULTS.md). Returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
     batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     pairs = rotary_dim // 2
