@@ -73,6 +73,34 @@ def _fwd_tile(acc, l_i, m_i, qa, qb, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
 
 
 @triton.jit
+def rotated_q_tile(Q, QPOS, QTEMP, INC, off_b, off_h, offs_m, m_mask, stride_qb, stride_qn, stride_qh,
+                   stride_qpos_b, stride_qpos_n, stride_qtemp_b, stride_qtemp_n, NQ, NK, q_scale,
+                   PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                   ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_QPOS: tl.constexpr,
+                   HAS_QTEMP: tl.constexpr):
+    """A Q tile rotated at its positions (angles in-kernel): returns the rotated halves
+    (a, b) and the pass-through features, float32, the positions, and each row's logit
+    scale q_scale * temperature."""
+    q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + off_b * stride_qpos_b + offs_m * stride_qpos_n, mask=m_mask, other=0).to(tl.int32)
+    else:
+        qpos = offs_m + (NK - NQ)
+    scale = tl.zeros(offs_m.shape, tl.float32) + q_scale
+    if HAS_QTEMP:
+        scale *= tl.load(QTEMP + off_b * stride_qtemp_b + offs_m * stride_qtemp_n, mask=m_mask, other=1.0)
+    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    cos, sin = sincos_at(qpos, inc_hi, inc_lo)
+    rows = offs_m.to(tl.int64)
+    qa, qb = load_pairs(q_ptr, rows, m_mask, stride_qn, PAIRS, PAIRS_PAD, INTERLEAVED)
+    qa, qb = rotate_pairs(qa, qb, cos, sin)
+    cols = tl.arange(0, PASS_PAD)
+    qp = tl.load(q_ptr + rows[:, None] * stride_qn + ROTARY_DIM + cols[None, :],
+                 mask=m_mask[:, None] & (cols[None, :] < PASS), other=0.0).to(tl.float32)
+    return qa, qb, qp, qpos, scale
+
+
+@triton.jit
 def rope_attention_fwd_kernel(
     Q, K, V, O, LSE, INC, COS_K, SIN_K, QPOS, QTEMP,
     stride_qb, stride_qn, stride_qh,
@@ -94,28 +122,14 @@ def rope_attention_fwd_kernel(
     rows_m = offs_m.to(tl.int64)
 
     # Q tile: rotate at the query positions, fold every logit scale in once.
-    q_ptr = Q + off_b * stride_qb + off_h * stride_qh
-    if HAS_QPOS:
-        qpos = tl.load(QPOS + off_b * stride_qpos_b + offs_m * stride_qpos_n, mask=m_mask, other=0).to(tl.int32)
-    else:
-        qpos = offs_m + (NK - NQ)
-    scale = tl.zeros((BLOCK_M,), tl.float32) + q_scale  # softmax_scale * log2(e)
-    if HAS_QTEMP:
-        scale *= tl.load(QTEMP + off_b * stride_qtemp_b + offs_m * stride_qtemp_n, mask=m_mask, other=1.0)
-    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
-    cos_q, sin_q = sincos_at(qpos, inc_hi, inc_lo)
-    qa, qb = load_pairs(q_ptr, rows_m, m_mask, stride_qn, PAIRS, PAIRS_PAD, INTERLEAVED)
-    qa_rot, qb_rot = rotate_pairs(qa, qb, cos_q, sin_q)
-    rot_scale = (scale * q_rot_scale)[:, None]  # the k side's rotary_scale rides on q too
+    qa, qb, qp, qpos, scale = rotated_q_tile(
+        Q, QPOS, QTEMP, INC, off_b, off_h, offs_m, m_mask, stride_qb, stride_qn, stride_qh, stride_qpos_b,
+        stride_qpos_n, stride_qtemp_b, stride_qtemp_n, NQ, NK, q_scale, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
+        ROTARY_DIM, INTERLEAVED, HAS_QPOS, HAS_QTEMP)
     dtype = Q.dtype.element_ty
-    qa_rot, qb_rot = (qa_rot * rot_scale).to(dtype), (qb_rot * rot_scale).to(dtype)
-    if PASS > 0:
-        cols = tl.arange(0, PASS_PAD)
-        qp = tl.load(q_ptr + rows_m[:, None] * stride_qn + ROTARY_DIM + cols[None, :],
-                     mask=m_mask[:, None] & (cols[None, :] < PASS), other=0.0)
-        qp = (qp.to(tl.float32) * scale[:, None]).to(dtype)
-    else:
-        qp = qa_rot  # unused
+    rot_scale = (scale * q_rot_scale)[:, None]  # the k side's rotary_scale rides on q too
+    qa_rot, qb_rot = (qa * rot_scale).to(dtype), (qb * rot_scale).to(dtype)
+    qp = (qp * scale[:, None]).to(dtype)
 
     k_ptr = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
     v_ptr = V + off_b * stride_vb + (off_h // GROUP) * stride_vh

@@ -3,7 +3,8 @@
 One program owns BLOCK_N positions of one sequence: it computes their angles once
 (rotary.sincos_at, exact fixed-point phases) and rotates every head with them. INVERSE
 applies the transposed rotation (the backward of a rotation, and how gradients of rotated
-tensors go back to the unrotated frame).
+tensors go back to the unrotated frame). An optional per-position ROW_SCALE multiplies every
+feature of that position (the attention backward folds softmax scale and temperature in).
 """
 
 import torch
@@ -14,11 +15,11 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_
 
 
 @triton.jit
-def rope_kernel(X, OUT, POS, INC, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
-                stride_pos_b, stride_pos_n, N, H, offset, scale,
+def rope_kernel(X, OUT, POS, INC, ROW_SCALE, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
+                stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale,
                 PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                 ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
-                INVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_ROW_SCALE: tl.constexpr, INVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -28,7 +29,10 @@ def rope_kernel(X, OUT, POS, INC, stride_xb, stride_xn, stride_xh, stride_ob, st
         pos = offs + offset
     inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
     cos, sin = sincos_at(pos, inc_hi, inc_lo)
-    cos, sin = cos * scale, sin * scale
+    row_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if HAS_ROW_SCALE:
+        row_scale = tl.load(ROW_SCALE + pid_b * stride_row_b + offs * stride_row_n, mask=mask, other=0.0)
+    cos, sin = cos * (scale * row_scale)[:, None], sin * (scale * row_scale)[:, None]
     if INVERSE:
         sin = -sin
     rows = offs.to(tl.int64)
@@ -43,6 +47,7 @@ def rope_kernel(X, OUT, POS, INC, stride_xb, stride_xn, stride_xh, stride_ob, st
         if PASS > 0:
             pass_mask = mask[:, None] & (cols[None, :] < PASS)
             x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
+            x = x.to(tl.float32) * row_scale[:, None]
             tl.store(o_ptr + rows[:, None] * stride_on + ROTARY_DIM + cols[None, :], x.to(OUT.dtype.element_ty),
                      mask=pass_mask)
 
@@ -52,10 +57,11 @@ def bshd_strides(x, layout):
     return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
 
 
-def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0, layout="bshd", inverse=False,
-         out=None):
+def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0, row_scale=None, layout="bshd",
+         inverse=False, out=None):
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") at positions [B or 1, N]
-    (or offset + arange(N) when None), amplitude `scale` on the rotated features.
+    (or offset + arange(N) when None), amplitude `scale` on the rotated features, and
+    row_scale [B, N] float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x) and returns it."""
     batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     out = torch.empty_like(x) if out is None else out
@@ -63,11 +69,12 @@ def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0
     block_n = 32
     pos_strides = (0, 0) if positions is None else (positions.stride(0) if positions.shape[0] > 1 else 0,
                                                     positions.stride(1))
+    row_strides = (0, 0) if row_scale is None else row_scale.stride()
     rope_kernel[(triton.cdiv(n, block_n), batch)](
-        x, out, positions, increments, *bshd_strides(x, layout), *bshd_strides(out, layout), *pos_strides,
-        n, heads, offset, scale,
+        x, out, positions, increments, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
+        *pos_strides, *row_strides, n, heads, offset, scale,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
         PASS_PAD=triton.next_power_of_2(max(passthrough, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
-        HAS_POS=positions is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
+        HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
     )
     return out

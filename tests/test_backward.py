@@ -1,0 +1,111 @@
+"""The fused backward (dq, dk, dv, d inv_freq, d temperature, d lse) against autograd
+through the float64 reference. CPU: Triton interpreter, fp32/fp16; GPU: bf16/fp16."""
+
+import os
+
+import pytest
+import torch
+
+from ropefast import scaled_rope_attention, schedules
+from ropefast.reference import scaled_rope_attention_reference
+
+from conftest import TOLERANCE, rel_err, requires_cuda
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_kernel = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                     reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("dq", "dk", "dv", "dinv_freq", "dtemperature")
+
+
+def grad_errors(B, Nq, Nk, Hq, Hkv, D, R, dtype, *, interleaved=False, causal=False, layout="bshd",
+                positions=False, temperature=True, rotary_scale=1.2, lse_grad=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape_q, shape_k = ((B, Nq, Hq, D), (B, Nk, Hkv, D)) if layout == "bshd" else ((B, Hq, Nq, D), (B, Hkv, Nk, D))
+    q, k, v = (torch.randn(s, generator=gen).to(DEVICE, dtype).requires_grad_() for s in (shape_q, shape_k, shape_k))
+    inv_freq = schedules.YaRN(R, factor=4.0, original_max_position_embeddings=64).inv_freq(device=DEVICE)
+    inv_freq.requires_grad_()
+    kw = dict(rotary_dim=R, interleaved=interleaved, causal=causal, layout=layout, rotary_scale=rotary_scale)
+    if positions:
+        kw["q_positions"] = torch.randint(0, 3000, (B, Nq), generator=gen).to(DEVICE)
+        kw["k_positions"] = torch.randint(0, 3000, (Nk,), generator=gen).to(DEVICE)
+    temp = (torch.rand(Nq, generator=gen) + 0.5).to(DEVICE).requires_grad_() if temperature else None
+    out, lse = scaled_rope_attention(q, k, v, inv_freq=inv_freq, q_temperature=temp, return_lse=True, **kw)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE) * lse_grad
+    seen = torch.isfinite(lse)
+    inputs = [x for x in (q, k, v, inv_freq, temp) if x is not None]
+    grads = torch.autograd.grad((out * grad_out).sum() + (lse[seen] * grad_lse[seen]).sum(), inputs)
+
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    rq, rk, rv, rf = ref_inputs[:4]
+    ref_out, ref_lse = scaled_rope_attention_reference(
+        rq, rk, rv, inv_freq=rf, q_temperature=ref_inputs[4] if temperature else None, return_lse=True, **kw)
+    ref_grads = torch.autograd.grad((ref_out * grad_out.double()).sum()
+                                    + (ref_lse[seen] * grad_lse[seen].double()).sum(), ref_inputs)
+    return {name: rel_err(g, r) for name, g, r in zip(NAMES, grads, ref_grads)}
+
+
+CPU_CASES = [
+    ((1, 40, 40, 2, 2, 32, 32), dict()),
+    ((2, 40, 40, 4, 2, 32, 32), dict(causal=True)),
+    ((1, 24, 70, 4, 1, 32, 32), dict(causal=True, interleaved=True)),  # Nq < Nk, MQA
+    ((1, 70, 33, 2, 1, 48, 32), dict(causal=True, lse_grad=False)),  # Nq > Nk: rows that see nothing
+    ((1, 33, 40, 2, 2, 64, 32), dict(positions=True)),  # partial rotary
+    ((1, 33, 47, 2, 2, 40, 24), dict(interleaved=True, positions=True)),  # non-power-of-two D and R
+    ((2, 35, 35, 4, 2, 32, 32), dict(layout="bhsd", causal=True, temperature=False)),
+]
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
+def test_backward_small(case, dtype):
+    errors = grad_errors(*case[0], dtype, **case[1])
+    # fp16 gradients pass through fp16 dots twice (dS, then dS @ K): allow 2x the forward bound.
+    bound = TOLERANCE[dtype] * (2 if dtype == torch.float16 else 1)
+    assert all(err < bound for err in errors.values()), errors
+
+
+@requires_kernel
+def test_backward_is_deterministic():
+    q, k, v = (torch.randn(1, 50, 4, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    f = schedules.DefaultRope(32).inv_freq(device=DEVICE).requires_grad_()
+    grads = []
+    for _ in range(2):
+        out = scaled_rope_attention(q, k[:, :, :2], v[:, :, :2], inv_freq=f, causal=True)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v, f)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_gradcheck_float64_reference_path():
+    # float64 inputs take the reference (the kernels serve fp16/bf16/fp32): gradcheck the
+    # ground truth itself, inv_freq and temperature included.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    f = torch.tensor([1.0, 0.3, 0.1, 0.01], dtype=torch.float64, requires_grad=True)
+    t = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def fn(q, k, v, f, t):
+        return scaled_rope_attention(q, k, v, inv_freq=f, q_temperature=t, rotary_dim=8, causal=True,
+                                     rotary_scale=1.1)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, f, t))
+
+
+GPU_CASES = [
+    ((2, 1024, 1024, 16, 16, 128, 128), dict(causal=True)),
+    ((2, 1024, 1024, 16, 16, 128, 128), dict()),
+    ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),  # Nq != Nk, GQA 8:1
+    ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, interleaved=True)),
+    ((1, 512, 512, 8, 2, 256, 256), dict(causal=True)),
+    ((2, 1000, 1000, 8, 8, 128, 64), dict(positions=True)),  # rotary_dim = D/2
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
+def test_backward_gpu(case, dtype):
+    errors = grad_errors(*case[0], dtype, **case[1])
+    assert all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
