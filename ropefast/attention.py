@@ -88,10 +88,13 @@ def scaled_rope_attention(
         q_temperature: float tensor [Nq] or [B, Nq] multiplying each query's logits
             (default: schedule's, else none).
         layout: "bshd" or "bhsd"; the output has the same layout.
-        return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32.
+        return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32
+            (differentiable).
 
     Returns:
-        out (q's shape and dtype), or (out, lse) if return_lse.
+        out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,
+        inv_freq and q_temperature (the backward kernels recompute every rotation and are
+        deterministic). Positions must satisfy |p| < 2**31.
 
     Dispatch: CUDA tensors run the fused Triton kernel; CPU tensors run it through the
     Triton interpreter when TRITON_INTERPRET=1, otherwise `ropefast.reference` (pure

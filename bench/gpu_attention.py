@@ -1,6 +1,7 @@
-"""One device session for the forward kernel: block-config sweep, then the issue's table.
+"""One device session: forward block-config sweep, then the forward or forward+backward
+table against the peers (TF/s, ratios, peak memory), as markdown on stdout.
 
-python -m bench.gpu_forward [--sweep] > table.md   (CUDA only)
+python -m bench.gpu_attention [--sweep] [--backward]   (CUDA only)
 """
 
 import argparse
@@ -59,32 +60,46 @@ def sweep(configs_by_dim):
                         sys.stdout.flush()
 
 
-def table():
+def table(backward=False):
     rows = []
     for heads, head_dim in ((16, 128), (32, 64)):
         for n in (1024, 4096, 16384):
             for causal in (False, True):
                 q, k, v, sched = inputs(n, heads, head_dim)
                 cos, sin = rope_cos_sin(sched, n, "cuda", q.dtype)
-                flops = attention_flops(q.shape[0], heads, n, n, head_dim, causal)
+                flops = attention_flops(q.shape[0], heads, n, n, head_dim, causal, backward=backward)
                 impls = {
                     "ropefast": lambda: ropefast_attention(q, k, v, causal, sched),
                     "sdpa_cudnn_norope": lambda: sdpa(q, k, v, causal, "cudnn"),
                     "sdpa_flash_norope": lambda: sdpa(q, k, v, causal, "flash"),
                     "eager_rope+cudnn": lambda: eager_rope_sdpa(q, k, v, causal, cos, sin, "cudnn"),
                 }
-                tf = {name: flops / bench_ms(fn) / 1e9 for name, fn in impls.items()}
-                rows.append((head_dim, heads, n, causal, tf))
+                if backward:
+                    for x in (q, k, v):
+                        x.requires_grad_()
+                    grad = torch.randn_like(q)
+                    impls = {name: (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad)) for name, fn in
+                             impls.items()}
+                tf, mem = {}, {}
+                for name, fn in impls.items():
+                    fn()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    fn()
+                    mem[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    tf[name] = flops / bench_ms(fn) / 1e9
+                rows.append((head_dim, heads, n, causal, tf, mem))
                 print(f"D={head_dim} N={n} causal={causal}: " + ", ".join(f"{k} {v:.0f}" for k, v in tf.items()),
                       file=sys.stderr)
     names = list(rows[0][4])
-    print("| D | H | N | B | causal | " + " | ".join(f"{n} TF/s" for n in names)
-          + " | vs cudnn | vs flash | vs eager+cudnn |")
+    print(f"{'forward+backward' if backward else 'forward'}: TF/s (peak extra MiB)")
+    print("| D | H | N | B | causal | " + " | ".join(names) + " | vs cudnn | vs flash | vs eager+cudnn |")
     print("| --- " * (5 + len(names) + 3) + "|")
-    for head_dim, heads, n, causal, tf in rows:
+    for head_dim, heads, n, causal, tf, mem in rows:
         r = tf["ropefast"]
         print(f"| {head_dim} | {heads} | {n} | {TOKENS // n} | {causal} | "
-              + " | ".join(f"{tf[k]:.0f}" for k in names)
+              + " | ".join(f"{tf[k]:.0f} ({mem[k]:.0f})" for k in names)
               + f" | {r / tf['sdpa_cudnn_norope']:.2f} | {r / tf['sdpa_flash_norope']:.2f}"
               + f" | {r / tf['eager_rope+cudnn']:.2f} |")
 
@@ -92,10 +107,11 @@ def table():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--backward", action="store_true")
     args = parser.parse_args()
     if args.sweep:
         sweep({
             (16, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3)],
             (32, 64): [(128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
         })
-    table()
+    table(backward=args.backward)
