@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _dot_pad, rotated_q_tile
+from .attention_fwd import LOG2E, _dot_pad, rotated_q_tile, split_dot
 from .rope import bshd_strides, rope
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
 
@@ -109,10 +109,7 @@ def rope_attention_bwd_dkdv_kernel(
             rows_m = offs_m.to(tl.int64)
             qa, qb, qp = _load_features(q_ptr, rows_m, m_mask, stride_qn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
                                         ROTARY_DIM, INTERLEAVED)
-            s2t = tl.dot(ka, tl.trans(qa), input_precision=DOT_PRECISION)
-            s2t = tl.dot(kb, tl.trans(qb), s2t, input_precision=DOT_PRECISION)
-            if PASS > 0:
-                s2t = tl.dot(kp, tl.trans(qp), s2t, input_precision=DOT_PRECISION)
+            s2t = split_dot(ka, kb, kp, qa, qb, qp, PASS, DOT_PRECISION)
             lse2 = tl.load(LSE2 + row_base + offs_m, mask=m_mask, other=float("inf"))
             pt = tl.math.exp2(s2t - lse2[None, :])
             visible = m_mask[None, :] & n_mask[:, None]
@@ -201,10 +198,7 @@ def rope_attention_bwd_dq_kernel(
         rows_n = offs_n.to(tl.int64)
         ka, kb, kp = _load_features(k_ptr, rows_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, PASS, PASS_PAD,
                                     ROTARY_DIM, INTERLEAVED)
-        s2 = tl.dot(qa, tl.trans(ka), input_precision=DOT_PRECISION)
-        s2 = tl.dot(qb, tl.trans(kb), s2, input_precision=DOT_PRECISION)
-        if PASS > 0:
-            s2 = tl.dot(qh_p, tl.trans(kp), s2, input_precision=DOT_PRECISION)
+        s2 = split_dot(qa, qb, qh_p, ka, kb, kp, PASS, DOT_PRECISION)
         p = tl.math.exp2(s2 - lse2[:, None])
         visible = m_mask[:, None] & n_mask[None, :]
         if CAUSAL:

@@ -26,6 +26,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def split_dot(xa, xb, xp, ya, yb, yp, PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x . y^T over features kept split as (pair half a, pair half b, pass-through)."""
+    acc = tl.dot(xa, tl.trans(ya), input_precision=DOT_PRECISION)
+    acc = tl.dot(xb, tl.trans(yb), acc, input_precision=DOT_PRECISION)
+    if PASS > 0:
+        acc = tl.dot(xp, tl.trans(yp), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, qa, qb, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m, start_n, NQ, NK,
               stride_kn, stride_vn,
               PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
@@ -44,13 +54,13 @@ def _fwd_tile(acc, l_i, m_i, qa, qb, qp, k_ptr, v_ptr, cos_ptr, sin_ptr, offs_m,
         ka_rot, kb_rot = ka_rot.to(qa.dtype), kb_rot.to(qa.dtype)
     else:  # K was rotated once for this call (rope.py)
         ka_rot, kb_rot = load_pairs(k_ptr + kn_off, offs_n, n_mask, stride_kn, PAIRS, PAIRS_PAD, INTERLEAVED)
-    qk = tl.dot(qa, tl.trans(ka_rot), input_precision=DOT_PRECISION)
-    qk = tl.dot(qb, tl.trans(kb_rot), qk, input_precision=DOT_PRECISION)
     if PASS > 0:
         cols = tl.arange(0, PASS_PAD)
         kp = tl.load(k_ptr + kn_off + offs_n[:, None] * stride_kn + ROTARY_DIM + cols[None, :],
                      mask=n_mask[:, None] & (cols[None, :] < PASS), other=0.0)
-        qk = tl.dot(qp, tl.trans(kp), qk, input_precision=DOT_PRECISION)
+    else:
+        kp = ka_rot  # unused: split_dot skips the pass-through dot
+    qk = split_dot(qa, qb, qp, ka_rot, kb_rot, kp, PASS, DOT_PRECISION)
 
     if MASKED:
         visible = n_mask[None, :]
