@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2E, _dot_pad, rotated_q_tile, split_dot
-from .rope import bshd_strides, rope
+from .rope import bshd_strides, rope, row_strides
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
 
 
@@ -282,19 +282,15 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, increments, q_positions, k_p
     dfreq_k = torch.empty(batch * hkv * n_blocks, pairs, device=q.device, dtype=torch.float32) if need_dfreq else None
     dfreq_q = torch.empty(batch * hq * m_blocks, pairs, device=q.device, dtype=torch.float32) if need_dfreq else None
     dtemp = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32) if need_dtemp else None
-    kpos_strides = (0, 0) if k_positions is None else (k_positions.stride(0) if k_positions.shape[0] > 1 else 0,
-                                                       k_positions.stride(1))
     rope_attention_bwd_dkdv_kernel[(n_blocks, batch * hkv)](
         q_hat, k_hat, v, do, lse2, delta, dk, dv, dfreq_k, k_positions, increments,
         *bshd_strides(q_hat, layout), *bshd_strides(k_hat, layout), *bshd_strides(v, layout),
-        *bshd_strides(do, layout), *bshd_strides(dk, layout), *bshd_strides(dv, layout), *kpos_strides,
+        *bshd_strides(do, layout), *bshd_strides(dk, layout), *bshd_strides(dv, layout), *row_strides(k_positions),
         nq, nk, hkv, hq // hkv, HAS_KPOS=k_positions is not None, NEED_DFREQ=need_dfreq, **common)
-    qpos_strides = (0, 0) if q_positions is None else q_positions.stride()
-    qtemp_strides = (0, 0) if q_temperature is None else q_temperature.stride()
     rope_attention_bwd_dq_kernel[(m_blocks, batch * hq)](
         q, k_hat, v, do, lse2, delta, dq, dtemp, dfreq_q, q_positions, q_temperature, increments,
         *bshd_strides(q, layout), *bshd_strides(k_hat, layout), *bshd_strides(v, layout),
-        *bshd_strides(do, layout), *bshd_strides(dq, layout), *qpos_strides, *qtemp_strides,
+        *bshd_strides(do, layout), *bshd_strides(dq, layout), *row_strides(q_positions), *row_strides(q_temperature),
         nq, nk, hq, hq // hkv, softmax_scale, rotary_scale * rotary_scale,
         HAS_QPOS=q_positions is not None, HAS_QTEMP=q_temperature is not None, NEED_DTEMP=need_dtemp,
         NEED_DFREQ=need_dfreq, **common)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope import bshd_strides, rope
+from .rope import bshd_strides, rope, row_strides
 from .rotary import load_increments, load_pairs, load_table, rope_table, rotate_pairs, sincos_at
 
 LOG2E = 1.4426950408889634
@@ -187,7 +187,8 @@ def _dot_pad(n):
 
 
 def fwd_config(head_dim_pad, dtype, is_cuda):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, measured on H100 (bench/RESULTS.md)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim. D=128 is the best of the
+    H100 sweep in bench/RESULTS.md; D=64 and D=256 are not yet tuned."""
     if not is_cuda:  # the interpreter: larger tiles, fewer programs
         return 32, 32, 4, 1
     if head_dim_pad <= 64:
@@ -221,13 +222,11 @@ def rope_attention_fwd(q, k, v, increments, q_positions, k_positions, q_temperat
         table_stride = 0
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
-    qpos_strides = (0, 0) if q_positions is None else q_positions.stride()
-    qtemp_strides = (0, 0) if q_temperature is None else q_temperature.stride()
     grid = (triton.cdiv(nq, block_m), batch * hq)
     rope_attention_fwd_kernel[grid](
         q, k, v, out, lse, increments, cos_k, sin_k, q_positions, q_temperature,
         *bshd_strides(q, layout), *bshd_strides(k, layout), *bshd_strides(v, layout), *bshd_strides(out, layout),
-        table_stride, *qpos_strides, *qtemp_strides,
+        table_stride, *row_strides(q_positions), *row_strides(q_temperature),
         nq, nk, hq, hq // hkv, softmax_scale * LOG2E, rotary_scale * rotary_scale,
         PAIRS=pairs, PAIRS_PAD=_dot_pad(pairs), PASS=head_dim - rotary_dim,
         PASS_PAD=_dot_pad(head_dim - rotary_dim), ROTARY_DIM=rotary_dim, HEAD_DIM=head_dim,

@@ -57,6 +57,11 @@ def bshd_strides(x, layout):
     return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
 
 
+def row_strides(t):
+    """(batch, seq) strides of a [B or 1, N] per-position tensor (batch stride 0 when shared), or (0, 0)."""
+    return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
+
+
 def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0, row_scale=None, layout="bshd",
          inverse=False, out=None):
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") at positions [B or 1, N]
@@ -67,12 +72,9 @@ def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     block_n = 32
-    pos_strides = (0, 0) if positions is None else (positions.stride(0) if positions.shape[0] > 1 else 0,
-                                                    positions.stride(1))
-    row_strides = (0, 0) if row_scale is None else row_scale.stride()
     rope_kernel[(triton.cdiv(n, block_n), batch)](
         x, out, positions, increments, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
-        *pos_strides, *row_strides, n, heads, offset, scale,
+        *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
         PASS_PAD=triton.next_power_of_2(max(passthrough, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
         HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
