@@ -19,9 +19,47 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _dot_pad, rotated_q_tile, split_dot
+from .attention_fwd import LOG2E, _dot_pad
 from .rope import bshd_strides, rope, row_strides
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
+
+
+@triton.jit
+def split_dot(xa, xb, xp, ya, yb, yp, PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x . y^T over features kept split as (pair half a, pair half b, pass-through)."""
+    acc = tl.dot(xa, tl.trans(ya), input_precision=DOT_PRECISION)
+    acc = tl.dot(xb, tl.trans(yb), acc, input_precision=DOT_PRECISION)
+    if PASS > 0:
+        acc = tl.dot(xp, tl.trans(yp), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def rotated_q_tile(Q, QPOS, QTEMP, INC, off_b, off_h, offs_m, m_mask, stride_qb, stride_qn, stride_qh,
+                   stride_qpos_b, stride_qpos_n, stride_qtemp_b, stride_qtemp_n, NQ, NK, q_scale,
+                   PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                   ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_QPOS: tl.constexpr,
+                   HAS_QTEMP: tl.constexpr):
+    """A Q tile rotated at its positions (angles in-kernel): returns the rotated halves
+    (a, b) and the pass-through features, float32, the positions, and each row's logit
+    scale q_scale * temperature."""
+    q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    if HAS_QPOS:
+        qpos = tl.load(QPOS + off_b * stride_qpos_b + offs_m * stride_qpos_n, mask=m_mask, other=0).to(tl.int32)
+    else:
+        qpos = offs_m + (NK - NQ)
+    scale = tl.zeros(offs_m.shape, tl.float32) + q_scale
+    if HAS_QTEMP:
+        scale *= tl.load(QTEMP + off_b * stride_qtemp_b + offs_m * stride_qtemp_n, mask=m_mask, other=1.0)
+    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    cos, sin = sincos_at(qpos, inc_hi, inc_lo)
+    rows = offs_m.to(tl.int64)
+    qa, qb = load_pairs(q_ptr, rows, m_mask, stride_qn, PAIRS, PAIRS_PAD, INTERLEAVED)
+    qa, qb = rotate_pairs(qa, qb, cos, sin)
+    cols = tl.arange(0, PASS_PAD)
+    qp = tl.load(q_ptr + rows[:, None] * stride_qn + ROTARY_DIM + cols[None, :],
+                 mask=m_mask[:, None] & (cols[None, :] < PASS), other=0.0).to(tl.float32)
+    return qa, qb, qp, qpos, scale
 
 
 @triton.jit

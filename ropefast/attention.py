@@ -26,6 +26,15 @@ def _check_tensor(name, x, ndim=None):
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {tuple(x.shape)}")
 
 
+def _check_tma_aligned(name, x):
+    """The kernels load tiles through TMA descriptors: 16-byte aligned data and strides."""
+    size = x.element_size()
+    if x.data_ptr() % 16 or any((stride * size) % 16 for stride in x.stride()[:-1]):
+        raise ValueError(f"{name} needs a 16-byte aligned data pointer and strides for the Triton kernels (TMA), "
+                         f"got strides {x.stride()} of {size}-byte elements and pointer offset {x.data_ptr() % 16}; "
+                         "head dims that are multiples of 8 (16-bit) or 4 (float32) in a dense tensor satisfy it")
+
+
 def _check_positions(name, pos, batch, seq_len, device):
     if pos is None:
         return None
@@ -71,7 +80,8 @@ def scaled_rope_attention(
         q: [B, Nq, Hq, D] (layout "bshd", as flash-attn) or [B, Hq, Nq, D] ("bhsd", as
             torch SDPA); float16, bfloat16 or float32 (float64 runs the reference).
         k, v: [B, Nk, Hkv, D] (or [B, Hkv, Nk, D]); same dtype and device; Hq % Hkv == 0.
-            The last dimension must be contiguous (stride 1); other strides are free.
+            The last dimension must be contiguous (stride 1); other strides are free but,
+            for the kernels, 16-byte aligned (TMA), as is the data pointer.
         schedule: a `ropefast.schedules.RopeSchedule`; supplies inv_freq, rotary_dim,
             interleaved, rotary_scale and q_temperature unless passed here explicitly.
         inv_freq: float32 tensor [rotary_dim / 2] (may require grad), instead of a schedule.
@@ -178,6 +188,8 @@ def scaled_rope_attention(
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
     if q.dtype != torch.float64 and (q.is_cuda or (q.device.type == "cpu" and _interpreting())):
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _check_tma_aligned(name, x)
         out, lse = ScaledRopeAttention.apply(q, k, v, inv_freq, q_temperature, q_positions, k_positions,
                                              rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout)
         return (out, lse) if return_lse else out

@@ -119,3 +119,12 @@ def test_forward_gpu(case, dtype):
     err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
     assert err_out < TOLERANCE[dtype], err_out
     assert err_lse < 1e-3, err_lse  # lse is float32 math over low-precision scores
+
+
+@requires_kernel
+def test_kernel_path_rejects_tensors_tma_cannot_read():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = (torch.randn(1, 8, 2, 16, device=device) for _ in range(2))
+    v = torch.randn(1, 8, 2, 17, device=device)[..., :16]  # row strides of 68 bytes
+    with pytest.raises(ValueError, match="v needs a 16-byte aligned data pointer and strides"):
+        scaled_rope_attention(q, k, v, inv_freq=schedules.DefaultRope(16).inv_freq(device=device))
