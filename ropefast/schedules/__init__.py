@@ -3,8 +3,12 @@
 See `ropefast.schedules.base` for the protocol and docs/schedules.md for the formulas.
 """
 
+from .angle_distribution import RotaryAngleDistribution, rotary_angle_disturbance, rotary_angle_histogram
 from .base import RopeSchedule
+from .clex import CLEX
+from .dcis import DCIS, dcis_initial_factors
 from .default import ABF, DefaultRope
+from .entropy_abf import EntropyABF
 from .hf import from_hf_config
 from .linear import LinearScaling
 from .llama3 import Llama3Scaling
@@ -22,5 +26,12 @@ __all__ = [
     "YaRN",
     "Llama3Scaling",
     "LongRoPE",
+    "EntropyABF",
+    "DCIS",
+    "dcis_initial_factors",
+    "CLEX",
+    "RotaryAngleDistribution",
+    "rotary_angle_histogram",
+    "rotary_angle_disturbance",
     "from_hf_config",
 ]

@@ -1,5 +1,6 @@
 """Build a schedule from a HuggingFace config (transformers v4 `rope_scaling` or v5 `rope_parameters`)."""
 
+from .clex import CLEX
 from .default import DefaultRope
 from .linear import LinearScaling
 from .llama3 import Llama3Scaling
@@ -9,7 +10,7 @@ from .yarn import YaRN
 
 __all__ = ["from_hf_config"]
 
-_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "clex")
 
 
 def _get(config, key, default=None):
@@ -28,7 +29,9 @@ def from_hf_config(config, *, head_dim=None, interleaved=False):
     max_position_embeddings and original_max_position_embeddings in the dict where the
     type needs them). Honours `partial_rotary_factor` (rotary_dim = int(head_dim * factor)),
     the legacy key `type`, and Phi-3's alias "su" for "longrope". Supported rope types:
-    default, linear, dynamic, yarn, llama3, longrope; others raise ValueError.
+    default, linear, dynamic, yarn, llama3, longrope, and CLEX's "clex" (max_factor,
+    param_factor, act, time_dt; the module comes back untrained: load its weights from the
+    checkpoint); others raise ValueError.
     HF's rotate_half layout is the default; pass interleaved=True for GPT-J-style models.
     """
     if not isinstance(config, dict) and not hasattr(config, "to_dict"):
@@ -81,6 +84,10 @@ def from_hf_config(config, *, head_dim=None, interleaved=False):
                     mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
                     attention_factor=params.get("attention_factor"), truncate=params.get("truncate", True),
                     **common)
+    if rope_type == "clex":
+        return CLEX(rotary_dim, base, original_max_position_embeddings=int(need(original, "max_position_embeddings")),
+                    max_factor=int(params.get("max_factor", 16)), param_factor=int(params.get("param_factor", 1)),
+                    act=params.get("act", "tanh"), time_dt=float(params.get("time_dt", 0.01)), **common)
     if rope_type == "llama3":
         return Llama3Scaling(rotary_dim, base, factor=need(params.get("factor"), "factor"),
                              low_freq_factor=need(params.get("low_freq_factor"), "low_freq_factor"),
