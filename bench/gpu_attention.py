@@ -13,7 +13,7 @@ import triton
 from ropefast import schedules
 from ropefast.kernels import attention_fwd
 
-from .peers import attention_flops, eager_rope_sdpa, rope_cos_sin, ropefast_attention, sdpa
+from .peers import attention_flops, eager_rope_sdpa, rope_cos_sin, ropefast_attention, sdpa, triton_rope_sdpa
 
 TOKENS = 16384
 
@@ -71,6 +71,7 @@ def table(backward=False):
                     "sdpa_cudnn_norope": lambda: sdpa(q, k, v, causal, "cudnn"),
                     "sdpa_flash_norope": lambda: sdpa(q, k, v, causal, "flash"),
                     "eager_rope+cudnn": lambda: eager_rope_sdpa(q, k, v, causal, cos, sin, "cudnn"),
+                    "triton_rope+cudnn": lambda: triton_rope_sdpa(q, k, v, causal, sched, "cudnn"),
                 }
                 if backward:
                     for x in (q, k, v):
@@ -92,14 +93,14 @@ def table(backward=False):
                       file=sys.stderr)
     names = list(rows[0][4])
     print(f"{'forward+backward' if backward else 'forward'}: TF/s (peak extra MiB)")
-    print("| D | H | N | B | causal | " + " | ".join(names) + " | vs cudnn | vs flash | vs eager+cudnn |")
-    print("| --- " * (5 + len(names) + 3) + "|")
+    print("| D | H | N | B | causal | " + " | ".join(names) + " | vs cudnn | vs flash | vs eager+cudnn | vs triton rope+cudnn |")
+    print("| --- " * (5 + len(names) + 4) + "|")
     for head_dim, heads, n, causal, tf, mem in rows:
         r = tf["ropefast"]
         print(f"| {head_dim} | {heads} | {n} | {TOKENS // n} | {causal} | "
               + " | ".join(f"{tf[k]:.0f} ({mem[k]:.0f})" for k in names)
               + f" | {r / tf['sdpa_cudnn_norope']:.2f} | {r / tf['sdpa_flash_norope']:.2f}"
-              + f" | {r / tf['eager_rope+cudnn']:.2f} |")
+              + f" | {r / tf['eager_rope+cudnn']:.2f} | {r / tf['triton_rope+cudnn']:.2f} |")
 
 
 if __name__ == "__main__":

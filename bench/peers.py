@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ropefast import scaled_rope_attention
+from ropefast import apply_scaled_rope, scaled_rope_attention
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -56,3 +56,9 @@ def eager_rope_sdpa(q, k, v, causal, cos, sin, backend="cudnn"):
 
 def ropefast_attention(q, k, v, causal, schedule):
     return scaled_rope_attention(q, k, v, schedule=schedule, causal=causal)
+
+
+def triton_rope_sdpa(q, k, v, causal, schedule, backend="cudnn"):
+    """The best unfused pipeline: ropefast's standalone rope kernel on q and k, then SDPA."""
+    q, k = (apply_scaled_rope(x, schedule=schedule) for x in (q, k))
+    return sdpa(q, k, v, causal, backend)

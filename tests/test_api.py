@@ -107,3 +107,14 @@ def test_bad_input_raises(case):
     kwargs = {"inv_freq": F, **kwargs}
     with pytest.raises(error, match=match):
         scaled_rope_attention(q, k, v, **kwargs)
+
+
+def test_schedule_inv_freq_is_cached_but_returned_as_a_copy():
+    s = schedules.YaRN(16, factor=4.0, original_max_position_embeddings=8)
+    first = s.inv_freq()
+    first.mul_(2).requires_grad_()
+    again = s.inv_freq()
+    assert not again.requires_grad and torch.equal(again, schedules.YaRN(16, factor=4.0,
+                                                                        original_max_position_embeddings=8).inv_freq())
+    s.factor = 2.0  # a changed field is a new cache entry
+    assert torch.equal(s.inv_freq(), schedules.YaRN(16, factor=2.0, original_max_position_embeddings=8).inv_freq())

@@ -55,14 +55,15 @@ class RopeSchedule:
     def inv_freq(self, seq_len=None, device=None):
         """float32 [rotary_dim / 2] on `device`. Cached per (fields, seq_len, device): a model
         asks once per layer and step, and each host->device copy would synchronize the
-        stream. The returned tensor is shared by those calls: do not modify it in place."""
+        stream. Each call returns a fresh copy (an on-device clone, no sync), so callers may
+        modify it or make it require grad."""
         key = (repr(self), seq_len, None if device is None else torch.device(device))
         cache = self.__dict__.setdefault("_inv_freq_cache", {})
         if key not in cache:
             if len(cache) >= 64:  # dynamic schedules see many lengths; keep the cache small
                 cache.clear()
             cache[key] = self._inv_freq64(seq_len).to(device=device, dtype=torch.float32)
-        return cache[key]
+        return cache[key].clone()
 
     def rotary_scale(self, seq_len=None):
         return 1.0

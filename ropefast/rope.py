@@ -1,0 +1,107 @@
+"""`apply_scaled_rope`: the standalone scaled-RoPE op (Triton forward and backward), for
+users who keep another attention backend, and the "best unfused pipeline" of the benchmarks."""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .attention import _check_positions, _check_positive, _check_tensor, _interpreting
+from .kernels.rope import rope
+from .kernels.rotary import turn_increments
+from .reference import default_positions, rotate
+from .schedules.base import RopeSchedule
+
+__all__ = ["apply_scaled_rope"]
+
+
+def _pairs(x, rotary_dim, interleaved):
+    rot = x[..., :rotary_dim]
+    return (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.split(rotary_dim // 2, dim=-1)
+
+
+class ScaledRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout):
+        out = rope(x, turn_increments(inv_freq), positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
+                   scale=rotary_scale, layout=layout)
+        ctx.save_for_backward(inv_freq, positions, out if ctx.needs_input_grad[1] else None)
+        ctx.args = dict(rotary_dim=rotary_dim, interleaved=interleaved, rotary_scale=rotary_scale, layout=layout)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        inv_freq, positions, out = ctx.saved_tensors
+        a = ctx.args
+        grad = grad.contiguous()
+        dx = dfreq = None
+        if ctx.needs_input_grad[0]:  # d(m R x) = m R^T g; pass-through features pass the gradient on
+            dx = rope(grad, turn_increments(inv_freq), positions, 0, rotary_dim=a["rotary_dim"],
+                      interleaved=a["interleaved"], scale=a["rotary_scale"], layout=a["layout"], inverse=True)
+        if ctx.needs_input_grad[1]:  # d theta = g_b out_a - g_a out_b per (row, pair); d f = sum p d theta
+            g, y = (t.float() if a["layout"] == "bshd" else t.float().transpose(1, 2) for t in (grad, out))
+            g_a, g_b = _pairs(g, a["rotary_dim"], a["interleaved"])
+            y_a, y_b = _pairs(y, a["rotary_dim"], a["interleaved"])
+            dtheta = (g_b * y_a - g_a * y_b).sum(2)  # [B, N, P], summed over heads
+            dfreq = (positions.expand(dtheta.shape[:2]).to(torch.float64)[..., None] * dtheta).sum((0, 1))
+            dfreq = dfreq.to(inv_freq.dtype)
+        return dx, dfreq, None, None, None, None, None
+
+
+def apply_scaled_rope(x, *, schedule=None, inv_freq=None, positions=None, rotary_dim=None, interleaved=None,
+                      rotary_scale=None, layout="bshd"):
+    """Rotate x [B, N, H, D] (layout "bshd") or [B, H, N, D] ("bhsd") with scaled RoPE:
+    for each pair (a, b) of the first rotary_dim features, frequency f, position p,
+    a' = m (a cos pf - b sin pf), b' = m (b cos pf + a sin pf); the other features pass.
+
+    Arguments as `scaled_rope_attention` (schedule or inv_freq, rotary_dim, interleaved,
+    rotary_scale m); positions: integer [B, N] or [N], default arange(N). Returns a new
+    tensor of x's shape and dtype. Differentiable in x and inv_freq (Triton backward: the
+    transposed rotation; d inv_freq = sum over positions of p * d theta). Angles are exact
+    (fixed-point phases) for |p| < 2**31. CUDA tensors (and CPU ones under
+    TRITON_INTERPRET=1) run the kernel; otherwise and for float64, `reference.rotate`.
+    """
+    _check_tensor("x", x, ndim=(4,))
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    batch, n, _, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    positions = _check_positions("positions", positions, batch, n, x.device)
+    if (schedule is None) == (inv_freq is None):
+        raise ValueError("give exactly one of schedule= or inv_freq=")
+    if schedule is not None:
+        if not isinstance(schedule, RopeSchedule):
+            raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
+        seq_len = None
+        if schedule.depends_on_seq_len:
+            seq_len = n if positions is None else int(positions.max()) + 1
+        inv_freq = schedule.inv_freq(seq_len, device=x.device)
+        rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
+        interleaved = schedule.interleaved if interleaved is None else interleaved
+        rotary_scale = schedule.rotary_scale(seq_len) if rotary_scale is None else rotary_scale
+    _check_tensor("inv_freq", inv_freq, ndim=(1,))
+    if inv_freq.dtype not in ((torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)):
+        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
+    if inv_freq.device != x.device:
+        raise ValueError(f"inv_freq is on {inv_freq.device}, x is on {x.device}")
+    rotary_dim = 2 * inv_freq.shape[0] if rotary_dim is None else rotary_dim
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even integer >= 2, got {rotary_dim!r}")
+    if rotary_dim > head_dim or inv_freq.shape[0] != rotary_dim // 2:
+        raise ValueError(f"need rotary_dim <= D ({head_dim}) and len(inv_freq) = rotary_dim / 2, got rotary_dim "
+                         f"{rotary_dim} and {inv_freq.shape[0]} frequencies")
+    interleaved = False if interleaved is None else interleaved
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    rotary_scale = 1.0 if rotary_scale is None else _check_positive("rotary_scale", rotary_scale)
+    positions = default_positions(1, n, 0, x.device) if positions is None else positions
+    positions = positions[None] if positions.dim() == 1 else positions
+
+    if x.dtype != torch.float64 and (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        return ScaledRope.apply(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout)
+    x_bshd = x if layout == "bshd" else x.transpose(1, 2)
+    out = rotate(x_bshd, positions.expand(batch, n), inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
+                 rotary_scale=rotary_scale).to(x.dtype)
+    return out if layout == "bshd" else out.transpose(1, 2)
