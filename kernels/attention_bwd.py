@@ -172,7 +172,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, increments, q_positions, k_p
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages = config or bwd_config(d_pad, q.dtype, q.is_cuda)
-    do = do if do.stride(-1) == 1 and do.data_ptr() % 16 == 0 else do.contiguous()  # autograd may broadcast
+    size = do.element_size()
+    if do.stride(-1) != 1 or do.data_ptr() % 16 or any(st * size % 16 for st in do.stride()[:-1]):
+        do = do.contiguous()  # autograd may hand a broadcast gradient; TMA needs 16-byte strides
 
     delta = torch.empty_like(lse)
     bwd_preprocess_kernel[(triton.cdiv(nq, 64), batch * hq)](
