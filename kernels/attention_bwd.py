@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _dot_pad, rotate_q_k, tile_descriptor
-from .rope import bshd_strides, rope
+from .attention_fwd import LOG2E, _dot_pad, q_row_scale, rotate_q_k, tile_descriptor, tma_readable
+from .rope import bshd_strides, frequency_grad, rope
 
 
 @triton.jit
@@ -147,20 +147,6 @@ def bwd_config(head_dim_pad, dtype, is_cuda):
     return 64, 64, 8, 1
 
 
-def _bshd(x, layout):
-    return x if layout == "bshd" else x.transpose(1, 2)
-
-
-def _dtheta(grad, rotated, rotary_dim, interleaved):
-    """sum over heads of g_b x_a - g_a x_b per (batch, row, pair), float32 [B, N, P]."""
-    g, x = grad.float()[..., :rotary_dim], rotated.float()[..., :rotary_dim]
-    if interleaved:
-        g_a, g_b, x_a, x_b = g[..., 0::2], g[..., 1::2], x[..., 0::2], x[..., 1::2]
-    else:
-        (g_a, g_b), (x_a, x_b) = g.chunk(2, -1), x.chunk(2, -1)
-    return (g_b * x_a - g_a * x_b).sum(2)
-
-
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, increments, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout, need_dfreq,
                        need_dtemp, config=None):
@@ -172,9 +158,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, increments, q_positions, k_p
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages = config or bwd_config(d_pad, q.dtype, q.is_cuda)
-    size = do.element_size()
-    if do.stride(-1) != 1 or do.data_ptr() % 16 or any(st * size % 16 for st in do.stride()[:-1]):
-        do = do.contiguous()  # autograd may hand a broadcast gradient; TMA needs 16-byte strides
+    if not tma_readable(do):
+        do = do.contiguous()  # autograd may hand a broadcast gradient
 
     delta = torch.empty_like(lse)
     bwd_preprocess_kernel[(triton.cdiv(nq, 64), batch * hq)](
@@ -203,21 +188,17 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, increments, q_positions, k_p
     # rotate both back in place.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
-        dtemp = (_bshd(dq, layout).float() * _bshd(q_rot, layout).float()).sum(-1).transpose(1, 2)
+        dtemp = (dq.float() * q_rot.float()).sum(-1)
+        dtemp = dtemp.transpose(1, 2) if layout == "bshd" else dtemp
         dtemp = dtemp / q_temperature[:, None, :]
     if need_dfreq:
         q_pos = (nk - nq + torch.arange(nq, device=q.device))[None] if q_positions is None else q_positions
         k_pos = torch.arange(nk, device=q.device)[None] if k_positions is None else k_positions
-        dfreq = 0
-        for grad, rotated, pos in ((dq, q_rot, q_pos), (dk, k_rot, k_pos)):
-            dtheta = _dtheta(_bshd(grad, layout), _bshd(rotated, layout), rotary_dim, interleaved)
-            dfreq = dfreq + (pos.to(torch.float64)[..., None] * dtheta).sum((0, 1))
+        rope_args = dict(rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
+        dfreq = frequency_grad(dq, q_rot, q_pos, **rope_args) + frequency_grad(dk, k_rot, k_pos, **rope_args)
         dfreq = dfreq.float()
-    logit_scale = softmax_scale * LOG2E
-    row_scale = (torch.full((1, nq), logit_scale, device=q.device) if q_temperature is None
-                 else q_temperature * logit_scale)
     rope(dq, increments, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved, scale=rotary_scale**2,
-         row_scale=row_scale, layout=layout, inverse=True, out=dq)
+         row_scale=q_row_scale(q_temperature, nq, softmax_scale, q.device), layout=layout, inverse=True, out=dq)
     rope(dk, increments, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout, inverse=True,
          out=dk)
     return dq, dk, dv, dfreq, dtemp

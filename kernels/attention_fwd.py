@@ -122,17 +122,29 @@ def tile_descriptor(x, layout, block_rows, d_pad):
     return TensorDescriptor(x, [batch, n, heads, head_dim], [*bshd_strides(x, layout), 1], [1, block_rows, 1, d_pad])
 
 
+def tma_readable(x):
+    """Whether TMA can read x: last dim contiguous, 16-byte aligned data and strides."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+
+
+def q_row_scale(q_temperature, nq, softmax_scale, device):
+    """Every query row's logit scale c log2(e) t, [B or 1, Nq] float32."""
+    logit_scale = softmax_scale * LOG2E
+    if q_temperature is None:
+        return torch.full((1, nq), logit_scale, device=device)
+    return q_temperature * logit_scale
+
+
 def rotate_q_k(q, k, increments, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
                rotary_scale, layout):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
     (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k, into scratch
     buffers for this call only. Queries default to positions Nk - Nq + arange(Nq)."""
     nq, nk = (q.shape[1], k.shape[1]) if layout == "bshd" else (q.shape[2], k.shape[2])
-    logit_scale = softmax_scale * LOG2E
-    row_scale = (torch.full((1, nq), logit_scale, device=q.device) if q_temperature is None
-                 else q_temperature * logit_scale)
     q_rot = rope(q, increments, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                 scale=rotary_scale**2, row_scale=row_scale, layout=layout)
+                 scale=rotary_scale**2, row_scale=q_row_scale(q_temperature, nq, softmax_scale, q.device),
+                 layout=layout)
     k_rot = rope(k, increments, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
     return q_rot, k_rot
 

@@ -80,3 +80,19 @@ def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0
         HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
     )
     return out
+
+
+def frequency_grad(grad, rotated, positions, *, rotary_dim, interleaved, layout="bshd"):
+    """d loss / d inv_freq [P] (float64) from one rotated tensor: for each row and pair,
+    d theta = g_b x_a - g_a x_b (x = the rotated tensor, g = the gradient it received; any
+    amplitude or row scale common to both cancels), summed over heads, then
+    sum over rows of position * d theta. positions [B or 1, N] ints."""
+    if layout == "bhsd":
+        grad, rotated = grad.transpose(1, 2), rotated.transpose(1, 2)
+    g, x = grad.float()[..., :rotary_dim], rotated.float()[..., :rotary_dim]
+    if interleaved:
+        g_a, g_b, x_a, x_b = g[..., 0::2], g[..., 1::2], x[..., 0::2], x[..., 1::2]
+    else:
+        (g_a, g_b), (x_a, x_b) = g.chunk(2, -1), x.chunk(2, -1)
+    dtheta = (g_b * x_a - g_a * x_b).sum(2)  # [B, N, P]
+    return (positions.to(torch.float64)[..., None] * dtheta).sum((0, 1))

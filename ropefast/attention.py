@@ -7,6 +7,7 @@ import os
 import torch
 
 from .function import ScaledRopeAttention
+from .kernels.attention_fwd import tma_readable
 from .reference import default_positions, scaled_rope_attention_reference
 from .schedules.base import RopeSchedule
 
@@ -28,8 +29,8 @@ def _check_tensor(name, x, ndim=None):
 
 def _check_tma_aligned(name, x):
     """The kernels load tiles through TMA descriptors: 16-byte aligned data and strides."""
-    size = x.element_size()
-    if x.data_ptr() % 16 or any((stride * size) % 16 for stride in x.stride()[:-1]):
+    if not tma_readable(x):
+        size = x.element_size()
         raise ValueError(f"{name} needs a 16-byte aligned data pointer and strides for the Triton kernels (TMA), "
                          f"got strides {x.stride()} of {size}-byte elements and pointer offset {x.data_ptr() % 16}; "
                          "head dims that are multiples of 8 (16-bit) or 4 (float32) in a dense tensor satisfy it")

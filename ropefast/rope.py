@@ -5,17 +5,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .attention import _check_positions, _check_positive, _check_tensor, _interpreting
-from .kernels.rope import rope
+from .kernels.rope import frequency_grad, rope
 from .kernels.rotary import turn_increments
 from .reference import default_positions, rotate
 from .schedules.base import RopeSchedule
 
 __all__ = ["apply_scaled_rope"]
-
-
-def _pairs(x, rotary_dim, interleaved):
-    rot = x[..., :rotary_dim]
-    return (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.split(rotary_dim // 2, dim=-1)
 
 
 class ScaledRope(torch.autograd.Function):
@@ -37,13 +32,9 @@ class ScaledRope(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # d(m R x) = m R^T g; pass-through features pass the gradient on
             dx = rope(grad, turn_increments(inv_freq), positions, 0, rotary_dim=a["rotary_dim"],
                       interleaved=a["interleaved"], scale=a["rotary_scale"], layout=a["layout"], inverse=True)
-        if ctx.needs_input_grad[1]:  # d theta = g_b out_a - g_a out_b per (row, pair); d f = sum p d theta
-            g, y = (t.float() if a["layout"] == "bshd" else t.float().transpose(1, 2) for t in (grad, out))
-            g_a, g_b = _pairs(g, a["rotary_dim"], a["interleaved"])
-            y_a, y_b = _pairs(y, a["rotary_dim"], a["interleaved"])
-            dtheta = (g_b * y_a - g_a * y_b).sum(2)  # [B, N, P], summed over heads
-            dfreq = (positions.expand(dtheta.shape[:2]).to(torch.float64)[..., None] * dtheta).sum((0, 1))
-            dfreq = dfreq.to(inv_freq.dtype)
+        if ctx.needs_input_grad[1]:
+            dfreq = frequency_grad(grad, out, positions, rotary_dim=a["rotary_dim"], interleaved=a["interleaved"],
+                                   layout=a["layout"]).to(inv_freq.dtype)
         return dx, dfreq, None, None, None, None, None
 
 
