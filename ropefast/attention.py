@@ -57,6 +57,46 @@ def _check_positive(name, value):
     return float(value)
 
 
+def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *, head_dim, seq_len, positions,
+                   like, like_name):
+    """The rotary arguments of both public ops: take what the schedule supplies unless given
+    explicitly, check it all, and return (inv_freq, rotary_dim, interleaved, rotary_scale).
+    A schedule that depends on the length sees HF's max(positions) + 1 (a host sync only
+    then), or seq_len without positions. `like` is the tensor inv_freq must match."""
+    if (schedule is None) == (inv_freq is None):
+        raise ValueError("give exactly one of schedule= or inv_freq=")
+    if schedule is not None:
+        if not isinstance(schedule, RopeSchedule):
+            raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
+        length = None
+        if schedule.depends_on_seq_len:
+            length = seq_len if positions is None else int(positions.max()) + 1
+        inv_freq = schedule.inv_freq(length, device=like.device)
+        rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
+        interleaved = schedule.interleaved if interleaved is None else interleaved
+        rotary_scale = schedule.rotary_scale(length) if rotary_scale is None else rotary_scale
+
+    _check_tensor("inv_freq", inv_freq, ndim=(1,))
+    allowed_freq = (torch.float32, torch.float64) if like.dtype == torch.float64 else (torch.float32,)
+    if inv_freq.dtype not in allowed_freq:
+        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
+    if inv_freq.device != like.device:
+        raise ValueError(f"inv_freq is on {inv_freq.device}, {like_name} is on {like.device}")
+    if rotary_dim is None:
+        rotary_dim = 2 * inv_freq.shape[0]
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even integer >= 2, got {rotary_dim!r}")
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be <= the head dim ({head_dim})")
+    if inv_freq.shape[0] != rotary_dim // 2:
+        raise ValueError(f"inv_freq must have rotary_dim/2 = {rotary_dim // 2} entries, got {inv_freq.shape[0]}")
+    interleaved = False if interleaved is None else interleaved
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    rotary_scale = 1.0 if rotary_scale is None else _check_positive("rotary_scale", rotary_scale)
+    return inv_freq, rotary_dim, interleaved, rotary_scale
+
+
 def scaled_rope_attention(
     q,
     k,
@@ -144,40 +184,12 @@ def scaled_rope_attention(
     q_positions = _check_positions("q_positions", q_positions, batch, nq, q.device)
     k_positions = _check_positions("k_positions", k_positions, batch, nk, q.device)
 
-    if (schedule is None) == (inv_freq is None):
-        raise ValueError("give exactly one of schedule= or inv_freq=")
-    if schedule is not None:
-        if not isinstance(schedule, RopeSchedule):
-            raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
-        seq_len = None
-        if schedule.depends_on_seq_len:  # HF: max(position_ids) + 1; a host sync only then
-            seq_len = nk if k_positions is None else int(k_positions.max()) + 1
-        inv_freq = schedule.inv_freq(seq_len, device=q.device)
-        rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
-        interleaved = schedule.interleaved if interleaved is None else interleaved
-        rotary_scale = schedule.rotary_scale(seq_len) if rotary_scale is None else rotary_scale
-        if q_temperature is None:
-            pos = q_positions if q_positions is not None else default_positions(batch, nq, nk - nq, q.device)
-            q_temperature = schedule.q_temperature(pos.expand(batch, nq))
-
-    _check_tensor("inv_freq", inv_freq, ndim=(1,))
-    allowed_freq = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
-    if inv_freq.dtype not in allowed_freq:
-        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
-    if inv_freq.device != q.device:
-        raise ValueError(f"inv_freq is on {inv_freq.device}, q is on {q.device}")
-    if rotary_dim is None:
-        rotary_dim = 2 * inv_freq.shape[0]
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be an even integer >= 2, got {rotary_dim!r}")
-    if rotary_dim > head_dim:
-        raise ValueError(f"rotary_dim ({rotary_dim}) must be <= the head dim ({head_dim})")
-    if inv_freq.shape[0] != rotary_dim // 2:
-        raise ValueError(f"inv_freq must have rotary_dim/2 = {rotary_dim // 2} entries, got {inv_freq.shape[0]}")
-    interleaved = False if interleaved is None else interleaved
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    rotary_scale = 1.0 if rotary_scale is None else _check_positive("rotary_scale", rotary_scale)
+    inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
+        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=nk,
+        positions=k_positions, like=q, like_name="q")
+    if schedule is not None and q_temperature is None:
+        pos = q_positions if q_positions is not None else default_positions(batch, nq, nk - nq, q.device)
+        q_temperature = schedule.q_temperature(pos.expand(batch, nq))
     softmax_scale = head_dim**-0.5 if softmax_scale is None else _check_positive("softmax_scale", softmax_scale)
     if q_temperature is not None:
         _check_tensor("q_temperature", q_temperature, ndim=(1, 2))

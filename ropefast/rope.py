@@ -4,11 +4,10 @@ users who keep another attention backend, and the "best unfused pipeline" of the
 import torch
 from torch.autograd.function import once_differentiable
 
-from .attention import _check_positions, _check_positive, _check_tensor, _interpreting
+from .attention import _check_positions, _check_tensor, _interpreting, resolve_rotary
 from .kernels.rope import frequency_grad, rope
 from .kernels.rotary import turn_increments
 from .reference import default_positions, rotate
-from .schedules.base import RopeSchedule
 
 __all__ = ["apply_scaled_rope"]
 
@@ -60,33 +59,9 @@ def apply_scaled_rope(x, *, schedule=None, inv_freq=None, positions=None, rotary
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
     batch, n, _, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     positions = _check_positions("positions", positions, batch, n, x.device)
-    if (schedule is None) == (inv_freq is None):
-        raise ValueError("give exactly one of schedule= or inv_freq=")
-    if schedule is not None:
-        if not isinstance(schedule, RopeSchedule):
-            raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
-        seq_len = None
-        if schedule.depends_on_seq_len:
-            seq_len = n if positions is None else int(positions.max()) + 1
-        inv_freq = schedule.inv_freq(seq_len, device=x.device)
-        rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
-        interleaved = schedule.interleaved if interleaved is None else interleaved
-        rotary_scale = schedule.rotary_scale(seq_len) if rotary_scale is None else rotary_scale
-    _check_tensor("inv_freq", inv_freq, ndim=(1,))
-    if inv_freq.dtype not in ((torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)):
-        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
-    if inv_freq.device != x.device:
-        raise ValueError(f"inv_freq is on {inv_freq.device}, x is on {x.device}")
-    rotary_dim = 2 * inv_freq.shape[0] if rotary_dim is None else rotary_dim
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be an even integer >= 2, got {rotary_dim!r}")
-    if rotary_dim > head_dim or inv_freq.shape[0] != rotary_dim // 2:
-        raise ValueError(f"need rotary_dim <= D ({head_dim}) and len(inv_freq) = rotary_dim / 2, got rotary_dim "
-                         f"{rotary_dim} and {inv_freq.shape[0]} frequencies")
-    interleaved = False if interleaved is None else interleaved
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    rotary_scale = 1.0 if rotary_scale is None else _check_positive("rotary_scale", rotary_scale)
+    inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
+        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=n, positions=positions,
+        like=x, like_name="x")
     positions = default_positions(1, n, 0, x.device) if positions is None else positions
     positions = positions[None] if positions.dim() == 1 else positions
 

@@ -146,10 +146,6 @@ class CLEX(nn.Module, RopeSchedule):
             self._solutions[key] = torch.exp(self.solve(t, device)).float()
         return self._solutions[key]
 
-    def _inv_freq64(self, seq_len):
-        with torch.no_grad():
-            return self.inv_freq(seq_len).double().cpu()
-
     def __repr__(self):
         return (f"CLEX(rotary_dim={self.rotary_dim}, base={self.base}, original_max_position_embeddings="
                 f"{self.original_max_position_embeddings}, max_factor={self.max_factor}, act={self.act!r}, "
