@@ -67,7 +67,8 @@ def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") at positions [B or 1, N]
     (or offset + arange(N) when None), amplitude `scale` on the rotated features, and
     row_scale [B, N] float32 (optional) on every feature of a position.
-    Writes `out` (default: a new tensor like x) and returns it."""
+    Writes `out` (default: a new tensor like x; may be x itself: each program loads its
+    rows before storing them) and returns it."""
     batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
