@@ -9,7 +9,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def rel_err(x, ref):
     """||x - ref|| / ||ref|| in float64; NaN anywhere counts as failure (inf)."""
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(x).all():
         return float("inf")
     return ((x - ref).norm() / ref.norm()).item()
