@@ -32,14 +32,13 @@ def inputs(n, heads, head_dim, dtype=torch.bfloat16):
 def sweep(configs_by_shape, lengths=(4096, 16384)):
     """Time the forward per block config (rope passes included), and the rope pass alone."""
     from ropefast.kernels.rope import rope
-    from ropefast.kernels.rotary import turn_increments
 
     print("| D | N | causal | config (BM, BN, warps, stages) | ms | TF/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for (heads, head_dim), configs in configs_by_shape.items():
         for n in lengths:
             q, k, v, sched = inputs(n, heads, head_dim)
-            inc = turn_increments(sched.inv_freq(device="cuda"))
+            inc = sched.inv_freq(device="cuda")
             ms = bench_ms(lambda: rope(k, inc, None, 0, rotary_dim=head_dim, interleaved=False))
             print(f"| {head_dim} | {n} | - | one rope pass | {ms:.3f} | - |")
             for causal in (False, True):

@@ -128,39 +128,36 @@ def tma_readable(x):
     return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
 
 
-def q_row_scale(q_temperature, nq, softmax_scale, device):
-    """Every query row's logit scale c log2(e) t, [B or 1, Nq] float32."""
-    logit_scale = softmax_scale * LOG2E
-    if q_temperature is None:
-        return torch.full((1, nq), logit_scale, device=device)
-    return q_temperature * logit_scale
+def q_scales(softmax_scale, rotary_scale):
+    """The query rope pass's scales: every logit scale but the per-query temperature (its
+    row scale), in base 2: c log2(e) m^2 on the rotated features, c log2(e) on the rest."""
+    return dict(scale=softmax_scale * LOG2E * rotary_scale**2, pass_scale=softmax_scale * LOG2E)
 
 
-def rotate_q_k(q, k, increments, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
+def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
                rotary_scale, layout):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
     (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k, into scratch
     buffers for this call only. Queries default to positions Nk - Nq + arange(Nq)."""
     nq, nk = (q.shape[1], k.shape[1]) if layout == "bshd" else (q.shape[2], k.shape[2])
-    q_rot = rope(q, increments, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                 scale=rotary_scale**2, row_scale=q_row_scale(q_temperature, nq, softmax_scale, q.device),
-                 layout=layout)
-    k_rot = rope(k, increments, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
+    q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
+                 row_scale=q_temperature, layout=layout, **q_scales(softmax_scale, rotary_scale))
+    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
     return q_rot, k_rot
 
 
-def rope_attention_fwd(q, k, v, increments, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
+def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
                        causal, softmax_scale, rotary_scale, layout, config=None):
     """Scaled rotary attention forward: the two rope passes, then the flash kernel. q/k/v
     in `layout` ("bshd" or "bhsd"), last dim contiguous, v 16-byte aligned (TMA);
-    increments int32 [2, P] (rotary.turn_increments); q_positions [B, Nq] and k_positions
+    inv_freq float32 [rotary_dim / 2]; q_positions [B, Nq] and k_positions
     [B or 1, Nk] ints or None; q_temperature [B, Nq] float32 or None. Returns out (q's
     layout and dtype) and lse [B, Hq, Nq] float32 (natural log)."""
     batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.dtype, q.is_cuda)
-    q_rot, k_rot = rotate_q_k(q, k, increments, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
+    q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               layout=layout)
     out = torch.empty_like(q)

@@ -1,10 +1,12 @@
 """Standalone scaled RoPE: rotate a [B, N, H, D] tensor (either layout) at given positions.
 
-One program owns BLOCK_N positions of one sequence: it computes their angles once
-(rotary.sincos_at, exact fixed-point phases) and rotates every head with them. INVERSE
+One program owns BLOCK_N positions of one sequence and HEADS_PER_PROGRAM of its heads: it
+computes their angles once (rotary.sincos_at, exact fixed-point phases) and rotates each of
+those heads with them (splitting the heads over programs keeps enough loads in flight). INVERSE
 applies the transposed rotation (the backward of a rotation, and how gradients of rotated
-tensors go back to the unrotated frame). An optional per-position ROW_SCALE multiplies every
-feature of that position (the attention backward folds softmax scale and temperature in).
+tensors go back to the unrotated frame). Scales: `scale` on the rotated features,
+`pass_scale` on the pass-through ones, and an optional per-position ROW_SCALE on both (the
+attention folds softmax scale, rotary_scale**2, log2(e) and the temperature into queries).
 """
 
 import torch
@@ -15,19 +17,19 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_
 
 
 @triton.jit
-def rope_kernel(X, OUT, POS, INC, ROW_SCALE, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
-                stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale,
+def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
+                stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale, pass_scale, HEADS_PER_PROGRAM,
                 PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                 ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
                 HAS_ROW_SCALE: tl.constexpr, INVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_n, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     if HAS_POS:
         pos = tl.load(POS + pid_b * stride_pos_b + offs * stride_pos_n, mask=mask, other=0).to(tl.int32)
     else:
         pos = offs + offset
-    inc_hi, inc_lo = load_increments(INC, PAIRS, PAIRS_PAD)
+    inc_hi, inc_lo = load_increments(INV_FREQ, PAIRS, PAIRS_PAD)
     cos, sin = sincos_at(pos, inc_hi, inc_lo)
     row_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
     if HAS_ROW_SCALE:
@@ -37,7 +39,7 @@ def rope_kernel(X, OUT, POS, INC, ROW_SCALE, stride_xb, stride_xn, stride_xh, st
         sin = -sin
     rows = offs.to(tl.int64)
     cols = tl.arange(0, PASS_PAD)
-    for h in range(H):
+    for h in range(pid_h * HEADS_PER_PROGRAM, tl.minimum(H, (pid_h + 1) * HEADS_PER_PROGRAM)):
         x_ptr = X + pid_b * stride_xb + h * stride_xh
         o_ptr = OUT + pid_b * stride_ob + h * stride_oh
         a, b = load_pairs(x_ptr, rows, mask, stride_xn, PAIRS, PAIRS_PAD, INTERLEAVED)
@@ -47,7 +49,7 @@ def rope_kernel(X, OUT, POS, INC, ROW_SCALE, stride_xb, stride_xn, stride_xh, st
         if PASS > 0:
             pass_mask = mask[:, None] & (cols[None, :] < PASS)
             x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
-            x = x.to(tl.float32) * row_scale[:, None]
+            x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
             tl.store(o_ptr + rows[:, None] * stride_on + ROTARY_DIM + cols[None, :], x.to(OUT.dtype.element_ty),
                      mask=pass_mask)
 
@@ -62,23 +64,28 @@ def row_strides(t):
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
-def rope(x, increments, positions, offset, *, rotary_dim, interleaved, scale=1.0, row_scale=None, layout="bshd",
-         inverse=False, out=None):
-    """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") at positions [B or 1, N]
-    (or offset + arange(N) when None), amplitude `scale` on the rotated features, and
-    row_scale [B, N] float32 (optional) on every feature of a position.
+def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
+         layout="bshd", inverse=False, out=None):
+    """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") with inv_freq float32
+    [rotary_dim / 2] at positions [B or 1, N] (or offset + arange(N) when None): amplitude
+    `scale` on the rotated features, `pass_scale` on the others, and row_scale [B or 1, N]
+    float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x; may be x itself: each program loads its
     rows before storing them) and returns it."""
     batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
-    block_n = 32
-    rope_kernel[(triton.cdiv(n, block_n), batch)](
-        x, out, positions, increments, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
-        *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale,
+    # H100 sweep at 16k tokens (bench/RESULTS.md): 2.3-2.4 TB/s at D = 64, 128, 256; larger
+    # row blocks fall off at D >= 128, one head per program falls off everywhere.
+    block_n, heads_per_program, num_warps = 16, 4, 4
+    grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
+    rope_kernel[grid](
+        x, out, positions, inv_freq, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
+        *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale, pass_scale, heads_per_program,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
         PASS_PAD=triton.next_power_of_2(max(passthrough, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
-        HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n, num_warps=4,
+        HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return out
 

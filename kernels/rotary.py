@@ -2,38 +2,24 @@
 
 Accurate angles at large positions. A naive kernel computes theta = p * f in float32,
 whose rounding error grows with p (about 0.03 rad at p = 2**20, f = 1). Only theta mod
-2*pi matters, so we work in *turns*: on the host, in float64, u = frac(f / (2*pi)) is
-written as a 64-bit fixed-point fraction (hi, lo: two uint32 words). In the kernel the
-phase p * u mod 1 is taken exactly with integer arithmetic, keeping its top 32 bits:
+2*pi matters, so we work in *turns*: each program converts its float32 frequencies, in
+float64, to u = frac(f / (2*pi)) as a 64-bit fixed-point fraction (hi, lo: two uint32
+words; a few float64 operations per frequency, and no host-side preparation per call).
+The phase p * u mod 1 is then taken exactly with integer arithmetic, keeping its top 32 bits:
     phase = p * hi + umulhi(p, lo)   (mod 2**32, wrapping; |p| < 2**31)
 and mapped to an angle in [-pi, pi) as int32(phase) * 2*pi / 2**32. The error is a few
 units of 2**-32 turns (~1e-9 rad) plus one float32 rounding of a number below pi, for
 any position below 2**31, far below the fp32 rounding of p * f itself.
 """
 
-import math
-
-import torch
 import triton
 import triton.language as tl
-
-TWO_PI_OVER_2_32 = 2 * math.pi / 2**32
-
-
-def turn_increments(inv_freq):
-    """inv_freq float32 [P] -> int32 [2, P]: (hi, lo) words of frac(f / 2pi) * 2**64."""
-    turns = inv_freq.detach().to(torch.float64) / (2 * math.pi)
-    scaled = (turns - torch.floor(turns)) * 2.0**32  # exact: a power-of-two scale
-    hi = torch.floor(scaled)
-    lo = torch.floor((scaled - hi) * 2.0**32)
-    # uint32 values stored in int32 words (two's complement); the kernel bitcasts them back.
-    return torch.stack((hi, lo)).to(torch.int64).to(torch.int32)
 
 
 @triton.jit
 def sincos_at(pos, inc_hi, inc_lo):
     """cos and sin of pos[:, None] * f[None, :] as float32 [M, P]; pos int32 [M],
-    inc_hi / inc_lo uint32 [P] from `turn_increments`."""
+    inc_hi / inc_lo uint32 [P] from `load_increments`."""
     magnitude = tl.abs(pos).to(tl.uint32)[:, None]
     phase = magnitude * inc_hi[None, :] + tl.umulhi(magnitude, inc_lo[None, :])
     phase = tl.where(pos[:, None] < 0, 0 - phase, phase)  # p * f is odd in p
@@ -42,12 +28,15 @@ def sincos_at(pos, inc_hi, inc_lo):
 
 
 @triton.jit
-def load_increments(INC, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr):
+def load_increments(INV_FREQ, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr):
+    """inv_freq float32 [PAIRS] -> (hi, lo) uint32 [PAIRS_PAD]: frac(f / 2pi) * 2**64 in
+    fixed point, computed in float64 (scaling by powers of two is exact there)."""
     offs = tl.arange(0, PAIRS_PAD)
-    mask = offs < PAIRS
-    inc_hi = tl.load(INC + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    inc_lo = tl.load(INC + PAIRS + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    return inc_hi, inc_lo
+    turns = tl.load(INV_FREQ + offs, mask=offs < PAIRS, other=0.0).to(tl.float64) / 6.283185307179586
+    scaled = (turns - tl.floor(turns)) * 4294967296.0  # 2**32
+    hi = tl.floor(scaled)
+    lo = tl.floor((scaled - hi) * 4294967296.0)
+    return hi.to(tl.uint32), lo.to(tl.uint32)
 
 
 @triton.jit

@@ -7,7 +7,6 @@ from torch.autograd.function import once_differentiable
 
 from ropefast.kernels.attention_bwd import rope_attention_bwd
 from ropefast.kernels.attention_fwd import rope_attention_fwd
-from ropefast.kernels.rotary import turn_increments
 
 
 def _as_batched(t):
@@ -21,12 +20,11 @@ class ScaledRopeAttention(torch.autograd.Function):
                 rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout):
         batch = q.shape[0]
         nq = q.shape[1] if layout == "bshd" else q.shape[2]
-        increments = turn_increments(inv_freq)
         q_pos = None if q_positions is None else _as_batched(q_positions).expand(batch, nq)
         k_pos = _as_batched(k_positions)
         temperature = None if q_temperature is None else _as_batched(q_temperature.float()).expand(batch, nq)
         out, lse = rope_attention_fwd(
-            q, k, v, increments, q_pos, k_pos, temperature, rotary_dim=rotary_dim, interleaved=interleaved,
+            q, k, v, inv_freq.detach(), q_pos, k_pos, temperature, rotary_dim=rotary_dim, interleaved=interleaved,
             causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale, layout=layout)
         ctx.save_for_backward(q, k, v, out, lse, inv_freq, q_pos, k_pos, temperature)
         ctx.args = dict(rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
@@ -45,7 +43,7 @@ class ScaledRopeAttention(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
             grad_out, q, k, v, out, lse, None if grad_lse is None else grad_lse.contiguous(),
-            turn_increments(inv_freq), q_pos, k_pos, temperature, need_dfreq=need_dfreq, need_dtemp=need_dtemp,
+            inv_freq, q_pos, k_pos, temperature, need_dfreq=need_dfreq, need_dtemp=need_dtemp,
             **ctx.args)
         if need_dfreq:
             dfreq = dfreq.to(inv_freq.dtype)

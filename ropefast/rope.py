@@ -6,7 +6,6 @@ from torch.autograd.function import once_differentiable
 
 from .attention import _check_positions, _check_tensor, _interpreting, resolve_rotary
 from .kernels.rope import frequency_grad, rope
-from .kernels.rotary import turn_increments
 from .reference import default_positions, rotate
 
 __all__ = ["apply_scaled_rope"]
@@ -15,7 +14,7 @@ __all__ = ["apply_scaled_rope"]
 class ScaledRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout):
-        out = rope(x, turn_increments(inv_freq), positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
+        out = rope(x, inv_freq, positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
                    scale=rotary_scale, layout=layout)
         ctx.save_for_backward(inv_freq, positions, out if ctx.needs_input_grad[1] else None)
         ctx.args = dict(rotary_dim=rotary_dim, interleaved=interleaved, rotary_scale=rotary_scale, layout=layout)
@@ -29,7 +28,7 @@ class ScaledRope(torch.autograd.Function):
         grad = grad.contiguous()
         dx = dfreq = None
         if ctx.needs_input_grad[0]:  # d(m R x) = m R^T g; pass-through features pass the gradient on
-            dx = rope(grad, turn_increments(inv_freq), positions, 0, rotary_dim=a["rotary_dim"],
+            dx = rope(grad, inv_freq, positions, 0, rotary_dim=a["rotary_dim"],
                       interleaved=a["interleaved"], scale=a["rotary_scale"], layout=a["layout"], inverse=True)
         if ctx.needs_input_grad[1]:
             dfreq = frequency_grad(grad, out, positions, rotary_dim=a["rotary_dim"], interleaved=a["interleaved"],

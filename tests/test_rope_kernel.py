@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ropefast.kernels.rope import rope
-from ropefast.kernels.rotary import turn_increments
 from ropefast.reference import rotate
 
 from conftest import rel_err
@@ -27,13 +26,14 @@ def test_rope_matches_reference_and_inverts(interleaved, layout, D, R):
     inv_freq = (torch.rand(R // 2, generator=gen) + 1e-3).to(DEVICE)
     row_scale = (torch.rand(B, N, generator=gen) + 0.5).to(DEVICE)
     x_in = x if layout == "bshd" else x.transpose(1, 2).contiguous()
-    out = rope(x_in, turn_increments(inv_freq), pos, 0, rotary_dim=R, interleaved=interleaved, scale=1.3,
-               row_scale=row_scale, layout=layout)
+    out = rope(x_in, inv_freq, pos, 0, rotary_dim=R, interleaved=interleaved, scale=1.3,
+               pass_scale=0.7, row_scale=row_scale, layout=layout)
     out = out if layout == "bshd" else out.transpose(1, 2)
     expect = rotate(x.double(), pos, inv_freq, rotary_dim=R, interleaved=interleaved, rotary_scale=1.3)
+    expect[..., R:] *= 0.7
     expect = expect * row_scale.double()[:, :, None, None]
     assert rel_err(out, expect) < 1e-6
     # The transposed rotation undoes it (up to the amplitude).
-    back = rope(out.contiguous(), turn_increments(inv_freq), pos, 0, rotary_dim=R, interleaved=interleaved,
-                scale=1 / 1.3, inverse=True, row_scale=1 / row_scale)
+    back = rope(out.contiguous(), inv_freq, pos, 0, rotary_dim=R, interleaved=interleaved,
+                scale=1 / 1.3, pass_scale=1 / 0.7, inverse=True, row_scale=1 / row_scale)
     assert rel_err(back, x) < 1e-6
