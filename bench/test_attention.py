@@ -1,50 +1,61 @@
-"""Forward timing of ropefast against the pipeline a user would otherwise build.
+"""The benchmark suite: `pytest bench/ --benchmark-only [--benchmark-json results.json]`,
+then `python -m bench.report results.json`.
 
-On a machine without a GPU this times small shapes on the CPU: those numbers say nothing
-about GPU speed (the benchmark names carry the device).
+One test per (case, mode, pipeline): mode "fwd" is the forward, "train" forward+backward
+(gradients of q, k, v). Each test times its pipeline twice: the median of CUDA-event
+timings (triton's do_bench), which the report uses (TF/s, ratios), and pytest-benchmark's
+own rounds, each ending in a device synchronization, for pytest-benchmark's table.
+`extra_info` carries the case, median ms, TF/s, peak extra memory, and, on ropefast's test
+(the last of each case), its speed ratio to every peer timed in the same session.
+
+Without a GPU the suite runs small fp32 shapes on the CPU (ropefast's PyTorch reference
+path, SDPA's math backend): those numbers exercise the suite and say nothing about GPU
+speed; their names and extra_info say "cpu".
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ropefast import scaled_rope_attention, schedules
-from ropefast.reference import rotate
+from .peers import CPU_PIPELINES, GPU_PIPELINES, cpu_cases, gpu_cases, make_inputs, median_ms, peak_mib
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(2, 256, 4, 64)] if DEVICE == "cpu" else [(16, 1024, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128)]
+CASES, PIPELINES = (gpu_cases(), GPU_PIPELINES) if DEVICE == "cuda" else (cpu_cases(), CPU_PIPELINES)
+PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{impl}")
+          for case in CASES for mode in ("fwd", "train") for impl in PIPELINES]
+_TFLOPS = {}  # (case, mode) -> {impl: TF/s} measured in this session
 
 
-def _inputs(batch, seq, heads, head_dim):
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    q, k, v = (torch.randn(batch, seq, heads, head_dim, device=DEVICE, dtype=dtype) for _ in range(3))
-    return q, k, v, schedules.YaRN(head_dim, factor=4.0, original_max_position_embeddings=4096)
+def _step(fn, q, k, v, mode):
+    if mode == "fwd":
+        return lambda: fn(q, k, v)
+    grad = torch.randn_like(q)
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
 
 
-def _eager_rope_sdpa(q, k, v, schedule):
-    pos = torch.arange(q.shape[1], device=q.device)[None]
-    freq = schedule.inv_freq(device=q.device)
-    m = schedule.rotary_scale()
-    q_rot, k_rot = (rotate(x, pos, freq, rotary_scale=m).to(x.dtype) for x in (q, k))
-    return F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2), v.transpose(1, 2))
+@pytest.mark.parametrize("case,mode,impl", PARAMS)
+def test_attention(benchmark, case, mode, impl):
+    q, k, v = make_inputs(case, DEVICE, requires_grad=mode == "train")
+    try:
+        step = _step(PIPELINES[impl](case, DEVICE), q, k, v, mode)
+        step()  # compile / warm up; a backend that cannot take the case says so here
+    except RuntimeError as err:
+        pytest.skip(f"{impl} cannot run {case.name} {mode}: {str(err).splitlines()[0][:200]}")
 
+    ms = median_ms(step, DEVICE)
+    tflops = case.flops(mode == "train") / ms / 1e9
+    peers = _TFLOPS.setdefault((case, mode), {})
+    peers[impl] = tflops
+    info = benchmark.extra_info
+    info.update(device=DEVICE, gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "none (CPU numbers)",
+                case=case.name, dtype=case.dtype, head_dim=case.head_dim, heads=case.heads,
+                kv_heads=case.kv_heads, n=case.n, batch=case.batch, causal=case.causal, mode=mode, impl=impl,
+                median_ms=ms, tflops=tflops, peak_mib=peak_mib(step, DEVICE))
+    if impl == "ropefast":
+        info["speedup"] = {peer: tflops / value for peer, value in peers.items() if peer != impl}
 
-IMPLS = {
-    "ropefast": lambda q, k, v, s: scaled_rope_attention(q, k, v, schedule=s),
-    "eager_rope+sdpa": _eager_rope_sdpa,
-}
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{DEVICE}-B{s[0]}-N{s[1]}-H{s[2]}-D{s[3]}")
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_forward(benchmark, impl, shape):
-    q, k, v, s = _inputs(*shape)
-    fn = IMPLS[impl]
-
-    def run():
-        fn(q, k, v, s)
+    def synced():
+        step()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.extra_info["device"] = DEVICE
-    benchmark(run)
+    benchmark.pedantic(synced, rounds=max(3, min(20, int(200 / ms))), warmup_rounds=1)

@@ -64,6 +64,11 @@ def row_strides(t):
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
+# (rows, heads per program, warps). H100 sweep at 16k tokens (bench/RESULTS.md): 2.3-2.4 TB/s
+# at D = 64, 128, 256; larger row blocks fall off at D >= 128, one head per program everywhere.
+rope_launch_config = (16, 4, 4)
+
+
 def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
          layout="bshd", inverse=False, out=None):
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") with inv_freq float32
@@ -75,9 +80,7 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
-    # H100 sweep at 16k tokens (bench/RESULTS.md): 2.3-2.4 TB/s at D = 64, 128, 256; larger
-    # row blocks fall off at D >= 128, one head per program falls off everywhere.
-    block_n, heads_per_program, num_warps = 16, 4, 4
+    block_n, heads_per_program, num_warps = rope_launch_config
     grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
     rope_kernel[grid](
         x, out, positions, inv_freq, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
