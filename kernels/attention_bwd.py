@@ -143,7 +143,9 @@ def rope_attention_bwd_dq_kernel(
 ):
     """One program: BLOCK_M queries of one (batch, query head); loops over key tiles
     (unmasked, then masked, as the forward). Writes dQ^ (rotated, scaled frame)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b, off_h = pid_bh // HQ, pid_bh % HQ
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M

@@ -59,7 +59,9 @@ def rope_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flash attention over Q^ (rotated, every logit scale folded in, base 2) and K^ (rotated)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    # Causal: the last query tiles see the most keys; launching them first shortens the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // HQ
     off_h = pid_bh % HQ
     off_hkv = off_h // GROUP
