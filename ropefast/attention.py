@@ -187,7 +187,7 @@ def scaled_rope_attention(
     inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
         schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=nk,
         positions=k_positions, like=q, like_name="q")
-    if schedule is not None and q_temperature is None:
+    if schedule is not None and q_temperature is None and schedule.has_q_temperature:
         pos = q_positions if q_positions is not None else default_positions(batch, nq, nk - nq, q.device)
         q_temperature = schedule.q_temperature(pos.expand(batch, nq))
     softmax_scale = head_dim**-0.5 if softmax_scale is None else _check_positive("softmax_scale", softmax_scale)

@@ -71,6 +71,11 @@ class RopeSchedule:
     def q_temperature(self, q_positions):
         return None
 
+    @property
+    def has_q_temperature(self):
+        """Whether q_temperature is overridden (the API builds query positions only then)."""
+        return type(self).q_temperature is not RopeSchedule.q_temperature
+
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
