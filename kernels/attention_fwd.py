@@ -104,15 +104,15 @@ def _dot_pad(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def fwd_config(head_dim_pad, causal, nk, is_cuda):
+def fwd_config(head_dim_pad, is_cuda):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, from the H100 sweeps in
-    bench/RESULTS.md (long causal rows at D=128 do better with narrower key tiles)."""
+    bench/RESULTS.md."""
     if not is_cuda:  # the interpreter: larger tiles, fewer programs
         return 32, 32, 4, 1
     if head_dim_pad <= 64:
         return 128, 64, 4, 4
     if head_dim_pad <= 128:
-        return (128, 64, 8, 3) if causal and nk >= 8192 else (128, 128, 8, 3)
+        return 128, 128, 8, 3
     return 128, 32, 8, 3
 
 
@@ -158,7 +158,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
     d_pad = _dot_pad(head_dim)
-    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, causal, nk, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.is_cuda)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               layout=layout)
