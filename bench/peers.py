@@ -84,10 +84,10 @@ def yarn(head_dim):
 
 # ---- the pipelines: build(case, device) -> fn(q, k, v) -> out [B, N, Hq, D] ----
 
-def _sdpa(q, k, v, causal, backend, scale=None):
+def _sdpa(q, k, v, causal, backend):
     with sdpa_kernel([SDPA_BACKENDS[backend]]):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+                                             is_causal=causal, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 

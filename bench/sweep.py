@@ -38,15 +38,12 @@ def _timed(fn, flops):
 def sweep_rope(configs=((32, 16, 4), (32, 4, 4), (32, 1, 4), (64, 4, 4), (16, 4, 4), (16, 1, 2))):
     _row("D", "H", "(rows, heads/program, warps)", "ms", "GB/s")
     _row(*["---"] * 5)
-    default = rope.rope_launch_config
     for heads, head_dim in ((16, 128), (32, 64), (8, 256)):
         x, _, _ = make_inputs(Case("bf16", head_dim, heads, heads, 4096), "cuda")
         inv_freq = yarn(head_dim).inv_freq(device="cuda")
         for cfg in configs:
-            rope.rope_launch_config = cfg
-            ms = _ms(lambda: rope.rope(x, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False))
+            ms = _ms(lambda: rope.rope(x, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False, config=cfg))
             _row(head_dim, heads, cfg, f"{ms:.4f}", f"{2 * x.numel() * x.element_size() / ms / 1e6:.0f}")
-    rope.rope_launch_config = default
 
 
 def _args(head_dim, causal):

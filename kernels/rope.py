@@ -2,7 +2,7 @@
 
 One program owns BLOCK_N positions of one sequence and HEADS_PER_PROGRAM of its heads: it
 computes their angles once (rotary.sincos_at, exact fixed-point phases) and rotates each of
-those heads with them (splitting the heads over programs keeps enough loads in flight). INVERSE
+those heads with them. INVERSE
 applies the transposed rotation (the backward of a rotation, and how gradients of rotated
 tensors go back to the unrotated frame). Scales: `scale` on the rotated features,
 `pass_scale` on the pass-through ones, and an optional per-position ROW_SCALE on both (the
@@ -64,23 +64,20 @@ def row_strides(t):
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
-# (rows, heads per program, warps). H100 sweep at 16k tokens (bench/RESULTS.md): 2.3-2.4 TB/s
-# at D = 64, 128, 256; larger row blocks fall off at D >= 128, one head per program everywhere.
-rope_launch_config = (16, 4, 4)
-
-
 def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
-         layout="bshd", inverse=False, out=None):
+         layout="bshd", inverse=False, out=None, config=None):
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") with inv_freq float32
     [rotary_dim / 2] at positions [B or 1, N] (or offset + arange(N) when None): amplitude
     `scale` on the rotated features, `pass_scale` on the others, and row_scale [B or 1, N]
     float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x; may be x itself: each program loads its
-    rows before storing them) and returns it."""
+    rows before storing them) and returns it. config: (rows, heads per program, warps), for
+    sweeps; the default (16, 4, 4) comes from the H100 sweep in bench/RESULTS.md (2.3-2.4 TB/s
+    at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128)."""
     batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
-    block_n, heads_per_program, num_warps = rope_launch_config
+    block_n, heads_per_program, num_warps = config or (16, 4, 4)
     grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
     rope_kernel[grid](
         x, out, positions, inv_freq, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
