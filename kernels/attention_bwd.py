@@ -1,27 +1,38 @@
 """Backward of scaled rotary attention: dq, dk, dv in the unrotated frame, plus the
-gradients of inv_freq and of the per-query temperature. No atomics: every output is
-written by exactly one program and every reduction runs in a fixed order, so the
-backward is deterministic.
+gradients of inv_freq and of the per-query temperature.
 
 Notation (as the forward): K^ = R(p) k, Q^ = r [m^2 R(p) q_rot, q_pass] with the row scale
 r = c log2(e) t (c = softmax_scale, t = temperature, m = rotary_scale), so the natural
 logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) - dlse:
-  dQ^ = ln2 dS K^,   dK^ = ln2 dS^T Q^,   dv = P^T dO          (two flash-style kernels)
+  dQ^ = ln2 dS K^,   dK^ = ln2 dS^T Q^,   dv = P^T dO
   dq = r m^2 R^T dQ^_rot (r on the pass-through),  dk = R^T dK^  (inverse rope passes)
   dt_i = <dQ^_i, Q^_i> / t_i
   d theta (per row, pair) = dX^_b X^_a - dX^_a X^_b for X = Q or K (the scales cancel),
   and d inv_freq = sum over rows and heads of position * d theta.
 The rope passes recompute Q^ and K^ into scratch for this call only; nothing rotated is
-saved between forward and backward. dQ^ and dK^ are written into the dq and dk buffers
-and rotated back in place.
+saved between forward and backward.
+
+Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
+kernel (one program per key tile, looping over the query heads of its KV head and their
+query tiles, so GQA sums need no atomics). Every output is written by one program and
+every reduction runs in a fixed order: the backward is deterministic. Both keep their
+loop-invariant K^/V (or Q^) tiles in shared memory as the left operand of their dots
+(2-D `row_tiles` descriptors), which leaves the accumulators enough registers to run two
+programs per SM (bench/RESULTS.md: +19% over 4-D descriptors at the same tiles). Measured
+and dropped: one kernel that adds each key tile's share of dQ^ into a float32 buffer with
+a TMA bulk reduce (5 matmuls instead of 7, as FlashAttention-2/3): 0.75-0.9x this scheme,
+one program per SM and no overlap of its dots with the elementwise work.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import _dot_pad, q_scales, rotate_q_k, tile_descriptor, tma_readable
-from .rope import bshd_strides, frequency_grad, rope
+from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_major, tile_descriptor,
+                            tma_readable)
+from .rope import bnhd, bshd_strides, frequency_grad, rope
+
+LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
 
 
 @triton.jit
@@ -49,19 +60,22 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, stride_ob, stride_on, s
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, row_base, off_b, off_h, offs_n, start_m, NQ, NK,
-               D_PAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query tile's share of dK^ and dv. Only causal diagonal tiles need MASKED: queries
-    past NQ load lse2 = +inf (probability 0), and keys past NK only touch their own rows of
-    dk and dv, which are never stored."""
+def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m, masked, NQ, NK,
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query tile's share of dK^ and dv. Queries past NQ load lse2 = +inf (probability
+    0). `masked` tiles (causal diagonal, or this program's keys run past NK) zero the hidden
+    probabilities (keys past NK only touch rows of dk and dv that are never stored)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = q_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
+    q = q_desc.load([q_row + start_m, 0])
     do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
-    lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < NQ, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < NQ, other=0.0)
+    lse2 = tl.load(LSE2 + q_row.to(tl.int64) + offs_m, mask=offs_m < NQ, other=float("inf"))
+    delta = tl.load(DELTA + q_row.to(tl.int64) + offs_m, mask=offs_m < NQ, other=0.0)
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) - lse2[None, :])
-    if MASKED:
-        pt = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), pt, 0.0)
+    if masked:
+        visible = (offs_n < NK)[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :] + (NK - NQ))
+        pt = tl.where(visible, pt, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -71,20 +85,21 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, row_base, off_b, off_
 
 @triton.jit
 def rope_attention_bwd_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV,
+    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, v_row_b, v_row_h, v_col_h,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HKV, GROUP,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, KV head); loops over the GROUP query heads
-    that read this KV head and over their query tiles (so GQA sums need no atomics).
-    Writes dK^ (rotated frame) and dv."""
+    that read this KV head and over their query tiles. Writes dK^ (rotated frame; DK may be
+    the K^ buffer itself: this program alone reads these rows, before it writes them) and
+    dv. Q^ and K^ are sequence-major scratch, V any `row_tiles` view."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     off_b, off_hk = pid_bh // HKV, pid_bh % HKV
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = k_desc.load([off_b, start_n, off_hk, 0]).reshape(BLOCK_N, D_PAD)
-    v = v_desc.load([off_b, start_n, off_hk, 0]).reshape(BLOCK_N, D_PAD)
+    k = k_desc.load([pid_bh * NK + start_n, 0])
+    v = v_desc.load([off_b * v_row_b + off_hk * v_row_h + start_n, off_hk * v_col_h])
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
 
@@ -96,33 +111,33 @@ def rope_attention_bwd_dkdv_kernel(
         m_lo = (tl.maximum(start_n - (NK - NQ), 0) // BLOCK_M) * BLOCK_M
         m_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0), BLOCK_M) * BLOCK_M, NQ)
         m_hi = tl.maximum(m_hi, m_lo)
-    for g in range(GROUP):
+    # One flat loop over (query head of the group, query tile): nested loops, or separate
+    # masked and unmasked loops, keep more values live and spill at these tile sizes.
+    m_tiles = tl.cdiv(NQ - m_lo, BLOCK_M)
+    for i in range(0, GROUP * m_tiles):
+        g = i // m_tiles
+        start_m = m_lo + (i - g * m_tiles) * BLOCK_M
         off_h = off_hk * GROUP + g
-        row_base = (off_b * HKV * GROUP + off_h).to(tl.int64) * NQ
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, row_base, off_b, off_h, offs_n, start_m,
-                                NQ, NK, D_PAD, True, BLOCK_M, DOT_PRECISION)
-        for start_m in range(m_hi, NQ, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, row_base, off_b, off_h, offs_n, start_m,
-                                NQ, NK, D_PAD, False, BLOCK_M, DOT_PRECISION)
+        q_row = (off_b * HKV * GROUP + off_h) * NQ  # row of this head's sequence in Q^, lse2, delta
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m,
+                            start_m < m_hi, NQ, NK, CAUSAL, BLOCK_M, D_PAD, DOT_PRECISION)
 
     d = tl.arange(0, D_PAD)
     rows = offs_n.to(tl.int64)[:, None]
     mask = (offs_n < NK)[:, None] & (d < HEAD_DIM)[None, :]
     dk_ptr = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-    tl.store(dk_ptr + rows * stride_dkn + d[None, :], (dk * 0.6931471805599453).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + rows * stride_dkn + d[None, :], (dk * LN2).to(DK.dtype.element_ty), mask=mask)
     dv_ptr = DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
     tl.store(dv_ptr + rows * stride_dvn + d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, off_b, off_hk, offs_m, start_n, NQ, NK,
-             D_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """One key tile's share of dQ^. MASKED tiles check causality and key bounds (a zero-filled
-    key past NK could otherwise give an overflowing probability times a zero key: NaN)."""
-    k = k_desc.load([off_b, start_n, off_hk, 0]).reshape(BLOCK_N, D_PAD)
-    v = v_desc.load([off_b, start_n, off_hk, 0]).reshape(BLOCK_N, D_PAD)
+def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK,
+             CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile's share of dQ^. MASKED tiles check causality and key bounds (keys past
+    NK are another sequence's rows, or zeros)."""
+    k = k_desc.load([k_row + start_n, 0])
+    v = v_desc.load([v_row + start_n, v_col])
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) - lse2[:, None])
     if MASKED:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -137,12 +152,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, off_b, off_hk, offs_m, star
 
 @triton.jit
 def rope_attention_bwd_dq_kernel(
-    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ, stride_dqb, stride_dqn, stride_dqh, NQ, NK, HQ, GROUP,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ, v_row_b, v_row_h, v_col_h, stride_dqb, stride_dqn, stride_dqh,
+    NQ, NK, HQ, GROUP, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, query head); loops over key tiles
-    (unmasked, then masked, as the forward). Writes dQ^ (rotated, scaled frame)."""
+    """dQ^: one program owns BLOCK_M queries of one (batch, query head) and loops over key
+    tiles (unmasked, then masked, as the forward)."""
     # Causal: the last query tiles see the most keys; launching them first shortens the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -150,10 +165,13 @@ def rope_attention_bwd_dq_kernel(
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = q_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
+    q = q_desc.load([pid_bh * NQ + start_m, 0])
     do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
     lse2 = tl.load(LSE2 + pid_bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    k_row = (off_b * (HQ // GROUP) + off_hk) * NK
+    v_row = off_b * v_row_b + off_hk * v_row_h
+    v_col = off_hk * v_col_h
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
 
     full_end = (NK // BLOCK_N) * BLOCK_N
@@ -165,42 +183,42 @@ def rope_attention_bwd_dq_kernel(
         hi = NK
         lo = full_end
     for start_n in range(0, lo, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, off_b, off_hk, offs_m, start_n, NQ, NK, D_PAD, CAUSAL,
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK, CAUSAL,
                       False, BLOCK_N, DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, off_b, off_hk, offs_m, start_n, NQ, NK, D_PAD, CAUSAL,
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK, CAUSAL,
                       True, BLOCK_N, DOT_PRECISION)
 
     d = tl.arange(0, D_PAD)
     dq_ptr = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * stride_dqn + d[None, :],
-             (dq * 0.6931471805599453).to(DQ.dtype.element_ty),
+    tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * stride_dqn + d[None, :], (dq * LN2).to(DQ.dtype.element_ty),
              mask=(offs_m < NQ)[:, None] & (d < HEAD_DIM)[None, :])
 
 
-def bwd_config(head_dim_pad, causal, is_cuda):
+def bwd_config(head_dim_pad, is_cuda):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel and of the dQ kernel,
-    from the H100 sweep at N = 4k in bench/RESULTS.md."""
+    from the H100 sweeps in bench/RESULTS.md: one warpgroup and under ~110 KB of shared
+    memory per program, so that two programs share an SM."""
     if not is_cuda:
         return (32, 32, 4, 1), (32, 32, 4, 1)
     if head_dim_pad <= 64:
-        return (64, 128, 4, 2) if causal else (64, 64, 4, 3), (64, 64, 4, 3)
+        return (32, 64, 4, 2), (64, 64, 4, 3)
     if head_dim_pad <= 128:
-        return (64, 64, 4, 3), (64, 64, 4, 3)
-    return (64, 64, 8, 1), (64, 64, 8, 1)
+        return (64, 64, 4, 2), (64, 64, 4, 3)
+    return (32, 64, 8, 2), (64, 64, 8, 2)
 
 
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout, need_dfreq,
                        need_dtemp, config=None):
     """Launch the backward. Arguments as `rope_attention_fwd`, plus do (dO, q's layout),
-    out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (in the
-    inputs' layouts and dtypes), d inv_freq [P] float32 or None, and d temperature
+    out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q,
+    k, v: layout, strides, dtype), d inv_freq [P] float32 or None, and d temperature
     [B, Hq, Nq] float32 (per head; the caller sums) or None."""
-    batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
-    nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
+    batch, nq, hq, head_dim = bnhd(q, layout)
+    _, nk, hkv, _ = bnhd(k, layout)
     d_pad = _dot_pad(head_dim)
-    dkdv_config, dq_config = config or bwd_config(d_pad, causal, q.is_cuda)
+    dkdv_config, dq_config = config or bwd_config(d_pad, q.is_cuda)
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
@@ -211,38 +229,51 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               layout=layout)
+    # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
+    v_rows = v if row_view(v, layout, d_pad) else sequence_major(*bnhd(v, layout), layout, v).copy_(v)
 
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read by the one
+    # program that writes it, after the dQ kernel) unless the frequency gradient still needs
+    # K^; Q^ and dQ^ are freed before dk is allocated.
+    dq_hat = sequence_major(batch, nq, hq, head_dim, layout, q)
+    dk_hat = sequence_major(*bnhd(k, layout), layout, k) if need_dfreq else k_rot
+    dv = torch.empty_like(v)
     common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    block_m, block_n, num_warps, num_stages = dkdv_config
-    rope_attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * hkv)](
-        tile_descriptor(q_rot, layout, block_m, d_pad), tile_descriptor(k_rot, layout, block_n, d_pad),
-        tile_descriptor(v, layout, block_n, d_pad), tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dk, dv,
-        *bshd_strides(dk, layout), *bshd_strides(dv, layout), nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
     block_m, block_n, num_warps, num_stages = dq_config
+    v_desc, *v_geometry = row_tiles(v_rows, layout, block_n, d_pad)
     rope_attention_bwd_dq_kernel[(triton.cdiv(nq, block_m), batch * hq)](
-        tile_descriptor(q_rot, layout, block_m, d_pad), tile_descriptor(k_rot, layout, block_n, d_pad),
-        tile_descriptor(v, layout, block_n, d_pad), tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dq,
-        *bshd_strides(dq, layout), nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        num_stages=num_stages, **common)
+        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dq_hat, *v_geometry,
+        *bshd_strides(dq_hat, layout), nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages, **common)
+    block_m, block_n, num_warps, num_stages = dkdv_config
+    v_desc, *v_geometry = row_tiles(v_rows, layout, block_n, d_pad)
+    rope_attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * hkv)](
+        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dk_hat, dv, *v_geometry,
+        *bshd_strides(dk_hat, layout),
+        *bshd_strides(dv, layout), nq, nk, hkv, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages, **common)
 
-    # dq and dk hold dQ^ and dK^ here: take the temperature and frequency gradients, then
-    # rotate both back in place.
+    # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
+    # rotate both back into buffers shaped like q and k.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
-        dtemp = (dq.float() * q_rot.float()).sum(-1)
+        dtemp = (dq_hat.float() * q_rot.float()).sum(-1)
         dtemp = dtemp.transpose(1, 2) if layout == "bshd" else dtemp
         dtemp = dtemp / q_temperature[:, None, :]
     if need_dfreq:
         q_pos = (nk - nq + torch.arange(nq, device=q.device))[None] if q_positions is None else q_positions
         k_pos = torch.arange(nk, device=q.device)[None] if k_positions is None else k_positions
         rope_args = dict(rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
-        dfreq = frequency_grad(dq, q_rot, q_pos, **rope_args) + frequency_grad(dk, k_rot, k_pos, **rope_args)
+        dfreq = frequency_grad(dq_hat, q_rot, q_pos, **rope_args) + frequency_grad(dk_hat, k_rot, k_pos, **rope_args)
         dfreq = dfreq.float()
-    rope(dq, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved, row_scale=q_temperature,
-         layout=layout, inverse=True, out=dq, **q_scales(softmax_scale, rotary_scale))
-    rope(dk, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout, inverse=True,
-         out=dk)
+    del q_rot, k_rot
+    dq = rope(dq_hat, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
+              row_scale=q_temperature, layout=layout, inverse=True, out=torch.empty_like(q),
+              **q_scales(softmax_scale, rotary_scale))
+    del dq_hat
+    dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
+              inverse=True, out=torch.empty_like(k))
     return dq, dk, dv, dfreq, dtemp

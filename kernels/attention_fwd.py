@@ -3,16 +3,20 @@
 rope.py rotates q and k once per call into scratch buffers that are not kept: Q^ carries
 every logit scale (rotary_scale**2 on the rotated features, softmax_scale, the query's
 temperature, log2(e)), K^ is the plain rotation. Each pass reads and writes its tensor once
-(0.055 ms for 16k tokens x 16 heads x 128 on H100; the two passes are about 9% of a
-forward call at N = 4k, 2-3% at 16k). The kernel is then a plain flash loop: one program owns BLOCK_M queries of one
-(batch, query head), streams K^ and V tiles of the matching KV head (GQA by index, no
-repeated KV) through TMA descriptors (asynchronous, pipelined with the dots), and keeps an
-online softmax in base 2.
+(0.055 ms for 16k tokens x 16 heads x 128 on H100, 2.4 TB/s; the two passes are about 9%
+of a forward call at N = 4k, 2-3% at 16k). The kernel is then a plain flash loop: one
+program owns BLOCK_M queries of one (batch, query head), streams K^ and V tiles of the
+matching KV head (GQA by index, no repeated KV) through TMA descriptors (asynchronous,
+pipelined with the dots), and keeps an online softmax in base 2. Q^ and K^ are stored
+sequence-major and read as 2-D tiles (`row_tiles`), which the dots take straight from
+shared memory.
 
 Measured alternatives (H100, bench/RESULTS.md): rotating each K tile inside the loop was
 1.5x slower (the rotated tile goes registers -> shared memory before its dot, once per
 query tile), and rotating Q inside the kernel's prologue cost 255 registers with spills and
 ~35 us per program (~0.55 ms per call at 2048 programs), 10x the rope pass it replaces.
+Triton 3.6 ignores `warp_specialize` loops on Hopper (no partitions in the compiled IR),
+so no variant overlaps the softmax of one tile with the dots of the next.
 """
 
 import torch
@@ -20,18 +24,18 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .rope import bshd_strides, rope
+from .rope import bnhd, bshd_strides, rope
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, off_b, off_hkv, offs_m, start_n, NQ, NK,
+def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
               D_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     """One K/V tile of the online softmax. MASKED tiles check key bounds and causality
-    (the descriptors zero-fill keys past NK; their logits still need -inf)."""
-    k = k_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
+    (keys past NK are the next sequence's rows of K^, or zeros: their logits need -inf)."""
+    k = k_desc.load([k_row + start_n, 0])
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -66,7 +70,8 @@ def rope_attention_fwd_kernel(
     off_h = pid_bh % HQ
     off_hkv = off_h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = q_desc.load([off_b, pid_m * BLOCK_M, off_h, 0]).reshape(BLOCK_M, D_PAD)
+    q = q_desc.load([pid_bh * NQ + pid_m * BLOCK_M, 0])
+    k_row = (off_b * (HQ // GROUP) + off_hkv) * NK
 
     # Tiles [0, lo) are fully visible to every row: no masks. [lo, hi) need masks.
     full_end = (NK // BLOCK_N) * BLOCK_N
@@ -82,10 +87,10 @@ def rope_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start_n in range(0, lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, off_b, off_hkv, offs_m, start_n, NQ, NK,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
                                   D_PAD, CAUSAL, False, BLOCK_N, DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, off_b, off_hkv, offs_m, start_n, NQ, NK,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
                                   D_PAD, CAUSAL, True, BLOCK_N, DOT_PRECISION)
 
     # A row that saw no key (causal, Nq > Nk) gets out = 0 and lse = -inf.
@@ -120,8 +125,40 @@ def tile_descriptor(x, layout, block_rows, d_pad):
     """A TMA descriptor over a q, k or v-shaped tensor in either layout, indexed as
     [b, n, h, feature], loading [1, block_rows, 1, d_pad] tiles (rows past N and features
     past D read as zero)."""
-    batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    batch, n, heads, head_dim = bnhd(x, layout)
     return TensorDescriptor(x, [batch, n, heads, head_dim], [*bshd_strides(x, layout), 1], [1, block_rows, 1, d_pad])
+
+
+def sequence_major(batch, n, heads, head_dim, layout, like, dtype=None):
+    """Scratch stored [B, H, N, D] contiguous (each head's sequence one block of rows, a
+    `row_view`), returned as a view in `layout`."""
+    x = torch.empty(batch, heads, n, head_dim, device=like.device, dtype=dtype or like.dtype)
+    return x.transpose(1, 2) if layout == "bshd" else x
+
+
+def row_view(x, layout, d_pad):
+    """The 2-D [rows, features] view that `row_tiles` reads, as (shape, row stride, row_b,
+    row_h, col_h): the tile of batch b, head h starting at position n is at
+    [b row_b + h row_h + n, h col_h]. Views exist for sequence-major storage ([B, H, N, D]:
+    features past D read as zero) and for heads inside a token's row ([B, N, H, D] and
+    slices of packed qkv) when D = d_pad; None otherwise. Rows past N read the next
+    sequence's rows: every kernel masks them."""
+    batch, n, heads, head_dim = bnhd(x, layout)
+    stride_b, stride_n, stride_h = bshd_strides(x, layout)
+    if stride_h == n * stride_n and stride_b == heads * stride_h:
+        return [batch * heads * n, head_dim], stride_n, heads * n, n, 0
+    if stride_b == n * stride_n and head_dim == d_pad and (heads - 1) * stride_h + head_dim <= stride_n:
+        return [batch * n, (heads - 1) * stride_h + head_dim], stride_n, n, 0, stride_h
+    return None
+
+
+def row_tiles(x, layout, block_rows, d_pad):
+    """2-D TMA tiles over `row_view`: (descriptor, row_b, row_h, col_h). Dots take such
+    tiles straight from shared memory; a tile of a 4-D descriptor must be reshaped, and
+    Triton 3.6 then copies a dot's left operand into registers (in the backward: 64 more
+    registers per thread, and spills)."""
+    shape, stride, row_b, row_h, col_h = row_view(x, layout, d_pad)
+    return TensorDescriptor(x, shape, [stride, 1], [block_rows, d_pad]), row_b, row_h, col_h
 
 
 def tma_readable(x):
@@ -140,11 +177,14 @@ def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotar
                rotary_scale, layout):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
     (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k, into scratch
-    buffers for this call only. Queries default to positions Nk - Nq + arange(Nq)."""
-    nq, nk = (q.shape[1], k.shape[1]) if layout == "bshd" else (q.shape[2], k.shape[2])
+    buffers for this call only, stored sequence-major (`row_tiles`). Queries default to
+    positions Nk - Nq + arange(Nq)."""
+    nq, nk = bnhd(q, layout)[1], bnhd(k, layout)[1]
     q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                 row_scale=q_temperature, layout=layout, **q_scales(softmax_scale, rotary_scale))
-    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
+                 row_scale=q_temperature, layout=layout, out=sequence_major(*bnhd(q, layout), layout, q),
+                 **q_scales(softmax_scale, rotary_scale))
+    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
+                 out=sequence_major(*bnhd(k, layout), layout, k))
     return q_rot, k_rot
 
 
@@ -155,8 +195,8 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     inv_freq float32 [rotary_dim / 2]; q_positions [B, Nq] and k_positions
     [B or 1, Nk] ints or None; q_temperature [B, Nq] float32 or None. Returns out (q's
     layout and dtype) and lse [B, Hq, Nq] float32 (natural log)."""
-    batch, nq, hq, head_dim = q.shape if layout == "bshd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
-    nk, hkv = (k.shape[1], k.shape[2]) if layout == "bshd" else (k.shape[2], k.shape[1])
+    batch, nq, hq, head_dim = bnhd(q, layout)
+    _, nk, hkv, _ = bnhd(k, layout)
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.is_cuda)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
@@ -165,7 +205,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     rope_attention_fwd_kernel[(triton.cdiv(nq, block_m), batch * hq)](
-        tile_descriptor(q_rot, layout, block_m, d_pad), tile_descriptor(k_rot, layout, block_n, d_pad),
+        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0],
         tile_descriptor(v, layout, block_n, d_pad), out, lse, *bshd_strides(out, layout), nq, nk, hq, hq // hkv,
         HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,

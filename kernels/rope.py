@@ -54,6 +54,11 @@ def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_x
                      mask=pass_mask)
 
 
+def bnhd(x, layout):
+    """(B, N, H, D) of a q, k or v-shaped tensor in either layout."""
+    return tuple(x.shape) if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+
+
 def bshd_strides(x, layout):
     """(batch, seq, head) strides of a 4-D tensor in either layout."""
     return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
@@ -74,7 +79,7 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     rows before storing them) and returns it. config: (rows, heads per program, warps), for
     sweeps; the default (16, 4, 4) comes from the H100 sweep in bench/RESULTS.md (2.3-2.4 TB/s
     at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128)."""
-    batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    batch, n, heads, head_dim = bnhd(x, layout)
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     block_n, heads_per_program, num_warps = config or (16, 4, 4)

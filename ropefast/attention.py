@@ -145,7 +145,7 @@ def scaled_rope_attention(
     Returns:
         out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,
         inv_freq and q_temperature (the backward kernels recompute every rotation and are
-        deterministic). Positions must satisfy |p| < 2**31.
+        deterministic: no atomics). Positions must satisfy |p| < 2**31.
 
     Dispatch: CUDA tensors run the fused Triton kernel; CPU tensors run it through the
     Triton interpreter when TRITON_INTERPRET=1, otherwise `ropefast.reference` (pure

@@ -78,6 +78,19 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@requires_kernel
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_gradients_keep_the_inputs_strides(layout):
+    # The kernels work on sequence-major scratch; dq, dk, dv still come back shaped and
+    # strided like q, k, v (no copy later in the user's graph).
+    shape = (1, 40, 2, 32) if layout == "bshd" else (1, 2, 40, 32)
+    q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
+    f = schedules.DefaultRope(32).inv_freq(device=DEVICE)
+    out = scaled_rope_attention(q, k, v, inv_freq=f, causal=True, layout=layout)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.stride() for g in grads] == [x.stride() for x in (q, k, v)]
+
+
 def test_gradcheck_float64_reference_path():
     # float64 inputs take the reference (the kernels serve fp16/bf16/fp32): gradcheck the
     # ground truth itself, inv_freq and temperature included.

@@ -4,7 +4,6 @@ CPU: through the Triton interpreter (TRITON_INTERPRET=1), float32 and float16, s
 GPU: bfloat16 and float16 over realistic shapes (skipped without CUDA).
 """
 
-import math
 import os
 
 import pytest
