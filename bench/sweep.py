@@ -3,8 +3,8 @@ python -m bench.sweep [rope] [fwd] [bwd]   (default: all three)
 
 rope: the rope pass per (rows, heads per program, warps); fwd: the forward launcher (rope
 passes included) per (BLOCK_M, BLOCK_N, warps, stages); bwd: the backward launcher per
-dK/dV and dQ config, varying one kernel's config at a time. bf16, 16k tokens, N = 4k
-unless noted; markdown on stdout. The speed claims of the project come from the suite
+dK/dV and dQ config, varying one kernel's config at a time. bf16, 16k tokens; markdown on
+stdout. The speed claims of the project come from the suite
 (pytest bench/), not from here.
 """
 
@@ -35,15 +35,18 @@ def _timed(fn, flops):
         return f"failed: {type(err).__name__}", "-"
 
 
-def sweep_rope(configs=((32, 16, 4), (32, 4, 4), (32, 1, 4), (64, 4, 4), (16, 4, 4), (16, 1, 2))):
-    _row("D", "H", "(rows, heads/program, warps)", "ms", "GB/s")
-    _row(*["---"] * 5)
+def sweep_rope(configs=((16, 4, 4), (16, 8, 4), (32, 4, 4), (8, 8, 4), (16, 16, 8), (32, 8, 8), (8, 4, 2))):
+    _row("D", "H", "(rows, heads/program, warps)", "output", "ms", "GB/s")
+    _row(*["---"] * 6)
     for heads, head_dim in ((16, 128), (32, 64), (8, 256)):
-        x, _, _ = make_inputs(Case("bf16", head_dim, heads, heads, 4096), "cuda")
+        x, _, _ = make_inputs(Case("bf16", head_dim, heads, heads, 4096, False), "cuda")
         inv_freq = yarn(head_dim).inv_freq(device="cuda")
         for cfg in configs:
-            ms = _ms(lambda: rope.rope(x, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False, config=cfg))
-            _row(head_dim, heads, cfg, f"{ms:.4f}", f"{2 * x.numel() * x.element_size() / ms / 1e6:.0f}")
+            for output in ("like x", "sequence-major"):
+                out = attention_fwd.sequence_major(*x.shape, "bshd", x) if output != "like x" else None
+                ms = _ms(lambda: rope.rope(x, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False, out=out,
+                                           config=cfg))
+                _row(head_dim, heads, cfg, output, f"{ms:.4f}", f"{2 * x.numel() * x.element_size() / ms / 1e6:.0f}")
 
 
 def _args(head_dim, causal):
@@ -51,49 +54,52 @@ def _args(head_dim, causal):
                 layout="bshd")
 
 
+def _cases(head_dim, lengths):
+    """(case, q, k, v, inv_freq) for bf16 at 16k tokens, 2048 // D heads, full then causal."""
+    heads = 2048 // head_dim
+    for n in lengths:
+        for causal in (False, True):
+            case = Case("bf16", head_dim, heads, heads, n, causal)
+            yield (case, *make_inputs(case, "cuda"), yarn(head_dim).inv_freq(device="cuda"))
+
+
 def sweep_fwd(configs_by_dim=None, lengths=(4096, 16384)):
     configs_by_dim = configs_by_dim or {
-        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2), (256, 64, 8, 3)],
-        64: [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (256, 64, 8, 3)],
+        128: [(128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2)],
+        64: [(128, 64, 4, 4), (128, 64, 4, 2), (64, 64, 4, 2)],
     }
     _row("D", "N", "causal", "(BLOCK_M, BLOCK_N, warps, stages)", "ms", "TF/s")
     _row(*["---"] * 6)
     for head_dim, configs in configs_by_dim.items():
-        heads = 2048 // head_dim
-        for n in lengths:
-            for causal in (False, True):
-                case = Case("bf16", head_dim, heads, heads, n, causal)
-                q, k, v = make_inputs(case, "cuda")
-                inv_freq = yarn(head_dim).inv_freq(device="cuda")
-                for cfg in configs:
-                    ms, tf = _timed(lambda: attention_fwd.rope_attention_fwd(
-                        q, k, v, inv_freq, None, None, None, config=cfg, **_args(head_dim, causal)), case.flops(False))
-                    _row(head_dim, n, causal, cfg, ms, tf)
+        for case, q, k, v, inv_freq in _cases(head_dim, lengths):
+            for cfg in configs:
+                ms, tf = _timed(lambda: attention_fwd.rope_attention_fwd(
+                    q, k, v, inv_freq, None, None, None, config=cfg, **_args(head_dim, case.causal)), case.flops(False))
+                _row(head_dim, case.n, case.causal, cfg, ms, tf)
 
 
-def sweep_bwd(candidates_by_dim=None, n=4096):
+def sweep_bwd(candidates_by_dim=None, lengths=(4096, 16384)):
+    """The whole backward launcher (rope passes, both kernels, inverse passes) per dK/dV
+    config with the first dQ config, then per dQ config with the first dK/dV config."""
     candidates_by_dim = candidates_by_dim or {
-        128: dict(dkdv=[(64, 64, 4, 3), (64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
-                  dq=[(64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3)]),
-        64: dict(dkdv=[(64, 64, 4, 3), (64, 128, 4, 2), (32, 128, 4, 3), (64, 64, 4, 4)],
-                 dq=[(64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 4)]),
+        128: dict(dkdv=[(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
+                  dq=[(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 1), (64, 128, 4, 2)]),
+        64: dict(dkdv=[(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2)],
+                 dq=[(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2)]),
     }
     _row("D", "N", "causal", "dK/dV config", "dQ config", "ms", "backward TF/s (2.5x forward FLOPs)")
     _row(*["---"] * 7)
     for head_dim, cands in candidates_by_dim.items():
-        heads = 2048 // head_dim
-        for causal in (False, True):
-            case = Case("bf16", head_dim, heads, heads, n, causal)
-            q, k, v = make_inputs(case, "cuda")
+        combos = [(c, cands["dq"][0]) for c in cands["dkdv"]] + [(cands["dkdv"][0], c) for c in cands["dq"][1:]]
+        for case, q, k, v, inv_freq in _cases(head_dim, lengths):
+            args = _args(head_dim, case.causal)
             do = torch.randn_like(q)
-            inv_freq = yarn(head_dim).inv_freq(device="cuda")
-            out, lse = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **_args(head_dim, causal))
-            combos = [(c, cands["dq"][0]) for c in cands["dkdv"]] + [(cands["dkdv"][0], c) for c in cands["dq"][1:]]
+            out, lse = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
             for cfg in combos:
                 ms, tf = _timed(lambda: attention_bwd.rope_attention_bwd(
                     do, q, k, v, out, lse, None, inv_freq, None, None, None, need_dfreq=False, need_dtemp=False,
-                    config=cfg, **_args(head_dim, causal)), case.flops(True) - case.flops(False))
-                _row(head_dim, n, causal, cfg[0], cfg[1], ms, tf)
+                    config=cfg, **args), case.flops(True) - case.flops(False))
+                _row(head_dim, case.n, case.causal, cfg[0], cfg[1], ms, tf)
 
 
 if __name__ == "__main__":
