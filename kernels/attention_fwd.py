@@ -115,7 +115,7 @@ def fwd_config(head_dim_pad, is_cuda):
     if not is_cuda:  # the interpreter: larger tiles, fewer programs
         return 32, 32, 4, 1
     if head_dim_pad <= 64:
-        return 128, 64, 4, 4
+        return 64, 128, 4, 2
     if head_dim_pad <= 128:
         return 128, 128, 8, 3
     return 128, 32, 8, 3
