@@ -19,11 +19,10 @@ every reduction runs in a fixed order: the backward is deterministic. Both keep 
 loop-invariant K^/V (or Q^) tiles in shared memory as the left operand of their dots
 (2-D `row_tiles` descriptors), which leaves the accumulators enough registers to run two
 programs per SM (bench/RESULTS.md: the backward 14-29% faster than with 4-D tiles at
-D=128, N=4k). Measured
-and dropped: one kernel that adds each key tile's share of dQ^ into a float32 buffer with
-a TMA bulk reduce (5 matmuls instead of 7, as FlashAttention-2/3): 0.73-0.9x this scheme,
-with one program per SM and no overlap of its dots with the elementwise work (that needs
-warp specialization, which Triton does not do on Hopper).
+D=128, N=4k). Measured and dropped: one kernel that adds each key tile's share of dQ^ into
+a float32 buffer with a TMA bulk reduce (5 matmuls instead of 7, as FlashAttention-2/3):
+0.73-0.9x this scheme, with one program per SM and no overlap of its dots with the
+elementwise work (that needs warp specialization, which Triton does not do on Hopper).
 """
 
 import torch
