@@ -15,8 +15,9 @@ Measured alternatives (H100, bench/RESULTS.md): rotating each K tile inside the 
 1.5x slower (the rotated tile goes registers -> shared memory before its dot, once per
 query tile), and rotating Q inside the kernel's prologue cost 255 registers with spills and
 ~35 us per program (~0.55 ms per call at 2048 programs), 10x the rope pass it replaces.
-Triton 3.6 ignores `warp_specialize` loops on Hopper (no partitions in the compiled IR),
-so no variant overlaps the softmax of one tile with the dots of the next.
+Triton (3.6, and 3.9 compiled for sm_90) ignores `warp_specialize` loops on Hopper (no
+partitions in the compiled IR), so no variant overlaps the softmax of one tile with the
+dots of the next.
 """
 
 import torch
