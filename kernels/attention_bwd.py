@@ -62,11 +62,10 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, stride_ob, stride_on, s
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m, masked, NQ, NK,
-               BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query tile's share of dK^ and dv. Queries past NQ load lse2 = +inf (probability
-    0). `masked` tiles (the causal diagonal) zero the hidden probabilities. Keys past NK
-    (another sequence's rows of K^, or zeros) only touch rows of dk and dv that are never
-    stored."""
+    0). `masked` tiles (causal diagonal, or this program's keys run past NK) zero the hidden
+    probabilities (keys past NK only touch rows of dk and dv that are never stored)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([q_row + start_m, 0])
     do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
@@ -74,7 +73,10 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, 
     delta = tl.load(DELTA + q_row.to(tl.int64) + offs_m, mask=offs_m < NQ, other=0.0)
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) - lse2[None, :])
     if masked:
-        pt = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), pt, 0.0)
+        visible = (offs_n < NK)[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :] + (NK - NQ))
+        pt = tl.where(visible, pt, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -119,7 +121,7 @@ def rope_attention_bwd_dkdv_kernel(
         off_h = off_hk * GROUP + g
         q_row = (off_b * HKV * GROUP + off_h) * NQ  # row of this head's sequence in Q^, lse2, delta
         dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m,
-                            start_m < m_hi, NQ, NK, BLOCK_M, D_PAD, DOT_PRECISION)
+                            start_m < m_hi, NQ, NK, CAUSAL, BLOCK_M, D_PAD, DOT_PRECISION)
 
     d = tl.arange(0, D_PAD)
     rows = offs_n.to(tl.int64)[:, None]
