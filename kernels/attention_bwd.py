@@ -64,8 +64,10 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, stride_ob, stride_on, s
 def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m, masked, NQ, NK,
                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One query tile's share of dK^ and dv. Queries past NQ load lse2 = +inf (probability
-    0). `masked` tiles (causal diagonal, or this program's keys run past NK) zero the hidden
-    probabilities (keys past NK only touch rows of dk and dv that are never stored)."""
+    0). `masked` tiles (the causal diagonal) zero the hidden probabilities. Keys past NK
+    (another sequence's rows of K^, or zeros) only touch rows of dk and dv that are never
+    stored; the masked branch checks them anyway: without that check this kernel compiled
+    3-11% slower on non-causal shapes, which never take the branch (bench/RESULTS.md)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([q_row + start_m, 0])
     do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
