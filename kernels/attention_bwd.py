@@ -255,9 +255,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     rope_attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * hkv)](
         row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0], v_desc,
         tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dk_hat, dv, *v_geometry,
-        *bshd_strides(dk_hat, layout),
-        *bshd_strides(dv, layout), nq, nk, hkv, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **common)
+        *bshd_strides(dk_hat, layout), *bshd_strides(dv, layout), nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
 
     # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
     # rotate both back into buffers shaped like q and k.

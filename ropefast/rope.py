@@ -5,7 +5,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .attention import _check_positions, _check_tensor, _interpreting, resolve_rotary
-from .kernels.rope import frequency_grad, rope
+from .kernels.rope import bnhd, frequency_grad, rope
 from .reference import default_positions, rotate
 
 __all__ = ["apply_scaled_rope"]
@@ -56,7 +56,7 @@ def apply_scaled_rope(x, *, schedule=None, inv_freq=None, positions=None, rotary
         raise ValueError(f"x must have a contiguous last dimension (stride 1), got strides {x.stride()}")
     if layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
-    batch, n, _, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    batch, n, _, head_dim = bnhd(x, layout)
     positions = _check_positions("positions", positions, batch, n, x.device)
     inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
         schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=n, positions=positions,
