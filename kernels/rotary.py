@@ -7,9 +7,10 @@ float64, to u = frac(f / (2*pi)) as a 64-bit fixed-point fraction (hi, lo: two u
 words; a few float64 operations per frequency, and no host-side preparation per call).
 The phase p * u mod 1 is then taken exactly with integer arithmetic, keeping its top 32 bits:
     phase = p * hi + umulhi(p, lo)   (mod 2**32, wrapping; |p| < 2**31)
-and mapped to an angle in [-pi, pi) as int32(phase) * 2*pi / 2**32. The error is a few
-units of 2**-32 turns (~1e-9 rad) plus one float32 rounding of a number below pi, for
-any position below 2**31, far below the fp32 rounding of p * f itself.
+and split into a quarter turn k and a remainder x in [-pi/4, pi/4) (`sincos_at`). The error
+is a few units of 2**-32 turns (~1e-9 rad) plus one float32 rounding of a number below
+pi/4, for any position below 2**31, far below the fp32 rounding of p * f itself (measured:
+cos and sin within 1e-7 of float64 at positions up to 2**20).
 """
 
 import triton
@@ -19,12 +20,27 @@ import triton.language as tl
 @triton.jit
 def sincos_at(pos, inc_hi, inc_lo):
     """cos and sin of pos[:, None] * f[None, :] as float32 [M, P]; pos int32 [M],
-    inc_hi / inc_lo uint32 [P] from `load_increments`."""
+    inc_hi / inc_lo uint32 [P] from `load_increments`. The phase's top two bits (rounded)
+    pick the quadrant k, the rest is x in [-pi/4, pi/4); cos and sin of x are Taylor
+    polynomials (degree 10 and 9: error below 3e-9, under float32 rounding), then turned by
+    k quarter turns: 3x closer to float64 than tl.cos / tl.sin of the angle in [-pi, pi),
+    and no libdevice range reduction (whose slow path keeps an array in local memory)."""
     magnitude = tl.abs(pos).to(tl.uint32)[:, None]
     phase = magnitude * inc_hi[None, :] + tl.umulhi(magnitude, inc_lo[None, :])
     phase = tl.where(pos[:, None] < 0, 0 - phase, phase)  # p * f is odd in p
-    angle = phase.to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09  # 2 pi / 2**32
-    return tl.cos(angle), tl.sin(angle)
+    quadrant = (phase + 0x20000000) >> 30  # round(turns * 4) mod 4
+    x = (phase - (quadrant << 30)).to(tl.int32, bitcast=True).to(tl.float32) * 1.4629180792671596e-09  # 2 pi / 2**32
+    x2 = x * x
+    sin_x = x + x * x2 * (-0.16666666666666666 + x2 * (8.333333333333333e-3 + x2 * (
+        -1.984126984126984e-4 + x2 * 2.7557319223985893e-6)))
+    cos_x = 1.0 + x2 * (-0.5 + x2 * (4.1666666666666664e-2 + x2 * (-1.388888888888889e-3 + x2 * (
+        2.48015873015873e-5 - x2 * 2.755731922398589e-7))))
+    odd = (quadrant & 1) != 0
+    cos = tl.where(odd, sin_x, cos_x)
+    sin = tl.where(odd, cos_x, sin_x)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)  # k = 1, 2
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)  # k = 2, 3
+    return cos, sin
 
 
 @triton.jit
