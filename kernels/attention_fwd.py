@@ -6,18 +6,19 @@ temperature, log2(e)), K^ is the plain rotation. Each pass reads and writes its 
 (0.055 ms for 16k tokens x 16 heads x 128 on H100, 2.4 TB/s; the two passes are about 9%
 of a forward call at N = 4k, 2-3% at 16k). The kernel is then a plain flash loop: one
 program owns BLOCK_M queries of one (batch, query head), streams K^ and V tiles of the
-matching KV head (GQA by index, no repeated KV) through TMA descriptors (asynchronous,
-pipelined with the dots), and keeps an online softmax in base 2. Q^ and K^ are stored
-sequence-major and read as 2-D tiles (`row_tiles`), which the dots take straight from
-shared memory.
+matching KV head (GQA by index, no repeated KV) through TMA descriptors (asynchronous;
+buffered ahead of the dots when the config has stages), and keeps an online softmax in
+base 2. Q^ and K^ are stored sequence-major and read as 2-D tiles (`row_tiles`), which the
+dots take straight from shared memory.
 
 Measured alternatives (H100, bench/RESULTS.md): rotating each K tile inside the loop was
 1.5x slower (the rotated tile goes registers -> shared memory before its dot, once per
-query tile), and rotating Q inside the kernel's prologue cost 255 registers with spills and
-~35 us per program (~0.55 ms per call at 2048 programs), 10x the rope pass it replaces.
+query tile). Rotating Q inside the kernel's prologue (no Q rope pass) compiles without
+spills with polynomial angles (rotary.sincos_at), but the rotated tile feeds the dots from
+registers and ptxas then serializes every wgmma of the loop: 5-17% slower than the pass.
 Triton (3.6, and 3.9 compiled for sm_90) ignores `warp_specialize` loops on Hopper (no
-partitions in the compiled IR), so no variant overlaps the softmax of one tile with the
-dots of the next.
+partitions in the compiled IR), so within a program the softmax of one tile never overlaps
+the dots of the next; small programs, several per SM (`fwd_config`), overlap across programs.
 """
 
 import torch
@@ -110,15 +111,19 @@ def _dot_pad(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def fwd_config(head_dim_pad, is_cuda):
+def fwd_config(head_dim_pad, causal, is_cuda):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, from the H100 sweeps in
-    bench/RESULTS.md."""
+    bench/RESULTS.md. Non-causal D <= 128 runs one warpgroup per program with unbuffered
+    K/V tiles: 50 KB of shared memory, so three programs share an SM and one's softmax runs
+    beside another's dots (Triton 3.6 syncs a program's warps every K/V tile, so the two
+    warpgroups of a 128-row program never overlap): +10-12% at N <= 4k over
+    (128, 128, 8, 3). Causal rows keep the 128-row tiles, better at N >= 16k."""
     if not is_cuda:  # the interpreter: larger tiles, fewer programs
         return 32, 32, 4, 1
     if head_dim_pad <= 64:
         return 64, 128, 4, 2
     if head_dim_pad <= 128:
-        return 128, 128, 8, 3
+        return (128, 128, 8, 3) if causal else (64, 128, 4, 1)
     return 128, 32, 8, 3
 
 
@@ -199,7 +204,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     batch, nq, hq, head_dim = bnhd(q, layout)
     _, nk, hkv, _ = bnhd(k, layout)
     d_pad = _dot_pad(head_dim)
-    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, causal, q.is_cuda)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               layout=layout)
