@@ -2,7 +2,7 @@
 python -m bench.sweep [rope] [fwd] [bwd]   (default: all three)
 
 rope: the rope pass per (rows, heads per program, warps); fwd: the forward launcher (rope
-passes included) per (BLOCK_M, BLOCK_N, warps, stages); bwd: the backward launcher per
+passes included) per (BLOCK_M, BLOCK_N, warps, stages, V first); bwd: the backward launcher per
 dK/dV and dQ config, varying one kernel's config at a time. bf16, 16k tokens; markdown on
 stdout. The speed claims of the project come from the suite
 (pytest bench/), not from here.
@@ -65,10 +65,11 @@ def _cases(head_dim, lengths):
 
 def sweep_fwd(configs_by_dim=None, lengths=(4096, 16384)):
     configs_by_dim = configs_by_dim or {
-        128: [(128, 128, 8, 3), (64, 128, 4, 1), (64, 64, 4, 3), (128, 128, 8, 2)],
-        64: [(64, 128, 4, 2), (64, 128, 4, 1), (64, 64, 4, 3)],
+        128: [(128, 128, 8, 3, True), (128, 128, 8, 3, False), (64, 128, 4, 1, False), (64, 128, 4, 1, True),
+              (64, 64, 4, 3, False)],
+        64: [(64, 128, 4, 2, False), (64, 128, 4, 2, True), (64, 128, 4, 1, False)],
     }
-    _row("D", "N", "causal", "(BLOCK_M, BLOCK_N, warps, stages)", "ms", "TF/s")
+    _row("D", "N", "causal", "(BLOCK_M, BLOCK_N, warps, stages, V first)", "ms", "TF/s")
     _row(*["---"] * 6)
     for head_dim, configs in configs_by_dim.items():
         for case, q, k, v, inv_freq in _cases(head_dim, lengths):

@@ -34,10 +34,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
               D_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              V_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One K/V tile of the online softmax. MASKED tiles check key bounds and causality
-    (keys past NK are the next sequence's rows of K^, or zeros: their logits need -inf)."""
+    (keys past NK are the next sequence's rows of K^, or zeros: their logits need -inf).
+    V_FIRST issues V's load before the QK^T dot, so it lands during the dot and the softmax;
+    without stages that takes a second tile buffer (`fwd_config` says when it pays)."""
     k = k_desc.load([k_row + start_n, 0])
+    if V_FIRST:
+        v = v_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -53,7 +57,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, s
     p = tl.math.exp2(qk - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = v_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
+    if not V_FIRST:
+        v = v_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -62,7 +67,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, s
 def rope_attention_fwd_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_on, stride_oh, NQ, NK, HQ, GROUP,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, V_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flash attention over Q^ (rotated, every logit scale folded in, base 2) and K^ (rotated)."""
     # Causal: the last query tiles see the most keys; launching them first shortens the tail.
@@ -90,10 +95,10 @@ def rope_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start_n in range(0, lo, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
-                                  D_PAD, CAUSAL, False, BLOCK_N, DOT_PRECISION)
+                                  D_PAD, CAUSAL, False, BLOCK_N, V_FIRST, DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
-                                  D_PAD, CAUSAL, True, BLOCK_N, DOT_PRECISION)
+                                  D_PAD, CAUSAL, True, BLOCK_N, V_FIRST, DOT_PRECISION)
 
     # A row that saw no key (causal, Nq > Nk) gets out = 0 and lse = -inf.
     seen = l_i > 0
@@ -112,19 +117,21 @@ def _dot_pad(n):
 
 
 def fwd_config(head_dim_pad, causal, is_cuda):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, from the H100 sweeps in
-    bench/RESULTS.md. Non-causal D <= 128 runs one warpgroup per program with unbuffered
-    K/V tiles: 50 KB of shared memory, so three programs share an SM and one's softmax runs
-    beside another's dots (Triton 3.6 syncs a program's warps every K/V tile, so the two
-    warpgroups of a 128-row program never overlap): +10-12% at N <= 4k over
-    (128, 128, 8, 3). Causal rows keep the 128-row tiles, better at N >= 16k."""
-    if not is_cuda:  # the interpreter: larger tiles, fewer programs
-        return 32, 32, 4, 1
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, V_FIRST) per padded head dim, from the H100
+    sweeps in bench/RESULTS.md. Non-causal D <= 128 runs one warpgroup per program with one
+    unbuffered tile at a time (K, then V in the same buffer): 50 KB of shared memory, so
+    three programs share an SM and one's softmax runs beside another's dots (Triton 3.6 syncs
+    a program's warps every K/V tile, so the two warpgroups of a 128-row program never
+    overlap): +10-12% at N <= 4k over (128, 128, 8, 3). Causal rows keep the 128-row tiles,
+    with V's load issued first (+5-10%); the small config loses there. V_FIRST on the small
+    config would need a second buffer (two programs per SM) and loses 20%."""
+    if not is_cuda:  # the interpreter: small tiles; both load orders run in the tests
+        return 32, 32, 4, 1, causal
     if head_dim_pad <= 64:
-        return 64, 128, 4, 2
+        return 64, 128, 4, 2, False
     if head_dim_pad <= 128:
-        return (128, 128, 8, 3) if causal else (64, 128, 4, 1)
-    return 128, 32, 8, 3
+        return (128, 128, 8, 3, True) if causal else (64, 128, 4, 1, False)
+    return 128, 32, 8, 3, False
 
 
 def tile_descriptor(x, layout, block_rows, d_pad):
@@ -204,7 +211,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     batch, nq, hq, head_dim = bnhd(q, layout)
     _, nk, hkv, _ = bnhd(k, layout)
     d_pad = _dot_pad(head_dim)
-    block_m, block_n, num_warps, num_stages = config or fwd_config(d_pad, causal, q.is_cuda)
+    block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, q.is_cuda)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               layout=layout)
@@ -213,7 +220,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     rope_attention_fwd_kernel[(triton.cdiv(nq, block_m), batch * hq)](
         row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0],
         tile_descriptor(v, layout, block_n, d_pad), out, lse, *bshd_strides(out, layout), nq, nk, hq, hq // hkv,
-        HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, V_FIRST=v_first,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -59,7 +59,7 @@ COMPILE = textwrap.dedent("""
         return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
 
     def build(fn, args, config):
-        block_m, block_n, num_warps, num_stages = config
+        block_m, block_n, num_warps, num_stages = config[:4]
         sig, constants = {}, {}
         for i, (name, spec) in enumerate(args.items()):
             sig[name] = "constexpr" if not isinstance(spec, str) else spec
@@ -72,11 +72,12 @@ COMPILE = textwrap.dedent("""
     common = dict(HEAD_DIM=(D,), D_PAD=(D,), CAUSAL=(True,))
     for causal in (True, False):  # two block configs
         config = attention_fwd.fwd_config(D, causal, True)
-        bm, bn = config[:2]
+        bm, bn, v_first = config[0], config[1], config[4]
         build(attention_fwd.rope_attention_fwd_kernel,
               dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([1, bn, 1, D]), O="*bf16", LSE="*fp32",
                    **{n: "i32" for n in "stride_ob stride_on stride_oh NQ NK HQ GROUP".split()},
-                   **dict(common, CAUSAL=(causal,)), BLOCK_M=(bm,), BLOCK_N=(bn,), DOT_PRECISION=("tf32",)), config)
+                   **dict(common, CAUSAL=(causal,)), BLOCK_M=(bm,), BLOCK_N=(bn,), V_FIRST=(v_first,),
+                   DOT_PRECISION=("tf32",)), config)
     dkdv, dq = attention_bwd.bwd_config(D, True)
     for kernel, config, names in (
             (attention_bwd.rope_attention_bwd_dkdv_kernel, dkdv, "DK DV v_row_b v_row_h v_col_h stride_dkb "
