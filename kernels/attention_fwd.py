@@ -123,10 +123,12 @@ def fwd_config(head_dim_pad, causal, is_cuda):
     three programs share an SM and one's softmax runs beside another's dots (Triton 3.6 syncs
     a program's warps every K/V tile, so the two warpgroups of a 128-row program never
     overlap): +10-12% at N <= 4k over (128, 128, 8, 3). Causal rows keep the 128-row tiles,
-    with V's load issued first (+5-10%); the small config loses there. V_FIRST on the small
+    with V's load issued first (+2-10%); the small config loses there. V_FIRST on the small
     config would need a second buffer (two programs per SM) and loses 20%. D = 256 (one
     program per SM whatever the config: 64 KB of Q^ tile) runs best on 64-key tiles with two
-    stages: +11-17% over (128, 32, 8, 3)."""
+    stages: +11-17% over (128, 32, 8, 3). Tuned on H100 only: other GPUs get the same table
+    (for sm_80 and sm_89 it compiles, with descriptor loads lowered to plain loads, but
+    spills)."""
     if not is_cuda:  # the interpreter: small tiles; both load orders run in the tests
         return 32, 32, 4, 1, causal
     if head_dim_pad <= 64:
