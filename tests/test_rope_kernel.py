@@ -55,7 +55,7 @@ def test_angles_match_float64_at_large_positions():
     gen = torch.Generator().manual_seed(0)
     pos = torch.cat([torch.randint(-2**20, 2**20, (60,), generator=gen), torch.tensor([0, 1, -1, 2**20])])
     inv_freq = torch.cat([torch.rand(28, generator=gen) * 2, torch.tensor([1.0, 1e-4, 3.1415927, 6.2831855])])
-    cos, sin = torch.empty(64, 32), torch.empty(64, 32)
+    cos, sin = torch.full((64, 32), float("nan")), torch.full((64, 32), float("nan"))  # poisoned
     args = [t.to(DEVICE) for t in (pos.int(), inv_freq, cos, sin)]
     _sincos_table[(1,)](*args, ROWS=64, PAIRS=32)
     theta = pos.double()[:, None] * inv_freq.double()[None, :]
