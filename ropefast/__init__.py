@@ -4,10 +4,10 @@ flash attention) in fused Triton kernels.
     from ropefast import scaled_rope_attention, apply_scaled_rope, schedules
 """
 
-from . import reference, schedules
+from . import dispatch, reference, schedules
 from .attention import scaled_rope_attention
 from .rope import apply_scaled_rope
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_rope_attention", "apply_scaled_rope", "schedules", "reference", "__version__"]
+__all__ = ["scaled_rope_attention", "apply_scaled_rope", "schedules", "reference", "dispatch", "__version__"]

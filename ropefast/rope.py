@@ -4,7 +4,8 @@ users who keep another attention backend, and the "best unfused pipeline" of the
 import torch
 from torch.autograd.function import once_differentiable
 
-from .attention import _check_positions, _check_tensor, _interpreting, resolve_rotary
+from . import dispatch
+from ._validate import check_head_tensor, check_layout, check_positions, resolve_rotary, warn_if_layout_swapped
 from .kernels.rope import bnhd, frequency_grad, rope
 from .reference import default_positions, rotate
 
@@ -46,25 +47,25 @@ def apply_scaled_rope(x, *, schedule=None, inv_freq=None, positions=None, rotary
     rotary_scale m); positions: integer [B, N] or [N], default arange(N). Returns a new
     tensor of x's shape and dtype. Differentiable in x and inv_freq (Triton backward: the
     transposed rotation; d inv_freq = sum over positions of p * d theta). Angles are exact
-    (fixed-point phases) for |p| < 2**31. CUDA tensors (and CPU ones under
-    TRITON_INTERPRET=1) run the kernel; otherwise and for float64, `reference.rotate`.
+    (fixed-point phases) for |p| < 2**31. Runs the Triton kernel or `reference.rotate`, as
+    `ropefast.dispatch.path(x)` says (as `scaled_rope_attention`).
+
+    Example:
+        >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
+        >>> q_rot = apply_scaled_rope(q, schedule=yarn)
     """
-    _check_tensor("x", x, ndim=(4,))
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"x must have a contiguous last dimension (stride 1), got strides {x.stride()}")
-    if layout not in ("bshd", "bhsd"):
-        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
-    batch, n, _, head_dim = bnhd(x, layout)
-    positions = _check_positions("positions", positions, batch, n, x.device)
+    check_head_tensor("x", x)
+    check_layout(layout)
+    batch, n, heads, head_dim = bnhd(x, layout)
+    warn_if_layout_swapped(layout, (n,), (heads,))
+    positions = check_positions("positions", positions, batch, n, x.device)
     inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
         schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=n, positions=positions,
         like=x, like_name="x")
     positions = default_positions(1, n, 0, x.device) if positions is None else positions
     positions = positions[None] if positions.dim() == 1 else positions
 
-    if x.dtype != torch.float64 and (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+    if dispatch.path(x) != "reference":
         return ScaledRope.apply(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout)
     x_bshd = x if layout == "bshd" else x.transpose(1, 2)
     out = rotate(x_bshd, positions.expand(batch, n), inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,

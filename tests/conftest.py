@@ -1,10 +1,16 @@
 import pytest
 import torch
 
+from ropefast import dispatch
+
 # Relative-error bounds vs the float64 reference (DESIGN.md), per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# float32 on DEVICE runs the Triton kernels (compiled, or interpreted under TRITON_INTERPRET=1).
+requires_kernel = pytest.mark.skipif(dispatch.path(torch.empty(0, device=DEVICE)) == "reference",
+                                     reason="needs CUDA or TRITON_INTERPRET=1")
 
 
 def rel_err(x, ref):
@@ -13,7 +19,3 @@ def rel_err(x, ref):
     if not torch.isfinite(x).all():
         return float("inf")
     return ((x - ref).norm() / ref.norm()).item()
-
-
-def randn(*shape, dtype=torch.float32, device="cpu", generator=None):
-    return torch.randn(*shape, generator=generator, dtype=torch.float32, device=device).to(dtype)

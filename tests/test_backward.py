@@ -1,20 +1,14 @@
 """The fused backward (dq, dk, dv, d inv_freq, d temperature, d lse) against autograd
 through the float64 reference. CPU: Triton interpreter, fp32/fp16; GPU: bf16/fp16."""
 
-import os
-
 import pytest
 import torch
 
 from ropefast import scaled_rope_attention, schedules
 from ropefast.reference import scaled_rope_attention_reference
 
-from conftest import TOLERANCE, rel_err, requires_cuda
+from conftest import DEVICE, TOLERANCE, rel_err, requires_cuda, requires_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-requires_kernel = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                     reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("dq", "dk", "dv", "dinv_freq", "dtemperature")
 
 

@@ -4,19 +4,13 @@ CPU: through the Triton interpreter (TRITON_INTERPRET=1), float32 and float16, s
 GPU: bfloat16 and float16 over realistic shapes (skipped without CUDA).
 """
 
-import os
-
 import pytest
 import torch
 
 from ropefast import scaled_rope_attention, schedules
 from ropefast.reference import scaled_rope_attention_reference
 
-from conftest import TOLERANCE, rel_err, requires_cuda
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-requires_kernel = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                     reason="needs CUDA or TRITON_INTERPRET=1")
+from conftest import DEVICE, TOLERANCE, rel_err, requires_cuda, requires_kernel
 
 
 def run_case(B, Nq, Nk, Hq, Hkv, D, R, dtype, device, *, interleaved=False, causal=False, layout="bshd",
@@ -60,7 +54,7 @@ CPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
 def test_forward_small(case, dtype):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     shape, features = case
     err_out, err_lse = run_case(*shape, dtype, device, **features)
     assert err_out < TOLERANCE[dtype], err_out
@@ -70,7 +64,7 @@ def test_forward_small(case, dtype):
 @requires_kernel
 def test_forward_positions_near_2_pow_20_are_exact():
     # fp32 p * f would be off by up to 0.03 rad here; the kernel's fixed-point phases are not.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     B, N, H, D = 1, 32, 2, 32
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, N, H, D, generator=gen).to(device) for _ in range(3))
@@ -89,7 +83,7 @@ def test_forward_positions_near_2_pow_20_are_exact():
 @requires_kernel
 def test_forward_writes_every_output():
     # Outputs come from torch.empty; a second call on poisoned memory must give the same result.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     q, k, v = (torch.randn(1, 37, 2, 32, device=device) for _ in range(3))
     f = schedules.DefaultRope(32).inv_freq(device=device)
     first = scaled_rope_attention(q, k, v, inv_freq=f, causal=True)
@@ -122,7 +116,7 @@ def test_forward_gpu(case, dtype):
 
 @requires_kernel
 def test_kernel_path_rejects_tensors_tma_cannot_read():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     q, k = (torch.randn(1, 8, 2, 16, device=device) for _ in range(2))
     v = torch.randn(1, 8, 2, 17, device=device)[..., :16]  # row strides of 68 bytes
     with pytest.raises(ValueError, match="v needs a 16-byte aligned data pointer and strides"):

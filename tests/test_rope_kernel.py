@@ -1,7 +1,5 @@
 """The standalone rope kernel (kernels/rope.py) against reference.rotate."""
 
-import os
-
 import pytest
 import torch
 import triton
@@ -11,11 +9,9 @@ from ropefast.kernels.rope import rope
 from ropefast.kernels.rotary import load_increments, sincos_at
 from ropefast.reference import rotate
 
-from conftest import rel_err
+from conftest import DEVICE, rel_err, requires_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = requires_kernel
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

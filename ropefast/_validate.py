@@ -1,0 +1,132 @@
+"""The argument checks and defaults that every public op shares: tensors, positions,
+positive scalars, the rotary arguments a schedule supplies, and the layout sanity check.
+Each check raises TypeError/ValueError naming the argument and what was expected."""
+
+import math
+import numbers
+import warnings
+
+import torch
+
+from .kernels.attention_fwd import tma_readable
+from .schedules.base import RopeSchedule
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LAYOUTS = ("bshd", "bhsd")
+# More heads than any released model has: a longer "heads" axis with fewer tokens than heads
+# is almost surely the sequence, read in the wrong layout.
+LONGEST_HEAD_AXIS = 256
+
+
+def check_tensor(name, x, ndim=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in ndim:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_head_tensor(name, x):
+    """A q, k, v or x argument: 4-D, a float dtype, the last dimension contiguous."""
+    check_tensor(name, x, ndim=(4,))
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}; "
+                         "call .contiguous() first")
+
+
+def check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+
+
+def check_tma_aligned(name, x):
+    """The kernels load tiles through TMA descriptors: 16-byte aligned data and strides."""
+    if not tma_readable(x):
+        size = x.element_size()
+        raise ValueError(f"{name} needs a 16-byte aligned data pointer and strides for the Triton kernels (TMA), "
+                         f"got strides {x.stride()} of {size}-byte elements and pointer offset {x.data_ptr() % 16}; "
+                         "head dims that are multiples of 8 (16-bit) or 4 (float32) in a dense tensor satisfy it")
+
+
+def check_positions(name, pos, batch, seq_len, device):
+    if pos is None:
+        return None
+    check_tensor(name, pos, ndim=(1, 2))
+    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {pos.dtype}")
+    if pos.shape[-1] != seq_len or (pos.dim() == 2 and pos.shape[0] != batch):
+        raise ValueError(f"{name} must be [{batch}, {seq_len}] or [{seq_len}], got {tuple(pos.shape)}")
+    if pos.device != device:
+        raise ValueError(f"{name} is on {pos.device}, q is on {device}")
+    return pos
+
+
+def check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def other_layout(layout):
+    return "bhsd" if layout == "bshd" else "bshd"
+
+
+def warn_if_layout_swapped(layout, lengths, heads):
+    """Warn when the sequence lengths and head counts read in `layout` look swapped: a heads
+    axis longer than any model's with fewer tokens than heads (SDPA's [B, H, N, D] passed
+    as the default "bshd", say). Nothing can catch every swap; this catches the likely ones."""
+    if max(heads) > LONGEST_HEAD_AXIS and min(lengths) < max(heads):
+        warnings.warn(f"read with layout={layout!r}, these tensors have {'/'.join(map(str, heads))} heads of "
+                      f"{'/'.join(map(str, lengths))} tokens: a heads axis that long, with fewer tokens than heads, "
+                      f"is almost surely the sequence. If they are laid out the other way, pass "
+                      f"layout={other_layout(layout)!r}.", UserWarning, stacklevel=3)
+
+
+def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *, head_dim, seq_len, positions,
+                   like, like_name):
+    """The rotary arguments of every public op: take what the schedule supplies unless given
+    explicitly (an explicit inv_freq, e.g. learnable frequencies, overrides only the
+    schedule's frequencies), check it all, and return (inv_freq, rotary_dim, interleaved,
+    rotary_scale). A schedule that depends on the length sees HF's max(positions) + 1 (a
+    host sync only then), or seq_len without positions. `like` is the tensor inv_freq must
+    match."""
+    if schedule is None and inv_freq is None:
+        raise ValueError("give schedule= or inv_freq= (or both: inv_freq then overrides the schedule's frequencies)")
+    if schedule is not None:
+        if not isinstance(schedule, RopeSchedule):
+            raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
+        length = None
+        if schedule.depends_on_seq_len and (inv_freq is None or rotary_scale is None):
+            length = seq_len if positions is None else int(positions.max()) + 1
+        if inv_freq is None:
+            inv_freq = schedule.inv_freq(length, device=like.device)
+        rotary_dim_source = ", the schedule's" if rotary_dim is None else ""
+        rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
+        interleaved = schedule.interleaved if interleaved is None else interleaved
+        rotary_scale = schedule.rotary_scale(length) if rotary_scale is None else rotary_scale
+
+    else:
+        rotary_dim_source = ""
+    check_tensor("inv_freq", inv_freq, ndim=(1,))
+    allowed_freq = (torch.float32, torch.float64) if like.dtype == torch.float64 else (torch.float32,)
+    if inv_freq.dtype not in allowed_freq:
+        raise TypeError(f"inv_freq must be float32, got {inv_freq.dtype}")
+    if inv_freq.device != like.device:
+        raise ValueError(f"inv_freq is on {inv_freq.device}, {like_name} is on {like.device}")
+    if rotary_dim is None:
+        rotary_dim = 2 * inv_freq.shape[0]
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be an even integer >= 2, got {rotary_dim!r}")
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim ({rotary_dim}) must be <= the head dim ({head_dim})")
+    if inv_freq.shape[0] != rotary_dim // 2:
+        raise ValueError(f"inv_freq must have rotary_dim/2 = {rotary_dim // 2} entries (rotary_dim = {rotary_dim}"
+                         f"{rotary_dim_source}), got {inv_freq.shape[0]}")
+    interleaved = False if interleaved is None else interleaved
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    rotary_scale = 1.0 if rotary_scale is None else check_positive("rotary_scale", rotary_scale)
+    return inv_freq, rotary_dim, interleaved, rotary_scale
