@@ -1,9 +1,11 @@
 """scaled_rope_attention: schedule resolution and argument validation."""
 
+import warnings
+
 import pytest
 import torch
 
-from ropefast import scaled_rope_attention, schedules
+from ropefast import apply_scaled_rope, scaled_rope_attention, schedules
 from ropefast.reference import scaled_rope_attention_reference
 
 from conftest import rel_err
@@ -72,9 +74,13 @@ BAD_CALLS = [
     ("batch", lambda q, k, v: (q, k[:1], v[:1]), {}, ValueError, "batch"),
     ("head ratio", lambda q, k, v: (q, torch.randn(2, 7, 3, 16), torch.randn(2, 7, 3, 16)), {}, ValueError,
      "multiple of the KV heads"),
+    ("head ratio, other layout", lambda q, k, v: (torch.randn(2, 4, 6, 16), torch.randn(2, 2, 9, 16),
+                                                  torch.randn(2, 2, 9, 16)), {}, ValueError,
+     "read with layout='bhsd' they would be 4 and 2 heads: pass layout='bhsd'"),
     ("layout", None, {"layout": "sbhd"}, ValueError, "layout must be"),
-    ("both freq sources", None, {"schedule": schedules.DefaultRope(16)}, ValueError, "exactly one"),
-    ("no freq source", None, {"inv_freq": None}, ValueError, "exactly one"),
+    ("inv_freq vs schedule", None, {"schedule": schedules.DefaultRope(16), "inv_freq": F[:4]}, ValueError,
+     r"inv_freq must have rotary_dim/2 = 8 entries \(rotary_dim = 16, the schedule's\)"),
+    ("no freq source", None, {"inv_freq": None}, ValueError, "give schedule= or inv_freq="),
     ("schedule type", None, {"inv_freq": None, "schedule": "yarn"}, TypeError, "schedule must be"),
     ("inv_freq dtype", None, {"inv_freq": F.half()}, TypeError, "inv_freq must be float32"),
     ("inv_freq 2-D", None, {"inv_freq": F[None]}, ValueError, "inv_freq must have 1 dimensions"),
@@ -118,3 +124,35 @@ def test_schedule_inv_freq_is_cached_but_returned_as_a_copy():
                                                                         original_max_position_embeddings=8).inv_freq())
     s.factor = 2.0  # a changed field is a new cache entry
     assert torch.equal(s.inv_freq(), schedules.YaRN(16, factor=2.0, original_max_position_embeddings=8).inv_freq())
+
+
+def test_an_explicit_inv_freq_overrides_only_the_schedules_frequencies():
+    q, k, v = (x.double() for x in qkv(D=16))
+    s = _Temperature(16, factor=4.0, original_max_position_embeddings=4)
+    learned = (s.inv_freq() * 0.9).double().requires_grad_()
+    out = scaled_rope_attention(q, k, v, schedule=s, inv_freq=learned, causal=True)
+    pos = torch.arange(5)[None].expand(2, 5) + 2
+    expect = scaled_rope_attention_reference(q, k, v, inv_freq=learned, causal=True, rotary_scale=s.rotary_scale(),
+                                             q_temperature=s.q_temperature(pos))
+    assert s.rotary_scale() > 1.1 and rel_err(out, expect) < 1e-14
+    out.sum().backward()
+    assert learned.grad is not None and learned.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", ["attention", "rope"])
+def test_shapes_that_look_like_the_other_layout_warn(op):
+    # SDPA's [B, H, N, D] passed as the default bshd: 600 "heads" of 8 / 2 "tokens".
+    q, k, v = (x.double() for x in qkv(Nq=600, Nk=600, Hq=8, Hkv=2, layout="bhsd"))
+    f = F.double()
+    call = (lambda: scaled_rope_attention(q, k, v, inv_freq=f)) if op == "attention" else \
+        (lambda: apply_scaled_rope(q, inv_freq=f))
+    with pytest.warns(UserWarning, match="pass layout='bhsd'"):
+        call()
+    # The same tensors with the right layout, and a plain decode step (one token, 32 heads), say nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if op == "attention":
+            scaled_rope_attention(q, k, v, inv_freq=f, layout="bhsd")
+            scaled_rope_attention(q[:, :, :1].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inv_freq=f)
+        else:
+            apply_scaled_rope(q, inv_freq=f, layout="bhsd")

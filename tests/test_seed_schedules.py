@@ -3,17 +3,15 @@ CLEX, and the rotary-angle distribution method, each against an independent floa
 computation of its formula."""
 
 import math
-import os
+import warnings
 
 import pytest
 import torch
 
-from ropefast import scaled_rope_attention, schedules, search
+from ropefast import dispatch, scaled_rope_attention, schedules, search
 from ropefast.reference import scaled_rope_attention_reference
 
 from conftest import rel_err
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def theta(d, base):
@@ -167,7 +165,8 @@ def _clex_grads(clex, q, k, v):
     return clex.w_up.grad.clone(), clex.w_down.grad.clone()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the kernel path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(dispatch.path(torch.empty(0)) != "interpreter",
+                    reason="the kernel path on CPU needs TRITON_INTERPRET=1")
 def test_clex_training_step_through_the_kernel_matches_the_reference():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 40, 2, 16, generator=gen) for _ in range(3))
@@ -181,6 +180,20 @@ def test_clex_training_step_through_the_kernel_matches_the_reference():
     before = clex.inv_freq(40).detach().clone()
     torch.optim.SGD(clex.parameters(), lr=10.0).step()
     assert not torch.equal(clex.inv_freq(40).detach(), before)
+
+
+def test_clex_training_without_sample_t_warns_once():
+    clex = schedules.CLEX(16, original_max_position_embeddings=16).train()
+    with pytest.warns(UserWarning, match=r"sample_t\(\) was never called"):
+        clex.inv_freq(32)
+    fresh = schedules.CLEX(16, original_max_position_embeddings=16).train()
+    fresh.sample_t()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clex.inv_freq(32)  # once per module
+        fresh.inv_freq(32)
+        with torch.no_grad():
+            schedules.CLEX(16, original_max_position_embeddings=16).train().inv_freq(32)  # nothing trains here
 
 
 def test_clex_rejects_bad_arguments():

@@ -1,6 +1,7 @@
 """CLEX (Continuous Length EXtrapolation, arXiv 2310.16450, DAMO-NLP-SG/CLEX)."""
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -75,6 +76,7 @@ class CLEX(nn.Module, RopeSchedule):
         self.w_down = nn.Parameter(torch.zeros(half, param_factor * rotary_dim))
         self.t = None
         self._solutions = {}
+        self._warned_no_t = False
 
     def _log_theta(self, device):
         return torch.log(super()._inv_freq64(None)).to(device=device, dtype=self.w_up.dtype)
@@ -138,6 +140,11 @@ class CLEX(nn.Module, RopeSchedule):
         parameter changes."""
         t = self.scaling_t(seq_len)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            if self.training and self.t is None and not self._warned_no_t:
+                self._warned_no_t = True  # once per module: a training loop calls this every step
+                warnings.warn(f"CLEX is training but sample_t() was never called: t = {t} comes from the length, "
+                              "so the ODE is solved over a fixed span (none at t = 1) and the scale it is trained on "
+                              "never varies. Call clex.sample_t() once per training step.", UserWarning, stacklevel=2)
             return torch.exp(self.solve(t, device)).float()
         key = (t, str(device), tuple(p._version for p in self.parameters()))
         if key not in self._solutions:
