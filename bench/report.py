@@ -47,14 +47,18 @@ def markdown(when, rows):
     lines = [f"Run of {when} on {', '.join(devices)}."]
     if any(r["device"] == "cpu" for r in rows):
         lines.append("**CPU numbers: they exercise the suite and say nothing about GPU speed.**")
-    lines.append("TF/s = 4*B*H*N*N*D / median time (halved when causal; forward+backward 3.5x); "
-                 "in brackets the peak extra MiB of one call.")
+    paths = sorted({r["path"] for r in rows if r["impl"] == "ropefast" and "path" in r})
+    if paths:
+        lines.append(f"ropefast ran: {', '.join(paths)} (`ropefast.dispatch`).")
+    has_memory = any(r["peak_mib"] is not None for r in rows)  # measured on CUDA only
+    lines.append("TF/s = 4*B*H*N*N*D / median time (halved when causal; forward+backward 3.5x)"
+                 + ("; in brackets the peak extra MiB of one call." if has_memory else "."))
     for mode, title in MODES.items():
         cases, impls = _by_case(rows, mode)
         if not cases:
             continue
         peers = [i for i in impls if i != "ropefast"]
-        lines += ["", f"### {title}: TF/s (peak extra MiB)", "",
+        lines += ["", f"### {title}: TF/s" + (" (peak extra MiB)" if has_memory else ""), "",
                   "| case | " + " | ".join(impls) + " |", "| --- " * (len(impls) + 1) + "|"]
         for name, by_impl in cases.items():
             cells = []

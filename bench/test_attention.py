@@ -8,19 +8,37 @@ own rounds, each ending in a device synchronization, for pytest-benchmark's tabl
 `extra_info` carries the case, median ms, TF/s, peak extra memory, and, on ropefast's test
 (the last of each case), its speed ratio to every peer timed in the same session.
 
+pytest-benchmark prints one table per (case, mode). ropefast's test id and extra_info name
+the path it ran (`ropefast.dispatch`: "kernel", "interpreter" or "reference").
+
 Without a GPU the suite runs small fp32 shapes on the CPU (ropefast's PyTorch reference
 path, SDPA's math backend): those numbers exercise the suite and say nothing about GPU
-speed; their names and extra_info say "cpu".
+speed; their names and extra_info say "cpu". With TRITON_INTERPRET=1 exported, ropefast's
+tests time Triton's interpreter instead, and warn.
 """
+
+import warnings
 
 import pytest
 import torch
 
-from .peers import CPU_PIPELINES, GPU_PIPELINES, cpu_cases, gpu_cases, make_inputs, median_ms, peak_mib
+from ropefast import dispatch
+
+from .peers import CPU_PIPELINES, DTYPES, GPU_PIPELINES, cpu_cases, gpu_cases, make_inputs, median_ms, peak_mib
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES, PIPELINES = (gpu_cases(), GPU_PIPELINES) if DEVICE == "cuda" else (cpu_cases(), CPU_PIPELINES)
-PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{impl}")
+
+
+def ropefast_path(case):
+    return dispatch.path(torch.empty(0, dtype=DTYPES[case.dtype], device=DEVICE))
+
+
+def _label(case, impl):
+    return f"ropefast-{ropefast_path(case)}" if impl == "ropefast" else impl
+
+
+PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{_label(case, impl)}")
           for case in CASES for mode in ("fwd", "train") for impl in PIPELINES]
 _TFLOPS = {}  # (case, mode) -> {impl: TF/s} measured in this session
 
@@ -43,6 +61,10 @@ def test_attention(benchmark, case, mode, impl):
             raise
         pytest.skip(f"{impl} cannot run {case.name} {mode}: {str(err).splitlines()[0][:200]}")
 
+    path = ropefast_path(case) if impl == "ropefast" else "torch"
+    if path == "interpreter":
+        warnings.warn("timing ropefast through Triton's interpreter (TRITON_INTERPRET is set): these times measure "
+                      "Python, not a kernel; unset it to time the reference on a CPU, or run on a GPU")
     ms = median_ms(step, DEVICE)
     tflops = case.flops(mode == "train") / ms / 1e9
     peers = _TFLOPS.setdefault((case, mode), {})
@@ -51,7 +73,7 @@ def test_attention(benchmark, case, mode, impl):
     info.update(device=DEVICE, gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "none (CPU numbers)",
                 case=case.name, dtype=case.dtype, head_dim=case.head_dim, heads=case.heads,
                 kv_heads=case.kv_heads, n=case.n, batch=case.batch, causal=case.causal, mode=mode, impl=impl,
-                median_ms=ms, tflops=tflops, peak_mib=peak_mib(step, DEVICE))
+                path=path, median_ms=ms, tflops=tflops, peak_mib=peak_mib(step, DEVICE))
     if impl == "ropefast":
         info["speedup"] = {peer: tflops / value for peer, value in peers.items() if peer != impl}
 
@@ -60,4 +82,5 @@ def test_attention(benchmark, case, mode, impl):
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
+    benchmark.group = f"{case.name} {mode}"
     benchmark.pedantic(synced, rounds=max(3, min(20, int(200 / ms))), warmup_rounds=1)

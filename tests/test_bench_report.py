@@ -1,16 +1,22 @@
-"""bench.report renders a pytest-benchmark JSON into markdown and plots (no GPU needed)."""
+"""bench.report renders a pytest-benchmark JSON into markdown and plots, and the suite labels\nwhat it timed (no GPU needed)."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from bench import report
 
 
-def _row(impl, n, tflops, mode="fwd"):
-    return {"extra_info": dict(device="cuda", gpu="H100", case=f"bf16-D128-N{n}", dtype="bf16", head_dim=128,
-                               heads=16, kv_heads=16, n=n, batch=16384 // n, causal=False, mode=mode, impl=impl,
-                               median_ms=1.0, tflops=tflops, peak_mib=64.0)}
+def _row(impl, n, tflops, mode="fwd", device="cuda"):
+    return {"extra_info": dict(device=device, gpu="H100" if device == "cuda" else "none (CPU numbers)",
+                               case=f"bf16-D128-N{n}", dtype="bf16", head_dim=128, heads=16, kv_heads=16, n=n,
+                               batch=16384 // n, causal=False, mode=mode, impl=impl,
+                               path="kernel" if impl == "ropefast" else "torch", median_ms=1.0, tflops=tflops,
+                               peak_mib=64.0 if device == "cuda" else None)}
 
 
 def test_report_tables_ratios_and_plots(tmp_path):
@@ -26,6 +32,29 @@ def test_report_tables_ratios_and_plots(tmp_path):
     assert "| bf16-D128-N4096 | 400 (64) | 200 (64) |" in text
     assert "| bf16-D128-N1024 | 0.50 |" in text  # ropefast / cuDNN
     assert "### forward+backward" not in text  # no train rows, no train tables
+    assert "ropefast ran: kernel" in text and "### forward: TF/s (peak extra MiB)" in text
     pytest.importorskip("matplotlib")
     paths = report.plots(rows, str(tmp_path))
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["speedup_fwd.png", "tflops_fwd.png"]
+
+
+def test_cpu_report_says_so_and_has_no_empty_memory_column(tmp_path):
+    rows = [_row(impl, 1024, tf, device="cpu")["extra_info"] for impl, tf in (("sdpa_math_norope", 0.01),
+                                                                               ("ropefast", 0.005))]
+    text = report.markdown("2026-11-26", rows)
+    assert "CPU numbers" in text and "peak extra MiB" not in text and "| bf16-D128-N1024 | 0.01 | 0.005 |" in text
+
+
+def test_cpu_suite_labels_the_path_and_warns_when_it_times_the_interpreter():
+    # One ropefast case of `pytest bench/ --benchmark-only` with TRITON_INTERPRET=1 exported.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-p", "no:cacheprovider",
+                             "-k", "N128 and causal and fwd and ropefast"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    assert "runs Triton's interpreter" in out  # the header
+    assert "benchmark 'fp32-D64-H4-N128-B1-causal fwd'" in out  # one table per case and mode
+    assert "fwd-ropefast-interpreter]" in out and "timing ropefast through Triton's interpreter" in out
