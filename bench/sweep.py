@@ -1,11 +1,12 @@
 """Block-config sweeps behind the tables in kernels/ (CUDA only):
-python -m bench.sweep [rope] [fwd] [bwd]   (default: all three)
+python -m bench.sweep [rope] [fwd] [bwd] [hopper]   (default: the first three)
 
 rope: the rope pass per (rows, heads per program, warps); fwd: the forward launcher (rope
 passes included) per (BLOCK_M, BLOCK_N, warps, stages, V first); bwd: the backward launcher per
-dK/dV and dQ config, varying one kernel's config at a time. bf16, 16k tokens; markdown on
-stdout. The speed claims of the project come from the suite
-(pytest bench/), not from here.
+dK/dV and dQ config, varying one kernel's config at a time; hopper: the Gluon forward per
+(BLOCK_N, stages, consumer registers, maxnreg) beside cuDNN SDPA (no RoPE) and
+`apply_scaled_rope` + cuDNN, in alternating rounds. bf16, 16k tokens; markdown on stdout.
+The speed claims of the project come from the suite (pytest bench/), not from here.
 """
 
 import sys
@@ -15,7 +16,7 @@ import triton
 
 from ropefast.kernels import attention_bwd, attention_fwd, rope
 
-from .peers import Case, make_inputs, yarn
+from .peers import Case, build_sdpa, build_triton_rope_sdpa, make_inputs, yarn
 
 
 def _ms(fn):
@@ -103,8 +104,31 @@ def sweep_bwd(candidates_by_dim=None, lengths=(4096, 16384)):
                 _row(head_dim, case.n, case.causal, cfg[0], cfg[1], ms, tf)
 
 
+def sweep_hopper(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
+    from ropefast.kernels.hopper import attention_fwd as hopper
+
+    configs_by_dim = configs_by_dim or {128: [None], 64: [None], 256: [None]}
+    _row("D", "N", "causal", "round", "config", "ms", "TF/s", "cuDNN TF/s", "rope + cuDNN TF/s", "vs cuDNN",
+         "vs rope + cuDNN")
+    _row(*["---"] * 11)
+    for head_dim, configs in configs_by_dim.items():
+        for case, q, k, v, inv_freq in _cases(head_dim, lengths):
+            args = _args(head_dim, case.causal)
+            peers = {name: build(case, "cuda") for name, build in (("cudnn", build_sdpa("cudnn")),
+                                                                   ("rope+cudnn", build_triton_rope_sdpa))}
+            for r in range(rounds):
+                peer_ms = {name: _ms(lambda: fn(q, k, v)) for name, fn in peers.items()}
+                for cfg in configs:
+                    ms = _ms(lambda: hopper.rope_attention_fwd_hopper(q, k, v, inv_freq, None, None, None,
+                                                                      config=cfg, **args))
+                    flops = case.flops(False)
+                    _row(head_dim, case.n, case.causal, r, cfg or "default", f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
+                         f"{flops / peer_ms['cudnn'] / 1e9:.0f}", f"{flops / peer_ms['rope+cudnn'] / 1e9:.0f}",
+                         f"{peer_ms['cudnn'] / ms:.2f}", f"{peer_ms['rope+cudnn'] / ms:.2f}")
+
+
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["rope", "fwd", "bwd"]
     for name in chosen:
-        {"rope": sweep_rope, "fwd": sweep_fwd, "bwd": sweep_bwd}[name]()
+        {"rope": sweep_rope, "fwd": sweep_fwd, "bwd": sweep_bwd, "hopper": sweep_hopper}[name]()
         print()

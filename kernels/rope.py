@@ -7,6 +7,9 @@ applies the transposed rotation (the backward of a rotation, and how gradients o
 tensors go back to the unrotated frame). Scales: `scale` on the rotated features,
 `pass_scale` on the pass-through ones, and an optional per-position ROW_SCALE on both (the
 attention folds softmax scale, rotary_scale**2, log2(e) and the temperature into queries).
+SLOT_HALF > 0 writes the Hopper attention kernel's feature order instead of the natural one
+(kernels/hopper/attention_fwd.py): pair i's halves at features i and SLOT_HALF + i, pass-
+through feature c at (c % 2) SLOT_HALF + c // 2, zeros in the slots past the head dim.
 """
 
 import torch
@@ -21,8 +24,9 @@ def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_x
                 stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale, pass_scale, HEADS_PER_PROGRAM,
                 PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                 ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
-                HAS_ROW_SCALE: tl.constexpr, INVERSE: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+                HAS_ROW_SCALE: tl.constexpr, INVERSE: tl.constexpr, SLOT_HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    # 64-bit batch and head indices: their offsets pass 2**31 in large (sequence-major) tensors
+    pid_n, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     if HAS_POS:
@@ -45,8 +49,18 @@ def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_x
         a, b = load_pairs(x_ptr, rows, mask, stride_xn, PAIRS, PAIRS_PAD, INTERLEAVED)
         a, b = rotate_pairs(a, b, cos, sin)
         store_pairs(o_ptr, a.to(OUT.dtype.element_ty), b.to(OUT.dtype.element_ty), rows, mask, stride_on,
-                    PAIRS, PAIRS_PAD, INTERLEAVED)
-        if PASS > 0:
+                    PAIRS, PAIRS_PAD, INTERLEAVED, SLOT_HALF if SLOT_HALF > 0 else PAIRS)
+        if SLOT_HALF > 0:  # pass-through slots i in [PAIRS, SLOT_HALF) of each half: features 2i, 2i + 1
+            slots = PAIRS + tl.arange(0, PASS_PAD)
+            in_half = mask[:, None] & (slots < SLOT_HALF)[None, :]
+            for half in tl.static_range(2):
+                feature = 2 * slots + half
+                x = tl.load(x_ptr + rows[:, None] * stride_xn + feature[None, :],
+                            mask=in_half & (feature < ROTARY_DIM + PASS)[None, :], other=0.0)
+                x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
+                tl.store(o_ptr + rows[:, None] * stride_on + (half * SLOT_HALF + slots)[None, :],
+                         x.to(OUT.dtype.element_ty), mask=in_half)
+        elif PASS > 0:
             pass_mask = mask[:, None] & (cols[None, :] < PASS)
             x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
             x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
@@ -70,26 +84,29 @@ def row_strides(t):
 
 
 def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
-         layout="bshd", inverse=False, out=None, config=None):
+         layout="bshd", inverse=False, out=None, slot_half=0, config=None):
     """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") with inv_freq float32
     [rotary_dim / 2] at positions [B or 1, N] (or offset + arange(N) when None): amplitude
     `scale` on the rotated features, `pass_scale` on the others, and row_scale [B or 1, N]
     float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x; may be x itself: each program loads its
-    rows before storing them) and returns it. config: (rows, heads per program, warps), for
+    rows before storing them) and returns it; slot_half > 0 writes the Hopper attention
+    kernel's feature order, 2 slot_half features wide (the module docstring). config: (rows, heads per program, warps), for
     sweeps; the default (16, 4, 4) comes from the H100 sweep in bench/RESULTS.md (2.3-2.4 TB/s
     at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128)."""
     batch, n, heads, head_dim = bnhd(x, layout)
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
+    slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
     block_n, heads_per_program, num_warps = config or (16, 4, 4)
     grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
     rope_kernel[grid](
         x, out, positions, inv_freq, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
         *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale, pass_scale, heads_per_program,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
-        PASS_PAD=triton.next_power_of_2(max(passthrough, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
-        HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, BLOCK_N=block_n,
+        PASS_PAD=triton.next_power_of_2(max(slots, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
+        HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, SLOT_HALF=slot_half,
+        BLOCK_N=block_n,
         num_warps=num_warps,
     )
     return out

@@ -77,8 +77,9 @@ def load_pairs(ptr, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, PAIRS_P
 
 @triton.jit
 def store_pairs(ptr, a, b, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr,
-                INTERLEAVED: tl.constexpr):
-    """Inverse of `load_pairs`: write the halves (a, b) [M, PAIRS_PAD] back in place."""
+                INTERLEAVED: tl.constexpr, B_START: tl.constexpr):
+    """Inverse of `load_pairs`: write the halves (a, b) [M, PAIRS_PAD] back; b of
+    half-split pairs goes to features B_START + i (PAIRS + i: in place)."""
     rows = offs_row[:, None] * stride_row
     if INTERLEAVED:
         cols = tl.arange(0, 2 * PAIRS_PAD)
@@ -88,7 +89,7 @@ def store_pairs(ptr, a, b, offs_row, row_mask, stride_row, PAIRS: tl.constexpr, 
         cols = tl.arange(0, PAIRS_PAD)
         mask = row_mask[:, None] & (cols[None, :] < PAIRS)
         tl.store(ptr + rows + cols[None, :], a, mask=mask)
-        tl.store(ptr + rows + (cols + PAIRS)[None, :], b, mask=mask)
+        tl.store(ptr + rows + (cols + B_START)[None, :], b, mask=mask)
 
 
 @triton.jit

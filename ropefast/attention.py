@@ -136,11 +136,13 @@ def scaled_rope_attention(
         if q_temperature.device != q.device:
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
-    if dispatch.path(q) != "reference":
+    path = dispatch.path(q)
+    if path != "reference":
         for name, x in (("q", q), ("k", k), ("v", v)):
             check_tma_aligned(name, x)
         out, lse = ScaledRopeAttention.apply(q, k, v, inv_freq, q_temperature, q_positions, k_positions,
-                                             rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout)
+                                             rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout,
+                                             path == "hopper")
         return (out, lse) if return_lse else out
     return scaled_rope_attention_reference(
         q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,

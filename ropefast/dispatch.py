@@ -4,7 +4,10 @@ Triton reads TRITON_INTERPRET when it compiles a kernel's decorator, which happe
 ropefast imports its kernels: from then on every kernel launch is interpreted (set) or
 compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
-  "kernel"       CUDA tensors, TRITON_INTERPRET unset: the compiled Triton kernels.
+  "hopper"       CUDA float16 / bfloat16 on a Hopper GPU (sm_90) with a Triton whose Gluon
+                 has what the kernels need (`kernels.hopper.compat`): the warp-specialized
+                 Gluon forward (the backward runs the portable kernels).
+  "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
                  interpreter on the CPU (slow; for tests).
   "reference"    everything else: `ropefast.reference` in plain PyTorch (float32 math, float64
@@ -18,14 +21,17 @@ GPU driver on CPU tensors once it is set): while it differs from its value at im
 call takes the reference, and the first such call warns once.
 """
 
+import contextlib
 import os
 import warnings
 
 import torch
 
-__all__ = ["INTERPRETER", "PATHS", "path"]
+from .kernels.hopper import compat as hopper_compat
 
-PATHS = ("kernel", "interpreter", "reference")
+__all__ = ["INTERPRETER", "PATHS", "path", "portable_kernels"]
+
+PATHS = ("hopper", "kernel", "interpreter", "reference")
 
 
 def _interpret_env():
@@ -34,6 +40,8 @@ def _interpret_env():
 
 INTERPRETER = _interpret_env()
 _warned_env_change = False
+_portable_only = False
+_capability = {}  # CUDA device index -> (major, minor)
 
 
 def _env_changed():
@@ -51,10 +59,35 @@ def _env_changed():
     return True
 
 
+def _is_hopper(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(index)
+    return _capability[index] == (9, 0)
+
+
 def path(x: torch.Tensor) -> str:
-    """The path ("kernel", "interpreter" or "reference") a call on tensors like x takes."""
+    """The path ("hopper", "kernel", "interpreter" or "reference") a call on tensors like x
+    takes."""
     if x.dtype == torch.float64 or _env_changed():
         return "reference"
     if INTERPRETER:
         return "reference" if x.dtype == torch.bfloat16 else "interpreter"
-    return "kernel" if x.is_cuda else "reference"
+    if not x.is_cuda:
+        return "reference"
+    if (not _portable_only and x.dtype in (torch.float16, torch.bfloat16) and hopper_compat.SUPPORTED
+            and _is_hopper(x.device)):
+        return "hopper"
+    return "kernel"
+
+
+@contextlib.contextmanager
+def portable_kernels():
+    """Within this block, CUDA calls run the portable `tl.*` kernels even where the Hopper
+    path would (tests and benchmarks compare the two). Not thread-safe: it sets a flag."""
+    global _portable_only
+    before, _portable_only = _portable_only, True
+    try:
+        yield
+    finally:
+        _portable_only = before

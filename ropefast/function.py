@@ -1,12 +1,16 @@
-"""Thin autograd Function around the fused kernels: the API has validated everything; this
-prepares kernel inputs, launches, and saves only q, k, v (unrotated), O, LSE, inv_freq,
-positions and temperature. The backward recomputes every rotation."""
+"""Thin autograd Function around the fused kernels: the API has validated everything and
+chosen the path; this prepares kernel inputs, launches, and saves only q, k, v (unrotated),
+O, LSE, inv_freq, positions and temperature. The backward recomputes every rotation."""
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ropefast.kernels.attention_bwd import rope_attention_bwd
 from ropefast.kernels.attention_fwd import rope_attention_fwd
+from ropefast.kernels.hopper import compat as hopper_compat
+
+if hopper_compat.SUPPORTED:
+    from ropefast.kernels.hopper.attention_fwd import rope_attention_fwd_hopper
 
 
 def _as_batched(t):
@@ -17,13 +21,14 @@ def _as_batched(t):
 class ScaledRopeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, inv_freq, q_temperature, q_positions, k_positions,
-                rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout):
+                rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout, hopper):
         batch = q.shape[0]
         nq = q.shape[1] if layout == "bshd" else q.shape[2]
         q_pos = None if q_positions is None else _as_batched(q_positions).expand(batch, nq)
         k_pos = _as_batched(k_positions)
         temperature = None if q_temperature is None else _as_batched(q_temperature.float()).expand(batch, nq)
-        out, lse = rope_attention_fwd(
+        forward = rope_attention_fwd_hopper if hopper else rope_attention_fwd
+        out, lse = forward(
             q, k, v, inv_freq.detach(), q_pos, k_pos, temperature, rotary_dim=rotary_dim, interleaved=interleaved,
             causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale, layout=layout)
         ctx.save_for_backward(q, k, v, out, lse, inv_freq, q_pos, k_pos, temperature)
@@ -52,4 +57,4 @@ class ScaledRopeAttention(torch.autograd.Function):
             if len(ctx.temperature_shape) == 1:
                 dtemp = dtemp.sum(0)
             dtemp = dtemp.to(ctx.temperature_dtype)
-        return dq, dk, dv, dfreq, dtemp, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dfreq, dtemp, None, None, None, None, None, None, None, None, None

@@ -1,13 +1,16 @@
 """The fused forward kernel against the float64 reference.
 
 CPU: through the Triton interpreter (TRITON_INTERPRET=1), float32 and float16, small shapes.
-GPU: bfloat16 and float16 over realistic shapes (skipped without CUDA).
+GPU: bfloat16 and float16 over realistic shapes, on the default path (the Gluon kernel on a
+Hopper GPU) and on the portable kernels (skipped without CUDA).
 """
+
+import contextlib
 
 import pytest
 import torch
 
-from ropefast import scaled_rope_attention, schedules
+from ropefast import dispatch, scaled_rope_attention, schedules
 from ropefast.reference import scaled_rope_attention_reference
 
 from conftest import DEVICE, TOLERANCE, rel_err, requires_cuda, requires_kernel
@@ -102,16 +105,53 @@ GPU_CASES = [
     (2, 1000, 1000, 8, 8, 128, 64, dict(temperature=True, rotary_scale=1.2)),  # rotary_dim = D/2
     (1, 1024, 1024, 8, 8, 80, 80, dict(layout="bhsd")),
     (1, 1024, 1024, 8, 8, 96, 96, dict(causal=True, positions=True, pos_scale=1000)),  # long positions
+    (1, 700, 300, 4, 2, 64, 32, dict(causal=True)),  # Nq > Nk: rows that see nothing; partial rotary
+    (2, 300, 1100, 8, 8, 256, 128, dict(positions=True, temperature=True)),  # D = 256, partial, Nq < Nk
+    (1, 2000, 2000, 4, 4, 80, 48, dict(causal=True, layout="bhsd")),  # half-split pairs, D no power of two
+    (3, 129, 129, 2, 2, 128, 128, dict(causal=True, interleaved=True, temperature=True)),  # one row past a tile
 ]
+PATHS = {"default": contextlib.nullcontext, "portable": dispatch.portable_kernels}
 
 
 @requires_cuda
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c[:7])) + "-" + "-".join(c[7]))
-def test_forward_gpu(case, dtype):
-    err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
+def test_forward_gpu(case, dtype, path):
+    with PATHS[path]():
+        err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
     assert err_out < TOLERANCE[dtype], err_out
     assert err_lse < 1e-3, err_lse  # lse is float32 math over low-precision scores
+
+
+@requires_cuda
+def test_hopper_gpus_take_the_gluon_path():
+    q = torch.empty(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert dispatch.path(q) == ("hopper" if hopper else "kernel")
+    assert dispatch.path(q.float()) == "kernel"
+    with dispatch.portable_kernels():
+        assert dispatch.path(q) == "kernel"
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_beyond_2_pow_31_elements(path):
+    # q of 2.3e9 elements (4.6 GB): every offset into it needs 64 bits. The last 64 rows of two
+    # query heads against float64.
+    B, N, Hq, Hkv, D = 1, 140_000, 128, 8, 128
+    if torch.cuda.get_device_properties(0).total_memory < 3 * B * N * Hq * D * 2:
+        pytest.skip("needs about 14 GB of GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(B, N, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    inv_freq = schedules.YaRN(D, factor=32.0, original_max_position_embeddings=4096).inv_freq(device="cuda")
+    with PATHS[path]():
+        out = scaled_rope_attention(q, k, v, inv_freq=inv_freq, causal=True)
+    heads = [Hq - 16, Hq - 1]  # of the last KV head
+    ref = scaled_rope_attention_reference(q[:, -64:, heads].double(), k[:, :, -1:].double(), v[:, :, -1:].double(),
+                                          inv_freq=inv_freq, causal=True)
+    assert rel_err(out[:, -64:, heads], ref) < TOLERANCE[torch.bfloat16]
 
 
 @requires_kernel

@@ -1,0 +1,466 @@
+"""Scaled rotary attention forward for Hopper (sm_90), in Gluon: FlashAttention-3's structure
+with the query rotation inside.
+
+One program owns BLOCK_M = 128 queries of one (batch, query head) and runs as three
+warpgroups (`gl.warp_specialize`):
+- a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
+  of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier;
+- two consumers own 64 query rows each. Each first rotates its rows of q in registers
+  (angles from exact fixed-point phases, every logit scale folded in) and stores them to
+  shared memory, where the QK^T wgmma reads them. Then per key tile j it issues S_j = Q K_j^T
+  and O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j while PV_{j-1} is still on
+  the tensor cores, and hands the tensor cores to the other consumer through an mbarrier
+  "turn" (ping-pong), so one warpgroup's exponentials overlap the other's matmuls.
+Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
+
+Feature order. A rotation pairs feature a_i with b_i: (2i, 2i+1) interleaved, (i, i + R/2)
+otherwise. The consumers hold a tile as its two halves [a | b] of D_PAD/2 "slots" each:
+slot i < R/2 holds pair i, and slot i >= R/2 holds the pass-through features (2i, 2i+1).
+Their shared-memory tile is [a slots | b slots] (halves) or interleaved (a_0 b_0 a_1 ...):
+the natural feature order, except for half-split pairs with R < D_PAD (partial rotary, or a
+head dim that is no power of two). Logits are sums over features, so K^ only has to use the
+same order: the key rope pass writes it so (`kernels.rope`, SLOT_ORDER), D_PAD wide.
+
+Angles: the phase p * f in turns is exact in 32-bit fixed point (`kernels.rotary`), its
+quarter-free remainder x in [-pi, pi) goes to the MUFU's sin.approx / cos.approx (absolute
+error below 1e-6 on that range, against 0.03 rad for float32 p * f at p = 2**20).
+"""
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..attention_fwd import LOG2E
+from ..rope import bnhd, bshd_strides, rope, row_strides
+from .compat import tma_load, tma_store
+
+WG_ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma M atom)
+BLOCK_M = gl.constexpr(128)  # two consumer warpgroups per program
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+# ---- the query rotation (consumer prologue) ----
+
+@gluon.constexpr_function
+def _pair_layout(half, interleaved, num_warps):
+    """[64, half, 2] register layout of a tile as (row, slot, half of the pair): each thread
+    holds 8 consecutive slots of both halves, so its loads are 16 bytes wide in either pair
+    order and a pair never leaves its thread."""
+    vec = min(8, half)
+    cols = min(half // vec, 32)
+    return gl.BlockedLayout([1, vec, 2], [32 // cols, cols, 1], [num_warps, 1, 1],
+                            [2, 1, 0] if interleaved else [1, 2, 0])
+
+
+@gluon.constexpr_function
+def _row_layout(half, num_warps):
+    """[64, 2 half] layout of interleaved rows that reshapes to `_pair_layout` for free."""
+    vec = min(8, half)
+    cols = min(half // vec, 32)
+    return gl.BlockedLayout([1, 2 * vec], [32 // cols, cols], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constexpr):
+    """frac(f / 2pi) of each slot's frequency as a 64-bit fixed-point fraction (hi, lo),
+    uint32 [HALF] in layout SL, computed in float64 (`kernels.rotary.load_increments`)."""
+    slot = gl.arange(0, HALF, layout=SL)
+    turns = gl.load(INV_FREQ + slot, mask=slot < PAIRS, other=0.0).to(gl.float64) * 0.15915494309189535
+    scaled = (turns - gl.floor(turns)) * 4294967296.0
+    inc_hi = gl.floor(scaled)
+    return inc_hi.to(gl.uint32), gl.floor((scaled - inc_hi) * 4294967296.0).to(gl.uint32)
+
+
+@gluon.jit
+def _sincos(pos, inc_hi, inc_lo):
+    """cos and sin of pos[:, None] * f[None, :]: the phase in 2**-32 turns is exact
+    (`kernels.rotary`), the MUFU evaluates the rest on [-pi, pi)."""
+    magnitude = gl.abs(pos).to(gl.uint32)
+    phase = gl.expand_dims(magnitude, 1) * gl.expand_dims(inc_hi, 0) + gl.umulhi(gl.expand_dims(magnitude, 1),
+                                                                                 gl.expand_dims(inc_lo, 0))
+    phase = gl.where(gl.expand_dims(pos < 0, 1), 0 - phase, phase)  # p * f is odd in p
+    x = phase.to(gl.int32, bitcast=True).to(gl.float32) * 1.4629180792671596e-09  # 2 pi / 2**32
+    return gl.inline_asm_elementwise("cos.approx.f32 $0, $2;\n\tsin.approx.f32 $1, $2;", "=f,=f,f", [x],
+                                     dtype=(gl.float32, gl.float32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _load_q(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
+            INTERLEAVED: gl.constexpr, L3: gl.constexpr):
+    """Query rows [row0, row0 + 64) below row_end as [64, D_PAD / 2, 2] (row, slot, half of
+    the pair: the kernel's feature order, module docstring); zeros elsewhere and past
+    HEAD_DIM. Q points at this (batch, head)'s row 0."""
+    HALF: gl.constexpr = D_PAD // 2
+    if INTERLEAVED:  # pairs side by side: load whole rows (16-byte loads), then view them as pairs
+        RL: gl.constexpr = _row_layout(HALF, gl.num_warps())
+        rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, RL)), 1)
+        col = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, RL)), 0)
+        x = gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
+        return gl.convert_layout(gl.reshape(x, [WG_ROWS, HALF, 2]), L3, assert_trivial=True)
+    SL: gl.constexpr = gl.SliceLayout(2, L3)
+    rows = gl.expand_dims(gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, SL)), 1), 2)
+    slot = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)), 0), 2)
+    half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+    if PAIRS == HALF:
+        col = slot + half * HALF
+    else:  # slot order: pairs (i, i + R/2), then the pass-through features (2i, 2i + 1)
+        col = gl.where(slot < PAIRS, slot + half * PAIRS, 2 * slot + half)
+    return gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
+
+
+@gluon.jit
+def _rotate_q(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0, NQ, q_pos_offset, row_scale,
+              rot_scale, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr,
+              HAS_TEMP: gl.constexpr, L3: gl.constexpr):
+    """The `_load_q` rows rotated and scaled (every logit scale folded in, base 2), as the
+    [64, D_PAD] tile the QK^T wgmma reads. Q_POS and TEMP point at this batch's row 0."""
+    HALF: gl.constexpr = D_PAD // 2
+    SL: gl.constexpr = gl.SliceLayout(2, L3)  # [64, HALF]
+    dtype: gl.constexpr = x.dtype
+    a, b = gl.split(x)
+    a = gl.convert_layout(a, SL, assert_trivial=True).to(gl.float32)
+    b = gl.convert_layout(b, SL, assert_trivial=True).to(gl.float32)
+    rows = row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, SL))
+    if HAS_POS:
+        pos = gl.load(Q_POS + rows.to(gl.int64) * stride_pos_n, mask=rows < NQ, other=0).to(gl.int32)
+    else:
+        pos = rows + q_pos_offset
+    cos, sin = _sincos(pos, inc_hi, inc_lo)
+    scale = gl.full([WG_ROWS], row_scale, gl.float32, gl.SliceLayout(1, SL))
+    if HAS_TEMP:
+        scale = scale * gl.load(TEMP + rows.to(gl.int64) * stride_temp_n, mask=rows < NQ, other=0.0)
+    rotated = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)) < PAIRS, 0)
+    c = gl.where(rotated, cos * gl.expand_dims(scale * rot_scale, 1), gl.expand_dims(scale, 1))
+    s = gl.where(rotated, sin * gl.expand_dims(scale * rot_scale, 1), 0.0)
+    tile = gl.join((a * c - b * s).to(dtype), (b * c + a * s).to(dtype))  # [64, HALF, 2]
+    if not INTERLEAVED:
+        tile = gl.permute(tile, (0, 2, 1))  # [64, 2, HALF]: the a slots, then the b slots
+    return gl.reshape(tile, [WG_ROWS, D_PAD])
+
+
+# ---- the persistent schedule, producer and consumers ----
+
+@gluon.jit
+def _work_item(item, NQ, NK, HQ, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work item -> (batch, query head, KV head, first query, key tiles visible to every row,
+    key tiles in all). Items run through the query tiles of one (batch, head) before the
+    next, so the programs running at one time share K/V in L2; causal ones longest first."""
+    n_m = gl.cdiv(NQ, BLOCK_M)
+    pid_bh = item // n_m
+    pid_m = item % n_m
+    if CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    q_start = pid_m * BLOCK_M
+    # Key tiles [0, n_full) are visible to every row of the tile; [n_full, n_tiles) need masks.
+    if CAUSAL:
+        last_key = gl.minimum(q_start + BLOCK_M, NQ) - 1 + (NK - NQ)  # of the tile's last row
+        n_tiles = gl.cdiv(gl.minimum(gl.maximum(last_key + 1, 0), NK), BLOCK_N)
+        n_full = gl.minimum(gl.maximum(q_start + (NK - NQ) + 1, 0) // BLOCK_N, NK // BLOCK_N)
+    else:
+        n_tiles = gl.cdiv(NK, BLOCK_N)
+        n_full = NK // BLOCK_N
+    return off_b, off_h, off_h // GROUP, q_start, n_full, n_tiles
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
+              CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of the K^ and V tiles of this program's work items into the ring; it runs
+    ahead into the next item while the consumers finish the current one."""
+    count = 0  # tiles loaded so far: the ring position
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        off_b, off_h, off_hkv, q_start, n_full, n_tiles = _work_item(item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+        kv_head = off_b * (HQ // GROUP) + off_hkv
+        for j in range(n_tiles):
+            stage = count % STAGES
+            phase = (count // STAGES) & 1
+            # an mbarrier starts as if its phase 1 had completed: the first lap does not block
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma_load(k_desc, [kv_head, j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase ^ 1)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma_load(v_desc, [off_b, j * BLOCK_N, off_hkv, 0], v_ready.index(stage), v_smem.index(stage))
+            count += 1
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, rows, start_n, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+             BLOCK_N: gl.constexpr, S_L: gl.constexpr):
+    """Online softmax (base 2: the log2(e) is folded into Q^) of one key tile. MASKED tiles
+    hide keys past NK (rows of another head, or zeros) and, causal, past the diagonal."""
+    if MASKED:
+        keys = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L)), 0)
+        visible = keys < NK
+        if CAUSAL:
+            visible = visible & (keys <= gl.expand_dims(rows, 1) + (NK - NQ))
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    if MASKED:  # a row that has seen no key keeps m = -inf: subtract 0 instead of NaN
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+             turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+             BLOCK_N: gl.constexpr, D_PAD: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr,
+             O_L: gl.constexpr, P_L: gl.constexpr):
+    """Key tile j >= 1 (ring position count): S_j = Q K_j^T and O = alpha_{j-1} O +
+    P_{j-1} V_{j-1} issued together, then the softmax of S_j while PV_{j-1} still runs."""
+    stage = count % STAGES
+    prev = (count - 1) % STAGES
+    mbarrier.wait(k_ready.index(stage), (count // STAGES) & 1)
+    mbarrier.wait(v_ready.index(prev), ((count - 1) // STAGES) & 1)
+    mbarrier.wait(turn_mine, turn_phase)  # my turn on the tensor cores
+    k = k_smem.index(stage).reshape([BLOCK_N, D_PAD]).permute((1, 0))
+    s_token = warpgroup_mma(q_tile, k, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, S_L), use_acc=False, is_async=True)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+    o_token = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, D_PAD]), acc, is_async=True)
+    mbarrier.arrive(turn_other, count=1)  # the other consumer's matmuls run during my softmax
+    s = warpgroup_mma_wait(1, deps=[s_token])
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p_next, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, j * BLOCK_N, NQ, NK, CAUSAL, MASKED, BLOCK_N, S_L)
+    # P_{j-1} stays in its registers until PV_{j-1} is done: convert P_j only after the wait.
+    acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
+    mbarrier.arrive(v_empty.index(prev), count=1)
+    return gl.convert_layout(p_next.to(p.dtype), P_L), alpha, acc, m_i, l_i, turn_phase ^ 1
+
+
+@gluon.jit
+def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
+              stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine,
+              turn_other, NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
+              HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+              HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile."""
+    NW: gl.constexpr = gl.num_warps()
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D_PAD, 16])
+    P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)  # P stays in registers
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_tile = q_smem.index(CID)
+    q_mma = q_tile.reshape([WG_ROWS, D_PAD])
+    L3: gl.constexpr = _pair_layout(D_PAD // 2, INTERLEAVED, NW)
+
+    count = 0  # tiles consumed so far: the ring position, as the producer's
+    turn_phase = 0
+    # Up to D = 128 a warpgroup loads the next item's queries during this item's epilogue, in
+    # 32 registers per thread; at D = 256 that would take 64 and spill: it loads them in turn.
+    PREFETCH_Q: gl.constexpr = D_PAD <= 128
+    if PREFETCH_Q:
+        off_b, off_h, _, q_start, _, _ = _work_item(gl.program_id(0), NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+        x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
+                    q_start + CID * WG_ROWS, NQ, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        off_b, off_h, off_hkv, q_start, n_full, n_tiles = _work_item(item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+        row0 = q_start + CID * WG_ROWS
+        if not PREFETCH_Q:
+            x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn, row0, NQ,
+                        HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+        pos_ptr = Q_POS
+        if HAS_POS:
+            pos_ptr = Q_POS + off_b.to(gl.int64) * stride_pos_b
+        temp_ptr = TEMP
+        if HAS_TEMP:
+            temp_ptr = TEMP + off_b.to(gl.int64) * stride_temp_b
+        # recomputed per item: kept across the loop they would cost 16 registers per thread
+        inc_hi, inc_lo = _increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        rotated = _rotate_q(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, NQ,
+                            q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, L3)
+        tma.store_wait(0)  # the previous item's O left this buffer
+        q_mma.store(rotated)
+        fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
+
+        rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
+        acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
+        m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.full([WG_ROWS], 0.0, gl.float32, ROW_S)
+        if n_tiles > 0:
+            # tile 0: S only (masked: it may be the causal diagonal or the last, partial tile)
+            stage = count % STAGES
+            mbarrier.wait(k_ready.index(stage), (count // STAGES) & 1)
+            mbarrier.wait(turn_mine, turn_phase)
+            k = k_smem.index(stage).reshape([BLOCK_N, D_PAD]).permute((1, 0))
+            s_token = warpgroup_mma(q_mma, k, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, S_L), use_acc=False,
+                                    is_async=True)
+            mbarrier.arrive(turn_other, count=1)
+            s = warpgroup_mma_wait(0, deps=[s_token])
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, 0, NQ, NK, CAUSAL, True, BLOCK_N, S_L)
+            p = gl.convert_layout(p.to(dtype), P_L)
+            turn_phase ^= 1
+            count += 1
+            for j in range(1, n_full):
+                p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
+                    j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+                    turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL, False, BLOCK_N, D_PAD, STAGES, S_L,
+                    O_L, P_L)
+                count += 1
+            for j in range(gl.maximum(n_full, 1), n_tiles):
+                p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
+                    j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+                    turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL, True, BLOCK_N, D_PAD, STAGES, S_L,
+                    O_L, P_L)
+                count += 1
+            # drain: the last PV
+            last = (count - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+            o_token = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, D_PAD]), acc, is_async=True)
+            acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
+            mbarrier.arrive(v_empty.index(last), count=1)
+
+        if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
+            next_item = item + gl.num_programs(0)
+            next_b, next_h, _, next_start, _, _ = _work_item(next_item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+            x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
+                        next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
+                        INTERLEAVED, L3)
+
+        # epilogue: O = acc / l through this warpgroup's (now unused) Q^ buffer and a TMA store
+        # that runs on while the next item starts (rows past NQ and features past HEAD_DIM are
+        # clipped); lse in natural log. A row that saw no key (causal, Nq > Nk) gets O = 0 and
+        # lse = -inf.
+        seen = l_i > 0
+        l_safe = gl.where(seen, l_i, 1.0)
+        acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, O_L)), 1)
+        q_mma.store(acc.to(dtype))
+        fence_async_shared()
+        tma_store(o_desc, [off_b, row0, off_h, 0], q_tile)
+        log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
+                                           is_pure=True, pack=1)
+        gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + rows,
+                 gl.where(seen, (m_i + log2_l) * LN2, float("-inf")), mask=rows < NQ)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def rope_attention_fwd_hopper_kernel(
+    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, LSE, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n,
+    TEMP, stride_temp_b, stride_temp_n, NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale, rot_scale,
+    HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+    HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    """Persistent: program i runs work items i, i + grid, ... (`_work_item`). Q unrotated (any
+    strides, last dim contiguous), K^ rotated (3-D descriptor over [B * Hkv, Nk, D or D_PAD] in
+    the kernel's feature order), V and O through 4-D descriptors over their [B, N, H, D]
+    strides; lse [B, Hq, Nq]. row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2;
+    TEMP [B or 1, Nq] multiplies row_scale per query."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, D_PAD], v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    fence_async_shared()
+    mbarrier.arrive(turn.index(0), count=1)  # consumer 0 takes the first turn
+
+    # warp_specialize takes no None: an absent input passes a pointer it never reads
+    pos = Q_POS if HAS_POS else LSE
+    temp = TEMP if HAS_TEMP else LSE
+    gl.warp_specialize([
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
+                     CAUSAL, BLOCK_N, STAGES)),
+        (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
+                     stride_temp_b, stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                     v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale,
+                     rot_scale, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, BLOCK_N, STAGES)),
+        (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
+                     stride_temp_b, stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                     v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale,
+                     rot_scale, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, BLOCK_N, STAGES)),
+    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# ---- launcher ----
+
+def fwd_config(head_dim_pad):
+    """(BLOCK_N, STAGES, consumer registers, maxnreg) per padded head dim. 12 warps at 168
+    registers fill the register file; the producer gives its share to the consumers."""
+    if head_dim_pad <= 128:
+        return 128, 2, 240, 168
+    return 64, 2, 240, 168
+
+
+@functools.cache
+def multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def shared_layout(block, torch_dtype):
+    dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+def slot_order(head_dim_pad, rotary_dim, interleaved):
+    """Whether the kernel's feature order differs from the natural one (module docstring):
+    half-split pairs that do not fill the padded head dim."""
+    return not interleaved and rotary_dim < head_dim_pad
+
+
+def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
+                              interleaved, causal, softmax_scale, rotary_scale, layout, config=None):
+    """Scaled rotary attention forward on Hopper: the key rope pass (into a K^ buffer for this
+    call only, in the kernel's feature order), then the warp-specialized kernel, which
+    rotates the queries itself. Arguments as `kernels.attention_fwd.rope_attention_fwd` (q,
+    k, v 16-bit); returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
+    batch, nq, hq, head_dim = bnhd(q, layout)
+    _, nk, hkv, _ = bnhd(k, layout)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n, stages, consumer_regs, maxnreg = config or fwd_config(d_pad)
+    slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
+    width = d_pad if slot_half else head_dim
+    k_rot = torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype)
+    rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
+         out=k_rot.transpose(1, 2) if layout == "bshd" else k_rot, slot_half=slot_half)
+
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
+    k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
+    k_desc = TensorDescriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
+                              shared_layout(k_block, q.dtype))
+    v_desc = TensorDescriptor(v, [batch, nk, hkv, head_dim], [*bshd_strides(v, layout), 1], v_block,
+                              shared_layout(v_block, q.dtype))
+    o_desc = TensorDescriptor(out, [batch, nq, hq, head_dim], [*bshd_strides(out, layout), 1], o_block,
+                              shared_layout(o_block, q.dtype))
+    # Non-causal items are equal: one program per SM runs them in turn (its producer loads the
+    # next item's first tiles during the last one's epilogue). Causal items differ in length:
+    # one program each, longest first, and the hardware hands out the next as SMs free up.
+    n_items = triton.cdiv(nq, BLOCK_M.value) * batch * hq
+    rope_attention_fwd_hopper_kernel[(n_items if causal else min(n_items, multiprocessors(q.device)),)](
+        q, *bshd_strides(q, layout), k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
+        q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items, nk - nq,
+        softmax_scale * LOG2E, rotary_scale**2,
+        HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
+        HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, BLOCK_N=block_n,
+        STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+    )
+    return out, lse

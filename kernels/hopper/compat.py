@@ -1,0 +1,26 @@
+"""The Triton-version differences of the Gluon API that the Hopper kernels use, in one place.
+
+Gluon (`triton.experimental.gluon`) is experimental and moves between releases:
+- async `warpgroup_mma(..., is_async=True)` and `warpgroup_mma_wait(n, deps=...)` arrive in
+  3.5; `gl.warp_specialize` takes a list of (function, args) pairs from 3.6 on (3.4 and 3.5
+  had other signatures). The kernels here need 3.6 or newer (`MIN_TRITON`).
+- The TMA copies are `tma.async_copy_global_to_shared` / `async_copy_shared_to_global` up to
+  3.7, `tma.async_load` / `async_store` from 3.8 (the old names are gone in 3.9).
+"""
+
+import triton
+
+MIN_TRITON = (3, 6)
+
+
+def triton_version():
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+
+
+SUPPORTED = triton_version() >= MIN_TRITON
+
+if SUPPORTED:
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
