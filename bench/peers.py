@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ropefast import apply_scaled_rope, scaled_rope_attention, schedules
+from ropefast import apply_scaled_rope, dispatch, scaled_rope_attention, schedules
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -52,10 +52,11 @@ class Case:
 
 def gpu_cases():
     """bf16 at 16k tokens per batch: D=128 (H=16) and D=64 (H=32), N = 1k-16k, causal and
-    not; then fp16, GQA 4:1 and a 64k-token causal sequence at D=128."""
+    not; then fp16, GQA 4:1, D=256 (H=8) and a 64k-token causal sequence at D=128."""
     cases = [Case("bf16", d, h, h, n, causal) for d, h in ((128, 16), (64, 32)) for n in (1024, 4096, 16384)
              for causal in (False, True)]
     cases += [Case("fp16", 128, 16, 16, 4096, causal) for causal in (False, True)]
+    cases += [Case("bf16", 256, 8, 8, 4096, causal) for causal in (False, True)]
     cases += [Case("bf16", 128, 16, 4, 4096, causal) for causal in (False, True)]
     cases += [Case("bf16", 128, 16, 16, 65536, True, tokens=65536)]
     return cases
@@ -99,6 +100,16 @@ def _rotate_half(x):
 def build_ropefast(case, device):
     sched = yarn(case.head_dim)
     return lambda q, k, v: scaled_rope_attention(q, k, v, schedule=sched, causal=case.causal)
+
+
+def build_ropefast_portable(case, device):
+    """ropefast on its portable `tl.*` kernels, where the default path is the Hopper one."""
+    fn = build_ropefast(case, device)
+
+    def portable(q, k, v):
+        with dispatch.portable_kernels():
+            return fn(q, k, v)
+    return portable
 
 
 def build_sdpa(backend):
@@ -179,6 +190,7 @@ GPU_PIPELINES = {
     "eager_rope+cudnn": build_eager_rope_sdpa,
     "triton_rope+cudnn": build_triton_rope_sdpa,
     "triton_rope+flex_temperature": build_flex,
+    "ropefast_portable": build_ropefast_portable,
     "ropefast": build_ropefast,  # last: its ratios use the peers timed just before it
 }
 CPU_PIPELINES = {

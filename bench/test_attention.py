@@ -9,7 +9,8 @@ own rounds, each ending in a device synchronization, for pytest-benchmark's tabl
 (the last of each case), its speed ratio to every peer timed in the same session.
 
 pytest-benchmark prints one table per (case, mode). ropefast's test id and extra_info name
-the path it ran (`ropefast.dispatch`: "kernel", "interpreter" or "reference").
+the path it ran (`ropefast.dispatch`: "hopper", "kernel", "interpreter" or "reference"); on
+a GPU, "ropefast_portable" times the portable `tl.*` kernels beside it.
 
 Without a GPU the suite runs small fp32 shapes on the CPU (ropefast's PyTorch reference
 path, SDPA's math backend): those numbers exercise the suite and say nothing about GPU
@@ -17,6 +18,7 @@ speed; their names and extra_info say "cpu". With TRITON_INTERPRET=1 exported, r
 tests time Triton's interpreter instead, and warn.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -30,12 +32,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES, PIPELINES = (gpu_cases(), GPU_PIPELINES) if DEVICE == "cuda" else (cpu_cases(), CPU_PIPELINES)
 
 
-def ropefast_path(case):
-    return dispatch.path(torch.empty(0, dtype=DTYPES[case.dtype], device=DEVICE))
+def ropefast_path(case, impl):
+    """The path ropefast's pipelines take on this case ("torch" for the peers)."""
+    if not impl.startswith("ropefast"):
+        return "torch"
+    with dispatch.portable_kernels() if impl == "ropefast_portable" else contextlib.nullcontext():
+        return dispatch.path(torch.empty(0, dtype=DTYPES[case.dtype], device=DEVICE))
 
 
 def _label(case, impl):
-    return f"ropefast-{ropefast_path(case)}" if impl == "ropefast" else impl
+    return f"ropefast-{ropefast_path(case, impl)}" if impl == "ropefast" else impl
 
 
 PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{_label(case, impl)}")
@@ -57,11 +63,11 @@ def test_attention(benchmark, case, mode, impl):
         step = _step(PIPELINES[impl](case, DEVICE), q, k, v, mode)
         step()  # compile / warm up; a backend that cannot take the case says so here
     except RuntimeError as err:
-        if impl == "ropefast":  # only a peer may lack support for a case; ropefast must run all
+        if impl.startswith("ropefast"):  # only a peer may lack support for a case; ropefast must run all
             raise
         pytest.skip(f"{impl} cannot run {case.name} {mode}: {str(err).splitlines()[0][:200]}")
 
-    path = ropefast_path(case) if impl == "ropefast" else "torch"
+    path = ropefast_path(case, impl)
     if path == "interpreter":
         warnings.warn("timing ropefast through Triton's interpreter (TRITON_INTERPRET is set): these times measure "
                       "Python, not a kernel; unset it to time the reference on a CPU, or run on a GPU")

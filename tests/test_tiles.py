@@ -1,5 +1,5 @@
 """The 2-D tile views the kernels read (kernels/attention_fwd.row_view), and a compile of
-the attention kernels for Hopper (sm_90) that needs no GPU."""
+the portable attention and rope kernels for Hopper (sm_90) that needs no GPU."""
 
 import os
 import subprocess
@@ -53,7 +53,7 @@ COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ropefast.kernels import attention_bwd, attention_fwd
+    from ropefast.kernels import attention_bwd, attention_fwd, rope
 
     def desc(block, dtype="bf16"):
         return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
@@ -89,6 +89,14 @@ COMPILE = textwrap.dedent("""
                     do_desc=desc([1, bm, 1, D]), LSE2="*fp32", DELTA="*fp32")
         args.update({n: ("*bf16" if n[:2] in ("DK", "DV", "DQ") else "i32") for n in names.split()})
         build(kernel, dict(args, **common, BLOCK_M=(bm,), BLOCK_N=(bn,), DOT_PRECISION=("tf32",)), config)
+    for slot_half in (0, 64):  # the rope pass, natural and Hopper slot order (R = 64 of D = 128)
+        build(rope.rope_kernel, dict(
+            X="*bf16", OUT="*bf16", POS="*i64", INV_FREQ="*fp32", ROW_SCALE="*fp32",
+            **{n: "i32" for n in "stride_xb stride_xn stride_xh stride_ob stride_on stride_oh stride_pos_b "
+               "stride_pos_n stride_row_b stride_row_n N H offset".split()},
+            scale="fp32", pass_scale="fp32", HEADS_PER_PROGRAM="i32", PAIRS=(32,), PAIRS_PAD=(32,), PASS=(64,),
+            PASS_PAD=(64 if not slot_half else 32,), ROTARY_DIM=(64,), INTERLEAVED=(False,), HAS_POS=(True,),
+            HAS_ROW_SCALE=(True,), INVERSE=(False,), SLOT_HALF=(slot_half,), BLOCK_N=(16,)), (16, 4, 4, 1))
     print("compiled")
 """)
 
