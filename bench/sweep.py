@@ -5,7 +5,8 @@ rope: the rope pass per (rows, heads per program, warps); fwd: the forward launc
 passes included) per (BLOCK_M, BLOCK_N, warps, stages, V first); bwd: the backward launcher per
 dK/dV and dQ config, varying one kernel's config at a time; hopper: the Gluon forward per
 (BLOCK_N, stages, consumer registers, maxnreg) beside cuDNN SDPA (no RoPE) and
-`apply_scaled_rope` + cuDNN, in alternating rounds. bf16, 16k tokens; markdown on stdout.
+`apply_scaled_rope` + cuDNN, in alternating rounds, with the share of its time the key rope
+pass takes. bf16, 16k tokens; markdown on stdout.
 The speed claims of the project come from the suite (pytest bench/), not from here.
 """
 
@@ -109,13 +110,16 @@ def sweep_hopper(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
 
     configs_by_dim = configs_by_dim or {128: [None], 64: [None], 256: [None]}
     _row("D", "N", "causal", "round", "config", "ms", "TF/s", "cuDNN TF/s", "rope + cuDNN TF/s", "vs cuDNN",
-         "vs rope + cuDNN")
-    _row(*["---"] * 11)
+         "vs rope + cuDNN", "key pass share")
+    _row(*["---"] * 12)
     for head_dim, configs in configs_by_dim.items():
         for case, q, k, v, inv_freq in _cases(head_dim, lengths):
             args = _args(head_dim, case.causal)
             peers = {name: build(case, "cuda") for name, build in (("cudnn", build_sdpa("cudnn")),
                                                                    ("rope+cudnn", build_triton_rope_sdpa))}
+            k_rot = torch.empty(case.batch, case.kv_heads, case.n, head_dim, device="cuda", dtype=k.dtype)
+            key_pass_ms = _ms(lambda: rope.rope(k, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False,
+                                                out=k_rot.transpose(1, 2)))
             for r in range(rounds):
                 peer_ms = {name: _ms(lambda: fn(q, k, v)) for name, fn in peers.items()}
                 for cfg in configs:
@@ -124,7 +128,8 @@ def sweep_hopper(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
                     flops = case.flops(False)
                     _row(head_dim, case.n, case.causal, r, cfg or "default", f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
                          f"{flops / peer_ms['cudnn'] / 1e9:.0f}", f"{flops / peer_ms['rope+cudnn'] / 1e9:.0f}",
-                         f"{peer_ms['cudnn'] / ms:.2f}", f"{peer_ms['rope+cudnn'] / ms:.2f}")
+                         f"{peer_ms['cudnn'] / ms:.2f}", f"{peer_ms['rope+cudnn'] / ms:.2f}",
+                         f"{key_pass_ms / ms:.1%}")
 
 
 if __name__ == "__main__":

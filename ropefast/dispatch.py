@@ -4,9 +4,10 @@ Triton reads TRITON_INTERPRET when it compiles a kernel's decorator, which happe
 ropefast imports its kernels: from then on every kernel launch is interpreted (set) or
 compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
-  "hopper"       CUDA float16 / bfloat16 on a Hopper GPU (sm_90) with a Triton whose Gluon
-                 has what the kernels need (`kernels.hopper.compat`): the warp-specialized
-                 Gluon forward (the backward runs the portable kernels).
+  "hopper"       CUDA float16 / bfloat16 with head dim > 64 on a Hopper GPU (sm_90) with a
+                 Triton whose Gluon has what the kernels need (`kernels.hopper.compat`): the
+                 warp-specialized Gluon forward (the backward runs the portable kernels). At
+                 head dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md).
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
                  interpreter on the CPU (slow; for tests).
@@ -32,6 +33,9 @@ from .kernels.hopper import compat as hopper_compat
 __all__ = ["INTERPRETER", "PATHS", "path", "portable_kernels"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
+# Up to this head dim the Gluon forward loses to the portable one (softmax-bound tiles; H200,
+# bench/RESULTS.md), so it takes larger ones only.
+HOPPER_MIN_HEAD_DIM = 64
 
 
 def _interpret_env():
@@ -75,8 +79,8 @@ def path(x: torch.Tensor) -> str:
         return "reference" if x.dtype == torch.bfloat16 else "interpreter"
     if not x.is_cuda:
         return "reference"
-    if (not _portable_only and x.dtype in (torch.float16, torch.bfloat16) and hopper_compat.SUPPORTED
-            and _is_hopper(x.device)):
+    if (not _portable_only and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] > HOPPER_MIN_HEAD_DIM
+            and hopper_compat.SUPPORTED and _is_hopper(x.device)):
         return "hopper"
     return "kernel"
 
