@@ -1,16 +1,21 @@
 """Scaled rotary attention forward for Hopper (sm_90), in Gluon: FlashAttention-3's structure
 with the query rotation inside.
 
-One program owns BLOCK_M = 128 queries of one (batch, query head) and runs as three
+A work item is BLOCK_M = 128 queries of one (batch, query head); a program runs items in turn
+(`_work_item`: persistent for non-causal calls, one item each for causal ones) as three
 warpgroups (`gl.warp_specialize`):
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
-  of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier;
-- two consumers own 64 query rows each. Each first rotates its rows of q in registers
-  (angles from exact fixed-point phases, every logit scale folded in) and stores them to
-  shared memory, where the QK^T wgmma reads them. Then per key tile j it issues S_j = Q K_j^T
-  and O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j while PV_{j-1} is still on
-  the tensor cores, and hands the tensor cores to the other consumer through an mbarrier
-  "turn" (ping-pong), so one warpgroup's exponentials overlap the other's matmuls.
+  of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
+  ahead into the next item while the consumers finish one;
+- two consumers own 64 query rows each. Each rotates its rows of q in registers (angles
+  from exact fixed-point phases, every logit scale folded in) and stores them to shared
+  memory, where the QK^T wgmma reads them. Then per key tile j it issues S_j = Q K_j^T and
+  O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
+  the other consumer through an mbarrier "turn" (ping-pong), so one warpgroup's
+  exponentials overlap the other's matmuls. (ptxas places the wait for PV_{j-1} before the
+  softmax's first shuffle, so within a warpgroup only the row maximum overlaps it.) The
+  epilogue's TMA store of O runs on while the next item starts, and up to D = 128 the next
+  item's queries load during it.
 Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
 
 Feature order. A rotation pairs feature a_i with b_i: (2i, 2i+1) interleaved, (i, i + R/2)
