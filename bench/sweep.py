@@ -45,15 +45,14 @@ def sweep_rope(configs=((16, 4, 4), (16, 8, 4), (32, 4, 4), (8, 8, 4), (16, 16, 
         inv_freq = yarn(head_dim).inv_freq(device="cuda")
         for cfg in configs:
             for output in ("like x", "sequence-major"):
-                out = attention_fwd.sequence_major(*x.shape, "bshd", x) if output != "like x" else None
+                out = attention_fwd.sequence_major(*x.shape, x) if output != "like x" else None
                 ms = _ms(lambda: rope.rope(x, inv_freq, None, 0, rotary_dim=head_dim, interleaved=False, out=out,
                                            config=cfg))
                 _row(head_dim, heads, cfg, output, f"{ms:.4f}", f"{2 * x.numel() * x.element_size() / ms / 1e6:.0f}")
 
 
 def _args(head_dim, causal):
-    return dict(rotary_dim=head_dim, interleaved=False, causal=causal, softmax_scale=head_dim**-0.5, rotary_scale=1.1,
-                layout="bshd")
+    return dict(rotary_dim=head_dim, interleaved=False, causal=causal, softmax_scale=head_dim**-0.5, rotary_scale=1.1)
 
 
 def _cases(head_dim, lengths):

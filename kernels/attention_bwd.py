@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_major, tile_descriptor,
                             tma_readable)
-from .rope import bnhd, bshd_strides, frequency_grad, rope
+from .rope import frequency_grad, rope
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
 
@@ -212,14 +212,14 @@ def bwd_config(head_dim_pad, is_cuda):
 
 
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
-                       rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout, need_dfreq,
+                       rotary_dim, interleaved, causal, softmax_scale, rotary_scale, need_dfreq,
                        need_dtemp, config=None):
-    """Launch the backward. Arguments as `rope_attention_fwd`, plus do (dO, q's layout),
-    out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q,
-    k, v: layout, strides, dtype), d inv_freq [P] float32 or None, and d temperature
-    [B, Hq, Nq] float32 (per head; the caller sums) or None."""
-    batch, nq, hq, head_dim = bnhd(q, layout)
-    _, nk, hkv, _ = bnhd(k, layout)
+    """Launch the backward. Arguments as `rope_attention_fwd`, plus do (dO, like q), out
+    and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q, k, v:
+    shape, strides, dtype), d inv_freq [P] float32 or None, and d temperature [B, Hq, Nq]
+    float32 (per head; the caller sums) or None."""
+    batch, nq, hq, head_dim = q.shape
+    _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
     dkdv_config, dq_config = config or bwd_config(d_pad, q.is_cuda)
     if not tma_readable(do):
@@ -227,55 +227,52 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
 
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     bwd_preprocess_kernel[(triton.cdiv(nq, 64), batch * hq)](
-        out, do, lse, dlse, delta, lse2, *bshd_strides(out, layout), *bshd_strides(do, layout), nq, hq,
+        out, do, lse, dlse, delta, lse2, *out.stride()[:3], *do.stride()[:3], nq, hq,
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=64)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
-                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
-                              layout=layout)
+                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
-    v_rows = v if row_view(v, layout, d_pad) else sequence_major(*bnhd(v, layout), layout, v).copy_(v)
+    v_rows = v if row_view(v, d_pad) else sequence_major(*v.shape, v).copy_(v)
 
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read by the one
     # program that writes it, after the dQ kernel) unless the frequency gradient still needs
     # K^; Q^ and dQ^ are freed before dk is allocated.
-    dq_hat = sequence_major(batch, nq, hq, head_dim, layout, q)
-    dk_hat = sequence_major(*bnhd(k, layout), layout, k) if need_dfreq else k_rot
+    dq_hat = sequence_major(batch, nq, hq, head_dim, q)
+    dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     dv = torch.empty_like(v)
     common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     block_m, block_n, num_warps, num_stages = dq_config
-    v_desc, *v_geometry = row_tiles(v_rows, layout, block_n, d_pad)
+    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
     rope_attention_bwd_dq_kernel[(triton.cdiv(nq, block_m), batch * hq)](
-        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dq_hat, *v_geometry,
-        *bshd_strides(dq_hat, layout), nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, *v_geometry,
+        *dq_hat.stride()[:3], nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **common)
     block_m, block_n, num_warps, num_stages = dkdv_config
-    v_desc, *v_geometry = row_tiles(v_rows, layout, block_n, d_pad)
+    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
     rope_attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * hkv)](
-        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, layout, block_m, d_pad), lse2, delta, dk_hat, dv, *v_geometry,
-        *bshd_strides(dk_hat, layout), *bshd_strides(dv, layout), nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
+        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, *v_geometry,
+        *dk_hat.stride()[:3], *dv.stride()[:3], nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
 
     # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
     # rotate both back into buffers shaped like q and k.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
-        dtemp = (dq_hat.float() * q_rot.float()).sum(-1)
-        dtemp = dtemp.transpose(1, 2) if layout == "bshd" else dtemp
-        dtemp = dtemp / q_temperature[:, None, :]
+        dtemp = (dq_hat.float() * q_rot.float()).sum(-1).transpose(1, 2) / q_temperature[:, None, :]
     if need_dfreq:
         q_pos = (nk - nq + torch.arange(nq, device=q.device))[None] if q_positions is None else q_positions
         k_pos = torch.arange(nk, device=q.device)[None] if k_positions is None else k_positions
-        rope_args = dict(rotary_dim=rotary_dim, interleaved=interleaved, layout=layout)
+        rope_args = dict(rotary_dim=rotary_dim, interleaved=interleaved)
         dfreq = frequency_grad(dq_hat, q_rot, q_pos, **rope_args) + frequency_grad(dk_hat, k_rot, k_pos, **rope_args)
         dfreq = dfreq.float()
     del q_rot, k_rot
     dq = rope(dq_hat, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-              row_scale=q_temperature, layout=layout, inverse=True, out=torch.empty_like(q),
+              row_scale=q_temperature, inverse=True, out=torch.empty_like(q),
               **q_scales(softmax_scale, rotary_scale))
     del dq_hat
-    dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
-              inverse=True, out=torch.empty_like(k))
+    dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
+              out=torch.empty_like(k))
     return dq, dk, dv, dfreq, dtemp

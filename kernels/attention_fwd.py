@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .rope import bnhd, bshd_strides, rope
+from .rope import rope
 
 LOG2E = 1.4426950408889634
 
@@ -138,30 +138,28 @@ def fwd_config(head_dim_pad, causal, is_cuda):
     return 128, 64, 8, 2, False
 
 
-def tile_descriptor(x, layout, block_rows, d_pad):
-    """A TMA descriptor over a q, k or v-shaped tensor in either layout, indexed as
-    [b, n, h, feature], loading [1, block_rows, 1, d_pad] tiles (rows past N and features
-    past D read as zero)."""
-    batch, n, heads, head_dim = bnhd(x, layout)
-    return TensorDescriptor(x, [batch, n, heads, head_dim], [*bshd_strides(x, layout), 1], [1, block_rows, 1, d_pad])
+def tile_descriptor(x, block_rows, d_pad):
+    """A TMA descriptor over a [B, N, H, D] tensor (any strides), indexed as [b, n, h,
+    feature], loading [1, block_rows, 1, d_pad] tiles (rows past N and features past D read
+    as zero)."""
+    return TensorDescriptor(x, list(x.shape), [*x.stride()[:3], 1], [1, block_rows, 1, d_pad])
 
 
-def sequence_major(batch, n, heads, head_dim, layout, like, dtype=None):
+def sequence_major(batch, n, heads, head_dim, like, dtype=None):
     """Scratch stored [B, H, N, D] contiguous (each head's sequence one block of rows, a
-    `row_view`), returned as a view in `layout`."""
-    x = torch.empty(batch, heads, n, head_dim, device=like.device, dtype=dtype or like.dtype)
-    return x.transpose(1, 2) if layout == "bshd" else x
+    `row_view`), returned as a [B, N, H, D] view."""
+    return torch.empty(batch, heads, n, head_dim, device=like.device, dtype=dtype or like.dtype).transpose(1, 2)
 
 
-def row_view(x, layout, d_pad):
+def row_view(x, d_pad):
     """The 2-D [rows, features] view that `row_tiles` reads, as (shape, row stride, row_b,
     row_h, col_h): the tile of batch b, head h starting at position n is at
     [b row_b + h row_h + n, h col_h]. Views exist for sequence-major storage ([B, H, N, D]:
     features past D read as zero) and for heads inside a token's row ([B, N, H, D] and
     slices of packed qkv) when D = d_pad; None otherwise. Rows past N read the next
     sequence's rows: every kernel masks them."""
-    batch, n, heads, head_dim = bnhd(x, layout)
-    stride_b, stride_n, stride_h = bshd_strides(x, layout)
+    batch, n, heads, head_dim = x.shape
+    stride_b, stride_n, stride_h = x.stride()[:3]
     if stride_h == n * stride_n and stride_b == heads * stride_h:
         return [batch * heads * n, head_dim], stride_n, heads * n, n, 0
     if stride_b == n * stride_n and head_dim == d_pad and (heads - 1) * stride_h + head_dim <= stride_n:
@@ -169,12 +167,12 @@ def row_view(x, layout, d_pad):
     return None
 
 
-def row_tiles(x, layout, block_rows, d_pad):
+def row_tiles(x, block_rows, d_pad):
     """2-D TMA tiles over `row_view`: (descriptor, row_b, row_h, col_h). Dots take such
     tiles straight from shared memory; a tile of a 4-D descriptor must be reshaped, and
     Triton 3.6 then copies a dot's left operand into registers (in the backward: 64 more
     registers per thread, and spills)."""
-    shape, stride, row_b, row_h, col_h = row_view(x, layout, d_pad)
+    shape, stride, row_b, row_h, col_h = row_view(x, d_pad)
     return TensorDescriptor(x, shape, [stride, 1], [block_rows, d_pad]), row_b, row_h, col_h
 
 
@@ -191,39 +189,38 @@ def q_scales(softmax_scale, rotary_scale):
 
 
 def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
-               rotary_scale, layout):
+               rotary_scale):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
     (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k, into scratch
     buffers for this call only, stored sequence-major (`row_tiles`). Queries default to
     positions Nk - Nq + arange(Nq)."""
-    nq, nk = bnhd(q, layout)[1], bnhd(k, layout)[1]
+    nq, nk = q.shape[1], k.shape[1]
     q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                 row_scale=q_temperature, layout=layout, out=sequence_major(*bnhd(q, layout), layout, q),
-                 **q_scales(softmax_scale, rotary_scale))
-    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
-                 out=sequence_major(*bnhd(k, layout), layout, k))
+                 row_scale=q_temperature, out=sequence_major(*q.shape, q), **q_scales(softmax_scale, rotary_scale))
+    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
+                 out=sequence_major(*k.shape, k))
     return q_rot, k_rot
 
 
 def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
-                       causal, softmax_scale, rotary_scale, layout, config=None):
-    """Scaled rotary attention forward: the two rope passes, then the flash kernel. q/k/v
-    in `layout` ("bshd" or "bhsd"), last dim contiguous, v 16-byte aligned (TMA);
-    inv_freq float32 [rotary_dim / 2]; q_positions [B, Nq] and k_positions
-    [B or 1, Nk] ints or None; q_temperature [B, Nq] float32 or None. Returns out (q's
-    layout and dtype) and lse [B, Hq, Nq] float32 (natural log)."""
-    batch, nq, hq, head_dim = bnhd(q, layout)
-    _, nk, hkv, _ = bnhd(k, layout)
+                       causal, softmax_scale, rotary_scale, config=None):
+    """Scaled rotary attention forward: the two rope passes, then the flash kernel. q
+    [B, Nq, Hq, D], k and v [B, Nk, Hkv, D], any strides (the API turns SDPA's layout into
+    such views), last dim contiguous, v 16-byte aligned (TMA); inv_freq float32
+    [rotary_dim / 2]; q_positions [B, Nq] and k_positions [B or 1, Nk] ints or None;
+    q_temperature [B, Nq] float32 or None. Returns out (like q: shape, strides, dtype) and
+    lse [B, Hq, Nq] float32 (natural log)."""
+    batch, nq, hq, head_dim = q.shape
+    _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, q.is_cuda)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
-                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
-                              layout=layout)
+                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     rope_attention_fwd_kernel[(triton.cdiv(nq, block_m), batch * hq)](
-        row_tiles(q_rot, layout, block_m, d_pad)[0], row_tiles(k_rot, layout, block_n, d_pad)[0],
-        tile_descriptor(v, layout, block_n, d_pad), out, lse, *bshd_strides(out, layout), nq, nk, hq, hq // hkv,
+        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0],
+        tile_descriptor(v, block_n, d_pad), out, lse, *out.stride()[:3], nq, nk, hq, hq // hkv,
         HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, V_FIRST=v_first,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )

@@ -1,4 +1,4 @@
-"""Standalone scaled RoPE: rotate a [B, N, H, D] tensor (either layout) at given positions.
+"""Standalone scaled RoPE: rotate a [B, N, H, D] tensor (any strides) at given positions.
 
 One program owns BLOCK_N positions of one sequence and HEADS_PER_PROGRAM of its heads: it
 computes their angles once (rotary.sincos_at, exact fixed-point phases) and rotates each of
@@ -68,24 +68,14 @@ def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_x
                      mask=pass_mask)
 
 
-def bnhd(x, layout):
-    """(B, N, H, D) of a q, k or v-shaped tensor in either layout."""
-    return tuple(x.shape) if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
-
-
-def bshd_strides(x, layout):
-    """(batch, seq, head) strides of a 4-D tensor in either layout."""
-    return (x.stride(0), x.stride(1), x.stride(2)) if layout == "bshd" else (x.stride(0), x.stride(2), x.stride(1))
-
-
 def row_strides(t):
     """(batch, seq) strides of a [B or 1, N] per-position tensor (batch stride 0 when shared), or (0, 0)."""
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
 def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
-         layout="bshd", inverse=False, out=None, slot_half=0, config=None):
-    """Rotate x [B, N, H, D] (or [B, H, N, D] with layout="bhsd") with inv_freq float32
+         inverse=False, out=None, slot_half=0, config=None):
+    """Rotate x [B, N, H, D] (any strides, last dim contiguous) with inv_freq float32
     [rotary_dim / 2] at positions [B or 1, N] (or offset + arange(N) when None): amplitude
     `scale` on the rotated features, `pass_scale` on the others, and row_scale [B or 1, N]
     float32 (optional) on every feature of a position.
@@ -94,14 +84,14 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     kernel's feature order, 2 slot_half features wide (the module docstring). config: (rows, heads per program, warps), for
     sweeps; the default (16, 4, 4) comes from the H100 sweep in bench/RESULTS.md (2.3-2.4 TB/s
     at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128)."""
-    batch, n, heads, head_dim = bnhd(x, layout)
+    batch, n, heads, head_dim = x.shape
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
     block_n, heads_per_program, num_warps = config or (16, 4, 4)
     grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
     rope_kernel[grid](
-        x, out, positions, inv_freq, row_scale, *bshd_strides(x, layout), *bshd_strides(out, layout),
+        x, out, positions, inv_freq, row_scale, *x.stride()[:3], *out.stride()[:3],
         *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale, pass_scale, heads_per_program,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
         PASS_PAD=triton.next_power_of_2(max(slots, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
@@ -112,13 +102,12 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     return out
 
 
-def frequency_grad(grad, rotated, positions, *, rotary_dim, interleaved, layout="bshd"):
+def frequency_grad(grad, rotated, positions, *, rotary_dim, interleaved):
     """d loss / d inv_freq [P] (float64) from one rotated tensor: for each row and pair,
     d theta = g_b x_a - g_a x_b (x = the rotated tensor, g = the gradient it received; any
     amplitude or row scale common to both cancels), summed over heads, then
-    sum over rows of position * d theta. positions [B or 1, N] ints."""
-    if layout == "bhsd":
-        grad, rotated = grad.transpose(1, 2), rotated.transpose(1, 2)
+    sum over rows of position * d theta. grad and rotated [B, N, H, D]; positions [B or 1, N]
+    ints."""
     g, x = grad.float()[..., :rotary_dim], rotated.float()[..., :rotary_dim]
     if interleaved:
         g_a, g_b, x_a, x_b = g[..., 0::2], g[..., 1::2], x[..., 0::2], x[..., 1::2]

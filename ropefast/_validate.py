@@ -85,24 +85,24 @@ def warn_if_layout_swapped(layout, lengths, heads):
                       f"layout={other_layout(layout)!r}.", UserWarning, stacklevel=3)
 
 
-def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *, head_dim, seq_len, positions,
-                   like, like_name):
+def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *, head_dim, seq_len, like,
+                   like_name):
     """The rotary arguments of every public op: take what the schedule supplies unless given
     explicitly (an explicit inv_freq, e.g. learnable frequencies, overrides only the
     schedule's frequencies), check it all, and return (inv_freq, rotary_dim, interleaved,
-    rotary_scale). A schedule that depends on the length sees HF's max(positions) + 1 (a
-    host sync only then), or seq_len without positions. `like` is the tensor inv_freq must
-    match."""
+    rotary_scale). A schedule that depends on the length sees seq_len (an int the caller
+    takes from the shapes or its own argument: never read off a device tensor, so no host
+    sync). `like` is the tensor inv_freq must match."""
     if schedule is None and inv_freq is None:
         raise ValueError("give schedule= or inv_freq= (or both: inv_freq then overrides the schedule's frequencies)")
     if schedule is not None:
         if not isinstance(schedule, RopeSchedule):
             raise TypeError(f"schedule must be a ropefast.schedules.RopeSchedule, got {type(schedule).__name__}")
-        length = None
-        if schedule.depends_on_seq_len and (inv_freq is None or rotary_scale is None):
-            length = seq_len if positions is None else int(positions.max()) + 1
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        length = seq_len if schedule.depends_on_seq_len else None
         if inv_freq is None:
-            inv_freq = schedule.inv_freq(length, device=like.device)
+            inv_freq = schedule.cached_inv_freq(length, device=like.device)
         rotary_dim_source = ", the schedule's" if rotary_dim is None else ""
         rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
         interleaved = schedule.interleaved if interleaved is None else interleaved

@@ -1,41 +1,43 @@
-"""Public entry point: `scaled_rope_attention`: checks, schedule resolution, dispatch."""
+"""Public entry point: `scaled_rope_attention`: checks, schedule resolution, the layout
+turned into [B, N, H, D] views (strides carry it below here), dispatch."""
 
-from . import dispatch
-from ._validate import (
-    check_head_tensor,
-    check_layout,
-    check_positions,
-    check_positive,
-    check_tensor,
-    check_tma_aligned,
-    other_layout,
-    resolve_rotary,
-    warn_if_layout_swapped,
-)
-from .function import ScaledRopeAttention
+from typing import Optional, Union
+
+from torch import Tensor
+
+from . import dispatch, ops
+from ._validate import (check_head_tensor, check_layout, check_positions, check_positive, check_tensor, other_layout,
+                        resolve_rotary, warn_if_layout_swapped)
 from .reference import default_positions, scaled_rope_attention_reference
+from .schedules.base import RopeSchedule
 
 __all__ = ["scaled_rope_attention"]
 
 
+def _as_batched(t):
+    """[N] -> a [1, N] view (shared by the batch); [B, N] as is; None stays None."""
+    return None if t is None else (t[None] if t.dim() == 1 else t)
+
+
 def scaled_rope_attention(
-    q,
-    k,
-    v,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     *,
-    schedule=None,
-    inv_freq=None,
-    rotary_dim=None,
-    interleaved=None,
-    q_positions=None,
-    k_positions=None,
-    causal=False,
-    softmax_scale=None,
-    rotary_scale=None,
-    q_temperature=None,
-    layout="bshd",
-    return_lse=False,
-):
+    schedule: Optional[RopeSchedule] = None,
+    inv_freq: Optional[Tensor] = None,
+    rotary_dim: Optional[int] = None,
+    interleaved: Optional[bool] = None,
+    q_positions: Optional[Tensor] = None,
+    k_positions: Optional[Tensor] = None,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    rotary_scale: Optional[float] = None,
+    q_temperature: Optional[Tensor] = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    seq_len: Optional[int] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over RoPE-rotated queries and keys with scaled frequencies, in one pass.
 
     Args:
@@ -63,7 +65,9 @@ def scaled_rope_attention(
             (default: schedule's, else none).
         layout: "bshd" or "bhsd"; the output has the same layout. Shapes that almost surely
             come in the other layout (a heads axis over 256 long, with fewer tokens than
-            heads) raise a warning naming `layout`.
+            heads) raise a warning naming `layout`. Both are read through strides, no copy.
+        seq_len: the length a length-dependent schedule (dynamic NTK, CLEX) sees; default
+            Nk. Taken from the shapes, never from the positions: no host sync.
         return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32
             (differentiable).
 
@@ -77,11 +81,14 @@ def scaled_rope_attention(
     and any padding without causal, let real queries attend to the padded keys. For padded
     batches rotate with `apply_scaled_rope` and pass SDPA a mask (README, "Padded batches").
 
-    Dispatch (`ropefast.dispatch`, fixed at import): CUDA tensors run the fused Triton
-    kernels; with TRITON_INTERPRET=1 set before the import, float16/float32 run them through
-    the Triton interpreter; everything else (CPU tensors without it, bfloat16 under the
+    Dispatch (`ropefast.dispatch`, fixed at import): CUDA tensors run the fused kernels (the
+    Gluon forward on Hopper from head dim 128 up, the portable Triton kernels elsewhere);
+    with TRITON_INTERPRET=1 set before the import, float16/float32 run them through the
+    Triton interpreter; everything else (CPU tensors without it, bfloat16 under the
     interpreter, float64) runs `ropefast.reference` (plain PyTorch, float32 math, float64
-    for float64 inputs).
+    for float64 inputs). The kernel paths are the `torch.library` ops `ropefast::attention_fwd`
+    and `ropefast::attention_bwd` (`ropefast.ops`): torch.compile traces them whole, and CUDA
+    graphs capture them.
 
     Example:
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
@@ -94,15 +101,15 @@ def scaled_rope_attention(
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     check_layout(layout)
-    if layout == "bshd":
-        (batch, nq, hq, head_dim), (_, nk, hkv, _) = q.shape, k.shape
-    else:
-        (batch, hq, nq, head_dim), (_, hkv, nk, _) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must agree with q in batch and head dim ({layout}), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    user_layout = layout
+    if layout == "bhsd":  # below here everything is a [B, N, H, D] view
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    (batch, nq, hq, head_dim), (_, nk, hkv, _) = q.shape, k.shape
     if hkv == 0 or hq % hkv:
         hint = ""
         if nk and nq % nk == 0:  # the other layout's head counts
@@ -121,8 +128,8 @@ def scaled_rope_attention(
     k_positions = check_positions("k_positions", k_positions, batch, nk, q.device)
 
     inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
-        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim, seq_len=nk,
-        positions=k_positions, like=q, like_name="q")
+        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim,
+        seq_len=nk if seq_len is None else seq_len, like=q, like_name="q")
     if schedule is not None and q_temperature is None and schedule.has_q_temperature:
         pos = q_positions if q_positions is not None else default_positions(batch, nq, nk - nq, q.device)
         q_temperature = schedule.q_temperature(pos.expand(batch, nq))
@@ -136,16 +143,17 @@ def scaled_rope_attention(
         if q_temperature.device != q.device:
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
-    path = dispatch.path(q)
-    if path != "reference":
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            check_tma_aligned(name, x)
-        out, lse = ScaledRopeAttention.apply(q, k, v, inv_freq, q_temperature, q_positions, k_positions,
-                                             rotary_dim, interleaved, causal, softmax_scale, rotary_scale, layout,
-                                             path == "hopper")
-        return (out, lse) if return_lse else out
-    return scaled_rope_attention_reference(
-        q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
-        q_positions=q_positions, k_positions=k_positions, causal=causal, softmax_scale=softmax_scale,
-        rotary_scale=rotary_scale, q_temperature=q_temperature, layout=layout, return_lse=return_lse,
-    )
+    if dispatch.path(q) == "reference":
+        out, lse = scaled_rope_attention_reference(
+            q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, q_positions=q_positions,
+            k_positions=k_positions, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+            q_temperature=q_temperature, return_lse=True)
+    else:
+        # the temperature as [B, Nq]: its gradient comes back per batch row, and autograd
+        # sums it into the caller's shape
+        temperature = None if q_temperature is None else _as_batched(q_temperature.float()).expand(batch, nq)
+        out, lse = ops.attention_fwd(q, k, v, inv_freq, _as_batched(q_positions), _as_batched(k_positions),
+                                     temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale)
+    if user_layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

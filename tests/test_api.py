@@ -41,13 +41,20 @@ def test_schedule_values_are_used_unless_overridden():
     assert rel_err(out2, expect2) < 1e-14
 
 
-def test_dynamic_schedule_sees_the_sequence_length():
+def test_dynamic_schedule_sees_the_length_from_shapes_or_seq_len_never_positions():
+    # The length comes from the key count or seq_len=, not from max(positions) + 1: reading
+    # a device tensor would synchronize the host every call.
     q, k, v = (x.double() for x in qkv(Nq=4, Nk=4, D=8))
     s = schedules.DynamicNTKScaling(8, factor=4.0, max_position_embeddings=2)
     pos = torch.tensor([0, 1, 2, 9])
-    out = scaled_rope_attention(q, k, v, schedule=s, q_positions=pos, k_positions=pos)
-    expect = scaled_rope_attention_reference(q, k, v, inv_freq=s.inv_freq(10), q_positions=pos, k_positions=pos)
-    assert rel_err(out, expect) < 1e-14
+    for seq_len, seen in ((None, 4), (10, 10)):
+        out = scaled_rope_attention(q, k, v, schedule=s, q_positions=pos, k_positions=pos, seq_len=seq_len)
+        expect = scaled_rope_attention_reference(q, k, v, inv_freq=s.inv_freq(seen), q_positions=pos,
+                                                 k_positions=pos)
+        assert rel_err(out, expect) < 1e-14
+    assert not torch.equal(s.inv_freq(4), s.inv_freq(10))
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        scaled_rope_attention(q, k, v, schedule=s, seq_len=0)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])

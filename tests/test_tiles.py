@@ -12,41 +12,39 @@ import torch
 from ropefast.kernels.attention_fwd import row_view, sequence_major
 
 
-def tiles_of(x, layout, d_pad):
-    """Every (b, h) sequence as the kernels address it in the row_view, [B, H, N, D]."""
-    shape, stride, row_b, row_h, col_h = row_view(x, layout, d_pad)
+def tiles_of(x, d_pad):
+    """Every (b, h) sequence of a [B, N, H, D] view as the kernels address it in the
+    row_view, [B, H, N, D]."""
+    shape, stride, row_b, row_h, col_h = row_view(x, d_pad)
     flat = torch.as_strided(x, shape, (stride, 1))
-    batch, n, heads, head_dim = x.shape if layout == "bshd" else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    batch, n, heads, head_dim = x.shape
     return torch.stack([torch.stack([flat[b * row_b + h * row_h:][:n, h * col_h:][:, :head_dim]
                                      for h in range(heads)]) for b in range(batch)])
 
 
-@pytest.mark.parametrize("make, layout", [
-    (lambda: torch.randn(2, 5, 3, 16), "bshd"),  # heads inside a token's row
-    (lambda: torch.randn(2, 3, 5, 16), "bhsd"),  # sequence-major
-    (lambda: torch.randn(2, 5, 3, 3, 16)[:, :, 1], "bshd"),  # v of a packed qkv tensor
-    (lambda: torch.randn(2, 3, 5, 16).transpose(1, 2), "bshd"),  # sequence-major seen as bshd
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 5, 3, 16),  # heads inside a token's row
+    lambda: torch.randn(2, 3, 5, 16).transpose(1, 2),  # sequence-major (SDPA's layout, as a view)
+    lambda: torch.randn(2, 5, 3, 3, 16)[:, :, 1],  # v of a packed qkv tensor
 ])
-def test_row_view_addresses_every_sequence(make, layout):
+def test_row_view_addresses_every_sequence(make):
     x = make()
-    bhsd = x.transpose(1, 2) if layout == "bshd" else x
-    assert torch.equal(tiles_of(x, layout, 16), bhsd)
+    assert torch.equal(tiles_of(x, 16), x.transpose(1, 2))
 
 
 def test_row_view_refuses_what_it_cannot_address():
     # Heads inside a row with D < the tile width would read the next head's features; a
     # sequence slice breaks the batch stride.
-    assert row_view(torch.randn(2, 5, 3, 24), "bshd", 32) is None
-    assert row_view(torch.randn(2, 9, 3, 16)[:, :5], "bshd", 16) is None
+    assert row_view(torch.randn(2, 5, 3, 24), 32) is None
+    assert row_view(torch.randn(2, 9, 3, 16)[:, :5], 16) is None
     # Sequence-major storage pads any D with zeros at the row's end.
-    assert row_view(torch.randn(2, 3, 5, 24), "bhsd", 32) is not None
+    assert row_view(torch.randn(2, 3, 5, 24).transpose(1, 2), 32) is not None
 
 
-def test_sequence_major_scratch_is_a_view_in_the_layout():
+def test_sequence_major_scratch_is_a_bshd_view():
     like = torch.randn(2, 5, 3, 16)
-    x = sequence_major(2, 5, 3, 16, "bshd", like)
+    x = sequence_major(2, 5, 3, 16, like)
     assert x.shape == like.shape and x.transpose(1, 2).is_contiguous()
-    assert sequence_major(2, 5, 3, 16, "bhsd", like).is_contiguous()
 
 
 COMPILE = textwrap.dedent("""

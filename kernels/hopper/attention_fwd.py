@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..attention_fwd import LOG2E
-from ..rope import bnhd, bshd_strides, rope, row_strides
+from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma M atom)
@@ -432,36 +432,36 @@ def slot_order(head_dim_pad, rotary_dim, interleaved):
 
 
 def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
-                              interleaved, causal, softmax_scale, rotary_scale, layout, config=None):
+                              interleaved, causal, softmax_scale, rotary_scale, config=None):
     """Scaled rotary attention forward on Hopper: the key rope pass (into a K^ buffer for this
     call only, in the kernel's feature order), then the warp-specialized kernel, which
     rotates the queries itself. Arguments as `kernels.attention_fwd.rope_attention_fwd` (q,
-    k, v 16-bit); returns out (q's layout and dtype) and lse [B, Hq, Nq] float32."""
-    batch, nq, hq, head_dim = bnhd(q, layout)
-    _, nk, hkv, _ = bnhd(k, layout)
+    k, v 16-bit); returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32."""
+    batch, nq, hq, head_dim = q.shape
+    _, nk, hkv, _ = k.shape
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_n, stages, consumer_regs, maxnreg = config or fwd_config(d_pad)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
     width = d_pad if slot_half else head_dim
     k_rot = torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype)
-    rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, layout=layout,
-         out=k_rot.transpose(1, 2) if layout == "bshd" else k_rot, slot_half=slot_half)
+    rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, out=k_rot.transpose(1, 2),
+         slot_half=slot_half)
 
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
     k_desc = TensorDescriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
                               shared_layout(k_block, q.dtype))
-    v_desc = TensorDescriptor(v, [batch, nk, hkv, head_dim], [*bshd_strides(v, layout), 1], v_block,
+    v_desc = TensorDescriptor(v, [batch, nk, hkv, head_dim], [*v.stride()[:3], 1], v_block,
                               shared_layout(v_block, q.dtype))
-    o_desc = TensorDescriptor(out, [batch, nq, hq, head_dim], [*bshd_strides(out, layout), 1], o_block,
+    o_desc = TensorDescriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
                               shared_layout(o_block, q.dtype))
     # Non-causal items are equal: one program per SM runs them in turn (its producer loads the
     # next item's first tiles during the last one's epilogue). Causal items differ in length:
     # one program each, longest first, and the hardware hands out the next as SMs free up.
     n_items = triton.cdiv(nq, BLOCK_M.value) * batch * hq
     rope_attention_fwd_hopper_kernel[(n_items if causal else min(n_items, multiprocessors(q.device)),)](
-        q, *bshd_strides(q, layout), k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
+        q, *q.stride()[:3], k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
         q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items, nk - nq,
         softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,

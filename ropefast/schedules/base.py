@@ -52,18 +52,28 @@ class RopeSchedule:
         """float64 [rotary_dim/2]; subclasses override this, not inv_freq."""
         return default_inv_freq(self.rotary_dim, self.base)
 
-    def inv_freq(self, seq_len=None, device=None):
-        """float32 [rotary_dim / 2] on `device`. Cached per (fields, seq_len, device): a model
-        asks once per layer and step, and each host->device copy would synchronize the
-        stream. Each call returns a fresh copy (an on-device clone, no sync), so callers may
-        modify it or make it require grad."""
-        key = (repr(self), seq_len, None if device is None else torch.device(device))
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if not name.startswith("_"):  # a changed field changes the frequencies
+            self.__dict__.pop("_inv_freq_cache", None)
+
+    def cached_inv_freq(self, seq_len=None, device=None):
+        """float32 [rotary_dim / 2] on `device`, cached per (seq_len, device) until a field
+        changes: a model asks once per layer and step, and each host->device copy would
+        synchronize the stream. The cached tensor itself: do not modify it (`inv_freq`
+        returns a copy)."""
+        key = (seq_len, None if device is None else torch.device(device))
         cache = self.__dict__.setdefault("_inv_freq_cache", {})
         if key not in cache:
             if len(cache) >= 64:  # dynamic schedules see many lengths; keep the cache small
                 cache.clear()
             cache[key] = self._inv_freq64(seq_len).to(device=device, dtype=torch.float32)
-        return cache[key].clone()
+        return cache[key]
+
+    def inv_freq(self, seq_len=None, device=None):
+        """float32 [rotary_dim / 2] on `device`: a fresh copy of `cached_inv_freq` (an
+        on-device clone, no sync), so callers may modify it or make it require grad."""
+        return self.cached_inv_freq(seq_len, device).clone()
 
     def rotary_scale(self, seq_len=None):
         return 1.0

@@ -153,6 +153,10 @@ class CLEX(nn.Module, RopeSchedule):
             self._solutions[key] = torch.exp(self.solve(t, device)).float()
         return self._solutions[key]
 
+    def cached_inv_freq(self, seq_len=None, device=None):
+        """`inv_freq` itself: it caches its solutions already (and must not under autograd)."""
+        return self.inv_freq(seq_len, device)
+
     def __repr__(self):
         return (f"CLEX(rotary_dim={self.rotary_dim}, base={self.base}, original_max_position_embeddings="
                 f"{self.original_max_position_embeddings}, max_factor={self.max_factor}, act={self.act!r}, "

@@ -1,0 +1,85 @@
+"""Host-side cost of a call: `python -m bench.latency [--profile]` (CUDA).
+
+Wall time per call of ropefast and its peers on short sequences, where the host, not the
+GPU, sets the pace: 200 calls after a warm-up, one synchronization at the end (what a model
+that calls attention in every layer sees). B=1, Hq=32, Hkv=8, D=128, causal, YaRN; N = 128
+and 512. With --profile, cProfile's top entries for ropefast's forward.
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ropefast import apply_scaled_rope, dispatch, scaled_rope_attention, schedules
+
+CALLS = 200
+
+
+def wall_us(fn, calls=CALLS):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def pipelines(n, train):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    for x in (q, k, v):
+        x.requires_grad_(train)
+    grad = torch.randn_like(q)
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                              enable_gqa=True).transpose(1, 2)
+
+    def ropefast():
+        return scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+
+    def portable():
+        with dispatch.portable_kernels():
+            return ropefast()
+
+    fns = dict(sdpa_cudnn_norope=lambda: sdpa(q, k, v),
+               rope_kernel_sdpa=lambda: sdpa(apply_scaled_rope(q, schedule=yarn), apply_scaled_rope(k, schedule=yarn), v),
+               ropefast=ropefast, ropefast_portable=portable)
+    if train:
+        return {name: (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad)) for name, fn in fns.items()}, ropefast
+    return fns, ropefast
+
+
+def main():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        print("| N | mode | " + " | ".join(pipelines(128, False)[0]) + " |")
+        print("| --- " * 6 + "|")
+        for n in (128, 512):
+            for train in (False, True):
+                fns, _ = pipelines(n, train)
+                print(f"| {n} | {'fwd+bwd' if train else 'fwd'} | "
+                      + " | ".join(f"{wall_us(fn):.0f} us" for fn in fns.values()) + " |")
+        if "--profile" in sys.argv:
+            _, fn = pipelines(512, False)
+            wall_us(fn)
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(CALLS):
+                fn()
+            profile.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The kernel paths of both public ops as `torch.library` custom ops (`ropefast::*`), with
+fake implementations (shapes only) and autograd formulas, so torch.compile traces them
+without graph breaks and CUDA graphs capture them. The API (attention.py, rope.py) has
+validated every argument, resolved the schedule and turned the layout into [B, N, H, D]
+views: these take tensors and plain numbers only, and pick the kernels by `dispatch.path`
+when they run. The reference path (plain PyTorch) does not come through here."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from ._validate import check_tma_aligned
+from .kernels.attention_bwd import rope_attention_bwd
+from .kernels.attention_fwd import rope_attention_fwd
+from .kernels.hopper import compat as hopper_compat
+from .kernels.rope import frequency_grad, rope
+
+if hopper_compat.SUPPORTED:
+    from .kernels.hopper.attention_fwd import rope_attention_fwd_hopper
+
+
+# ---- scaled rotary attention ----
+
+@torch.library.custom_op("ropefast::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
+                  k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
+                  causal: bool, softmax_scale: float, rotary_scale: float) -> tuple[Tensor, Tensor]:
+    """out (like q) and lse [B, Hq, Nq] float32. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
+    (any strides), q_positions [B, Nq] / k_positions [B or 1, Nk] ints or None,
+    q_temperature [B, Nq] float32 or None."""
+    for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
+        check_tma_aligned(name, x)
+    forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
+    return forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
+                   interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
+      rotary_scale):
+    batch, nq, hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("ropefast::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                  lse: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
+                  q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
+                  softmax_scale: float, rotary_scale: float, need_dfreq: bool,
+                  need_dtemp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
+    d temperature ([B, Nq] float32, or empty unless need_dtemp)."""
+    dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
+        grad_out, q, k, v, out, lse, grad_lse, inv_freq, q_positions, k_positions, q_temperature,
+        rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
+        rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp)
+    dfreq = dfreq if need_dfreq else inv_freq.new_empty(0, dtype=torch.float32)
+    dtemp = dtemp.sum(1) if need_dtemp else q.new_empty(0, dtype=torch.float32)  # heads summed: [B, Nq]
+    return dq, dk, dv, dfreq, dtemp
+
+
+@attention_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
+      interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp):
+    batch, nq = q.shape[:2]
+    dfreq = inv_freq.new_empty(inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
+    dtemp = q.new_empty((batch, nq) if need_dtemp else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dfreq, dtemp
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args = inputs
+    ctx.save_for_backward(q, k, v, *output, inv_freq, q_positions, k_positions, q_temperature)
+    ctx.args = args
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature = ctx.saved_tensors
+    need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dfreq, dtemp = attention_bwd(
+        grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
+        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp)
+    return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
+
+
+# ---- the standalone rope pass ----
+
+@torch.library.custom_op("ropefast::rope", mutates_args=())
+def rope_fwd(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,
+             rotary_scale: float) -> Tensor:
+    """x [B, N, H, D] rotated at positions [B or 1, N] (None: arange(N)), amplitude
+    rotary_scale on the rotated features."""
+    return rope(x, inv_freq, positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, scale=rotary_scale)
+
+
+@rope_fwd.register_fake
+def _(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ropefast::rope_bwd", mutates_args=())
+def rope_bwd(grad: Tensor, out: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int,
+             interleaved: bool, rotary_scale: float, need_dfreq: bool) -> tuple[Tensor, Tensor]:
+    """dx = m R^T grad (the pass-through features pass the gradient on) and d inv_freq
+    (float32 [R/2], or empty unless need_dfreq) from the rotated output."""
+    grad = grad.contiguous()
+    dx = rope(grad, inv_freq, positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, scale=rotary_scale,
+              inverse=True)
+    dfreq = inv_freq.new_empty(0, dtype=torch.float32)
+    if need_dfreq:
+        if positions is None:
+            positions = torch.arange(grad.shape[1], device=grad.device)[None]
+        dfreq = frequency_grad(grad, out, positions, rotary_dim=rotary_dim, interleaved=interleaved).float()
+    return dx, dfreq
+
+
+@rope_bwd.register_fake
+def _(grad, out, inv_freq, positions, rotary_dim, interleaved, rotary_scale, need_dfreq):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format), inv_freq.new_empty(
+        inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
+
+
+def _rope_setup(ctx, inputs, output):
+    x, inv_freq, positions, rotary_dim, interleaved, rotary_scale = inputs
+    ctx.save_for_backward(inv_freq, positions, output if ctx.needs_input_grad[1] else None)
+    ctx.args = (rotary_dim, interleaved, rotary_scale)
+
+
+def _rope_backward(ctx, grad):
+    inv_freq, positions, out = ctx.saved_tensors
+    need_dfreq = ctx.needs_input_grad[1]
+    dx, dfreq = rope_bwd(grad, out, inv_freq, positions, *ctx.args, need_dfreq)
+    return dx, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, None, None
+
+
+torch.library.register_autograd("ropefast::rope", _rope_backward, setup_context=_rope_setup)

@@ -1,0 +1,111 @@
+"""The public ops under torch.compile, torch.library.opcheck and CUDA graphs: the kernel
+paths are the custom ops of `ropefast.ops`, so a compiled Llama-style block traces them
+whole (fullgraph) and matches eager, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ropefast import apply_scaled_rope, ops, scaled_rope_attention, schedules
+
+from conftest import DEVICE, rel_err, requires_cuda, requires_kernel
+
+
+class Attention(nn.Module):
+    """A Llama attention block: projections, RoPE + causal attention (fused, or
+    `apply_scaled_rope` then SDPA), output projection."""
+
+    def __init__(self, fused, dim=64, heads=4, kv_heads=2, dtype=torch.float32, device=DEVICE):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.fused = heads, kv_heads, dim // heads, fused
+        make = dict(bias=False, dtype=dtype, device=device)
+        self.wq, self.wo = nn.Linear(dim, dim, **make), nn.Linear(dim, dim, **make)
+        self.wk, self.wv = (nn.Linear(dim, kv_heads * self.head_dim, **make) for _ in range(2))
+        self.schedule = schedules.YaRN(self.head_dim, factor=4.0, original_max_position_embeddings=16)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.heads, self.head_dim)
+        k, v = (w(x).view(b, n, self.kv_heads, self.head_dim) for w in (self.wk, self.wv))
+        if self.fused:
+            out = scaled_rope_attention(q, k, v, schedule=self.schedule, causal=True)
+        else:
+            q, k = (apply_scaled_rope(t, schedule=self.schedule) for t in (q, k))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True).transpose(1, 2)
+        return self.wo(out.reshape(b, n, -1))
+
+
+def _outputs_and_grads(block, x):
+    out = block(x)
+    return [out, *torch.autograd.grad(out.square().sum(), [x, *block.parameters()])]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["scaled_rope_attention", "apply_scaled_rope+sdpa"])
+def test_fullgraph_compile_matches_eager(fused):
+    torch.manual_seed(0)
+    block = Attention(fused)
+    x = torch.randn(2, 24, 64, device=DEVICE, requires_grad=True)
+    eager = _outputs_and_grads(block, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    for got, expect in zip(_outputs_and_grads(compiled, x), eager):
+        assert rel_err(got, expect) < 1e-6
+
+
+def _attention_args(temperature, positions):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 20, 4, 16, generator=gen).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 20, 2, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    inv_freq = schedules.DefaultRope(16).inv_freq(device=DEVICE).requires_grad_()
+    temp = (torch.rand(1, 20, generator=gen) + 0.5).to(DEVICE).requires_grad_() if temperature else None
+    pos = torch.randint(0, 100, (1, 20), generator=gen).to(DEVICE) if positions else None
+    return (q, k, v, inv_freq, pos, pos, temp, 16, False, True, 0.25, 1.1)
+
+
+@requires_kernel
+@pytest.mark.parametrize("temperature,positions", [(False, False), (True, True)])
+def test_attention_op_passes_opcheck(temperature, positions):
+    torch.library.opcheck(ops.attention_fwd, _attention_args(temperature, positions))
+
+
+@requires_kernel
+def test_rope_op_passes_opcheck():
+    x = torch.randn(2, 20, 3, 16, device=DEVICE, requires_grad=True)
+    inv_freq = schedules.DefaultRope(8).inv_freq(device=DEVICE).requires_grad_()
+    pos = torch.randint(0, 100, (1, 20), device=DEVICE)
+    for positions in (None, pos):
+        torch.library.opcheck(ops.rope_fwd, (x, inv_freq, positions, 8, True, 1.2))
+
+
+@requires_cuda
+def test_cuda_graph_replays_forward_and_backward():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    k, v = (torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            for _ in range(2))
+    grad = torch.randn_like(q)
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
+
+    def step():
+        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    eager = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles, fills caches) off the capture
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():  # new inputs, same buffers: the replay must follow them
+        for x in (q, k, v):
+            x.mul_(0.5)
+    graph.replay()
+    expect = step()
+    for got, want in zip(captured, expect):
+        assert torch.equal(got, want)
+    assert not torch.equal(captured[0], eager[0])
