@@ -1,9 +1,10 @@
-"""Host-side cost of a call: `python -m bench.latency [--profile]` (CUDA).
+"""Host-side cost of a call: `python -m bench.latency [--breakdown] [--profile]` (CUDA).
 
 Wall time per call of ropefast and its peers on short sequences, where the host, not the
 GPU, sets the pace: 200 calls after a warm-up, one synchronization at the end (what a model
 that calls attention in every layer sees). B=1, Hq=32, Hkv=8, D=128, causal, YaRN; N = 128
-and 512. With --profile, cProfile's top entries for ropefast's forward.
+and 512. --breakdown times the layers of ropefast's forward one by one (public op, custom
+op, launcher, key rope pass alone); --profile prints cProfile's top entries.
 """
 
 import cProfile
@@ -58,6 +59,27 @@ def pipelines(n, train):
     return fns, ropefast
 
 
+def breakdown(n=128):
+    from ropefast import ops
+    from ropefast.kernels.hopper.attention_fwd import rope_attention_fwd_hopper
+    from ropefast.kernels.rope import rope
+
+    q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
+    inv_freq, scale = yarn.inv_freq(device="cuda"), yarn.rotary_scale()
+    args = (q, k, v, inv_freq, None, None, None, 128, False, True, 128**-0.5, scale)
+    layers = dict(
+        public_op=lambda: scaled_rope_attention(q, k, v, schedule=yarn, causal=True),
+        custom_op=lambda: ops.attention_fwd(*args),
+        launcher=lambda: rope_attention_fwd_hopper(*args[:7], rotary_dim=128, interleaved=False, causal=True,
+                                                   softmax_scale=128**-0.5, rotary_scale=scale),
+        key_pass=lambda: rope(k, inv_freq, None, 0, rotary_dim=128, interleaved=False),
+        empty_like=lambda: torch.empty_like(q),
+    )
+    print(f"\nN = {n}, forward: " + ", ".join(f"{name} {wall_us(fn):.0f} us" for name, fn in layers.items()))
+
+
 def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -69,6 +91,8 @@ def main():
                 fns, _ = pipelines(n, train)
                 print(f"| {n} | {'fwd+bwd' if train else 'fwd'} | "
                       + " | ".join(f"{wall_us(fn):.0f} us" for fn in fns.values()) + " |")
+        if "--breakdown" in sys.argv:
+            breakdown()
         if "--profile" in sys.argv:
             _, fn = pipelines(512, False)
             wall_us(fn)

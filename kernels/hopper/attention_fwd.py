@@ -420,9 +420,14 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _shared_layout(block, torch_dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16)
+
+
 def shared_layout(block, torch_dtype):
-    dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+    """The NVMMA shared-memory layout of a TMA block (cached: it costs microseconds a call)."""
+    return _shared_layout(tuple(block), torch_dtype)
 
 
 def slot_order(head_dim_pad, rotary_dim, interleaved):
