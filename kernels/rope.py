@@ -43,29 +43,33 @@ def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_x
         sin = -sin
     rows = offs.to(tl.int64)
     cols = tl.arange(0, PASS_PAD)
-    for h in range(pid_h * HEADS_PER_PROGRAM, tl.minimum(H, (pid_h + 1) * HEADS_PER_PROGRAM)):
-        x_ptr = X + pid_b * stride_xb + h * stride_xh
-        o_ptr = OUT + pid_b * stride_ob + h * stride_oh
-        a, b = load_pairs(x_ptr, rows, mask, stride_xn, PAIRS, PAIRS_PAD, INTERLEAVED)
-        a, b = rotate_pairs(a, b, cos, sin)
-        store_pairs(o_ptr, a.to(OUT.dtype.element_ty), b.to(OUT.dtype.element_ty), rows, mask, stride_on,
-                    PAIRS, PAIRS_PAD, INTERLEAVED, SLOT_HALF if SLOT_HALF > 0 else PAIRS)
-        if SLOT_HALF > 0:  # pass-through slots i in [PAIRS, SLOT_HALF) of each half: features 2i, 2i + 1
-            slots = PAIRS + tl.arange(0, PASS_PAD)
-            in_half = mask[:, None] & (slots < SLOT_HALF)[None, :]
-            for half in tl.static_range(2):
-                feature = 2 * slots + half
-                x = tl.load(x_ptr + rows[:, None] * stride_xn + feature[None, :],
-                            mask=in_half & (feature < ROTARY_DIM + PASS)[None, :], other=0.0)
+    for i in range(0, HEADS_PER_PROGRAM):
+        # a 64-bit head index: its offset passes 2**31 in large (sequence-major) tensors. The
+        # bound is checked inside: Triton 3.6's interpreter takes no tensor loop bounds.
+        h = pid_h * HEADS_PER_PROGRAM + i
+        if h < H:
+            x_ptr = X + pid_b * stride_xb + h * stride_xh
+            o_ptr = OUT + pid_b * stride_ob + h * stride_oh
+            a, b = load_pairs(x_ptr, rows, mask, stride_xn, PAIRS, PAIRS_PAD, INTERLEAVED)
+            a, b = rotate_pairs(a, b, cos, sin)
+            store_pairs(o_ptr, a.to(OUT.dtype.element_ty), b.to(OUT.dtype.element_ty), rows, mask, stride_on,
+                        PAIRS, PAIRS_PAD, INTERLEAVED, SLOT_HALF if SLOT_HALF > 0 else PAIRS)
+            if SLOT_HALF > 0:  # pass-through slots s in [PAIRS, SLOT_HALF) of each half: features 2s, 2s + 1
+                slots = PAIRS + tl.arange(0, PASS_PAD)
+                in_half = mask[:, None] & (slots < SLOT_HALF)[None, :]
+                for half in tl.static_range(2):
+                    feature = 2 * slots + half
+                    x = tl.load(x_ptr + rows[:, None] * stride_xn + feature[None, :],
+                                mask=in_half & (feature < ROTARY_DIM + PASS)[None, :], other=0.0)
+                    x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
+                    tl.store(o_ptr + rows[:, None] * stride_on + (half * SLOT_HALF + slots)[None, :],
+                             x.to(OUT.dtype.element_ty), mask=in_half)
+            elif PASS > 0:
+                pass_mask = mask[:, None] & (cols[None, :] < PASS)
+                x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
                 x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
-                tl.store(o_ptr + rows[:, None] * stride_on + (half * SLOT_HALF + slots)[None, :],
-                         x.to(OUT.dtype.element_ty), mask=in_half)
-        elif PASS > 0:
-            pass_mask = mask[:, None] & (cols[None, :] < PASS)
-            x = tl.load(x_ptr + rows[:, None] * stride_xn + ROTARY_DIM + cols[None, :], mask=pass_mask)
-            x = x.to(tl.float32) * (pass_scale * row_scale)[:, None]
-            tl.store(o_ptr + rows[:, None] * stride_on + ROTARY_DIM + cols[None, :], x.to(OUT.dtype.element_ty),
-                     mask=pass_mask)
+                tl.store(o_ptr + rows[:, None] * stride_on + ROTARY_DIM + cols[None, :], x.to(OUT.dtype.element_ty),
+                         mask=pass_mask)
 
 
 def row_strides(t):

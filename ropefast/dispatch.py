@@ -14,7 +14,9 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
   "reference"    everything else: `ropefast.reference` in plain PyTorch (float32 math, float64
                  for float64 inputs). CPU tensors without the interpreter, float64, and
                  bfloat16 under the interpreter, whose bfloat16 arithmetic and `tl.dot` are
-                 wrong (max error ~1e9 against float64; the reference is within 1e-2).
+                 wrong (max error ~1e9 against float64; the reference is within 1e-2); all
+                 of it under Triton < 3.7, whose interpreter cannot run the kernels (loop
+                 bounds read from program ids fail there).
 
 Changing TRITON_INTERPRET after the import breaks Triton's launches of kernels built the
 other way (interpreted kernels assert at launch once it is unset, compiled ones look for a
@@ -43,6 +45,12 @@ def _interpret_env():
 
 
 INTERPRETER = _interpret_env()
+INTERPRETER_MIN_TRITON = (3, 7)
+_interpreter_runs = INTERPRETER and hopper_compat.triton_version() >= INTERPRETER_MIN_TRITON
+if INTERPRETER and not _interpreter_runs:
+    warnings.warn(f"TRITON_INTERPRET is set, but the interpreter of Triton {hopper_compat.triton_version()} cannot run "
+                  f"ropefast's kernels (it needs {INTERPRETER_MIN_TRITON} or newer): ropefast runs its PyTorch "
+                  "reference instead.", RuntimeWarning, stacklevel=2)
 _warned_env_change = False
 _portable_only = False
 _capability = {}  # CUDA device index -> (major, minor)
@@ -76,7 +84,7 @@ def path(x: torch.Tensor) -> str:
     if x.dtype == torch.float64 or _env_changed():
         return "reference"
     if INTERPRETER:
-        return "reference" if x.dtype == torch.bfloat16 else "interpreter"
+        return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"
     if not x.is_cuda:
         return "reference"
     if (not _portable_only and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] > HOPPER_MIN_HEAD_DIM

@@ -12,6 +12,7 @@ import textwrap
 import torch
 
 from ropefast import apply_scaled_rope, dispatch, scaled_rope_attention, schedules
+from ropefast.kernels.hopper import compat
 from ropefast.reference import rotate, scaled_rope_attention_reference
 
 from conftest import TOLERANCE, rel_err
@@ -24,7 +25,8 @@ def cpu_errors():
     """{dtype: {path, errors of out, lse, dq, dk, dv, rope, drope}} against float64, on CPU
     tensors through the public ops, in this process's path."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((2, 40, 4, 32),) + ((2, 40, 2, 32),) * 2)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64)
+               for shape in ((2, 40, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32)))
     grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
     yarn = schedules.YaRN(32, factor=4.0, original_max_position_embeddings=16)
     ref_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -70,8 +72,10 @@ def test_every_cpu_dtype_and_path_is_within_tolerance():
             bound = TOLERANCE[DTYPES[name]] * (2 if name == "fp16" else 1)  # fp16 gradients: two fp16 dots
             assert all(value < bound for key, value in errs.items() if key != "path"), (name, errs)
     interpreted, plain = (here, there) if dispatch.INTERPRETER else (there, here)
+    runs = compat.triton_version() >= dispatch.INTERPRETER_MIN_TRITON  # else the reference, with a warning
     assert {name: errs["path"] for name, errs in interpreted.items()} == dict(
-        fp16="interpreter", bf16="reference", fp32="interpreter", fp64="reference")
+        fp16="interpreter" if runs else "reference", bf16="reference", fp32="interpreter" if runs else "reference",
+        fp64="reference")
     assert {errs["path"] for errs in plain.values()} == {"reference"}
 
 

@@ -55,7 +55,7 @@ class RopeSchedule:
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if not name.startswith("_"):  # a changed field changes the frequencies
-            self.__dict__.pop("_inv_freq_cache", None)
+            super().__setattr__("_inv_freq_cache", {})
 
     def cached_inv_freq(self, seq_len=None, device=None):
         """float32 [rotary_dim / 2] on `device`, cached per (seq_len, device) until a field
@@ -63,7 +63,7 @@ class RopeSchedule:
         synchronize the stream. The cached tensor itself: do not modify it (`inv_freq`
         returns a copy)."""
         key = (seq_len, None if device is None else torch.device(device))
-        cache = self.__dict__.setdefault("_inv_freq_cache", {})
+        cache = self._inv_freq_cache  # a plain attribute: torch.compile traces it
         if key not in cache:
             if len(cache) >= 64:  # dynamic schedules see many lengths; keep the cache small
                 cache.clear()
