@@ -3,9 +3,13 @@ import torch
 from ropefast import dispatch
 
 
+WHAT = {"hopper": "the Gluon forward (Hopper)", "kernel": "the portable Triton kernels",
+        "interpreter": "Triton's interpreter (slow: TRITON_INTERPRET is set)",
+        "reference": "ropefast.reference (plain PyTorch)"}
+
+
 def pytest_report_header(config):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = dispatch.path(torch.empty(0, device=device))
-    what = {"kernel": "the Triton kernels", "interpreter": "Triton's interpreter (slow: TRITON_INTERPRET is set)",
-            "reference": "ropefast.reference (plain PyTorch)"}[path]
-    return f"ropefast on {device} (fp16/fp32) runs {what}"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    paths = {d: dispatch.path(torch.empty(1, 1, 1, d, device=device, dtype=dtype)) for d in (64, 128)}
+    return f"ropefast on {device} ({dtype}) runs " + "; ".join(f"at D={d} {WHAT[p]}" for d, p in paths.items())

@@ -37,7 +37,7 @@ def ropefast_path(case, impl):
     if not impl.startswith("ropefast"):
         return "torch"
     with dispatch.portable_kernels() if impl == "ropefast_portable" else contextlib.nullcontext():
-        return dispatch.path(torch.empty(0, dtype=DTYPES[case.dtype], device=DEVICE))
+        return dispatch.path(torch.empty(1, 1, 1, case.head_dim, dtype=DTYPES[case.dtype], device=DEVICE))
 
 
 def _label(case, impl):

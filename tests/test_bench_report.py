@@ -60,6 +60,6 @@ def test_cpu_suite_labels_the_path_and_warns_when_it_times_the_interpreter():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     out = result.stdout
-    assert "runs Triton's interpreter" in out  # the header
+    assert "Triton's interpreter (slow: TRITON_INTERPRET is set)" in out  # the header
     assert "benchmark 'fp32-D64-H4-N128-B1-causal fwd'" in out  # one table per case and mode
     assert "fwd-ropefast-interpreter]" in out and "timing ropefast through Triton's interpreter" in out
