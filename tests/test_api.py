@@ -163,3 +163,12 @@ def test_shapes_that_look_like_the_other_layout_warn(op):
             scaled_rope_attention(q[:, :, :1].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inv_freq=f)
         else:
             apply_scaled_rope(q, inv_freq=f, layout="bhsd")
+
+
+def test_schedule_cache_follows_field_changes_and_factors_are_immutable():
+    s = schedules.DCIS(8, factor=4.0, scaling_factors=[1.0, 2.0, 3.0, 4.0])
+    before = s.cached_inv_freq()
+    with pytest.raises(TypeError):
+        s.scaling_factors[0] = 2.0  # a tuple: an in-place change could not reach the cache
+    s.scaling_factors = (2.0, 2.0, 3.0, 4.0)
+    assert s.cached_inv_freq()[0].item() == pytest.approx(before[0].item() / 2)

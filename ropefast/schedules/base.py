@@ -59,9 +59,9 @@ class RopeSchedule:
 
     def cached_inv_freq(self, seq_len=None, device=None):
         """float32 [rotary_dim / 2] on `device`, cached per (seq_len, device) until a field
-        changes: a model asks once per layer and step, and each host->device copy would
-        synchronize the stream. The cached tensor itself: do not modify it (`inv_freq`
-        returns a copy)."""
+        is set (fields are immutable values: sequences are stored as tuples): a model asks
+        once per layer and step, and each host->device copy would synchronize the stream.
+        The cached tensor itself: do not modify it (`inv_freq` returns a copy)."""
         key = (seq_len, None if device is None else torch.device(device))
         cache = self._inv_freq_cache  # a plain attribute: torch.compile traces it
         if key not in cache:

@@ -63,7 +63,7 @@ class DCIS(RopeSchedule):
             raise ValueError(f"scaling_factors must have rotary_dim/2 = {rotary_dim // 2} entries, got {len(factors)}")
         if not all(math.isfinite(x) and x > 0 for x in factors):
             raise ValueError("scaling_factors must be positive and finite")
-        self.scaling_factors = factors
+        self.scaling_factors = tuple(factors)  # immutable: the frequencies are cached until a field is set
         self.original_max_position_embeddings = original_max_position_embeddings
         if attention_factor is not None:
             _check_positive("attention_factor", attention_factor)

@@ -57,7 +57,7 @@ class LongRoPE(RopeSchedule):
         self.attention_factor = attention_factor
 
     def _check_factors(self, name, values):
-        values = [float(x) for x in values]
+        values = tuple(float(x) for x in values)  # immutable: the frequencies are cached until a field is set
         if len(values) != self.rotary_dim // 2:
             raise ValueError(f"{name} must have rotary_dim/2 = {self.rotary_dim // 2} entries, got {len(values)}")
         for x in values:
