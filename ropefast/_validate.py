@@ -70,6 +70,11 @@ def check_positive(name, value):
     return float(value)
 
 
+def as_batched(t):
+    """Per-position [N] -> a [1, N] view (shared by the batch); [B, N] as is; None stays None."""
+    return None if t is None else (t[None] if t.dim() == 1 else t)
+
+
 def other_layout(layout):
     return "bhsd" if layout == "bshd" else "bshd"
 
@@ -107,7 +112,6 @@ def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *,
         rotary_dim = schedule.rotary_dim if rotary_dim is None else rotary_dim
         interleaved = schedule.interleaved if interleaved is None else interleaved
         rotary_scale = schedule.rotary_scale(length) if rotary_scale is None else rotary_scale
-
     else:
         rotary_dim_source = ""
     check_tensor("inv_freq", inv_freq, ndim=(1,))

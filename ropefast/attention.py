@@ -6,17 +6,12 @@ from typing import Optional, Union
 from torch import Tensor
 
 from . import dispatch, ops
-from ._validate import (check_head_tensor, check_layout, check_positions, check_positive, check_tensor, other_layout,
-                        resolve_rotary, warn_if_layout_swapped)
+from ._validate import (as_batched, check_head_tensor, check_layout, check_positions, check_positive, check_tensor,
+                        other_layout, resolve_rotary, warn_if_layout_swapped)
 from .reference import default_positions, scaled_rope_attention_reference
 from .schedules.base import RopeSchedule
 
 __all__ = ["scaled_rope_attention"]
-
-
-def _as_batched(t):
-    """[N] -> a [1, N] view (shared by the batch); [B, N] as is; None stays None."""
-    return None if t is None else (t[None] if t.dim() == 1 else t)
 
 
 def scaled_rope_attention(
@@ -106,7 +101,6 @@ def scaled_rope_attention(
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must agree with q in batch and head dim ({layout}), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    user_layout = layout
     if layout == "bhsd":  # below here everything is a [B, N, H, D] view
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     (batch, nq, hq, head_dim), (_, nk, hkv, _) = q.shape, k.shape
@@ -151,9 +145,9 @@ def scaled_rope_attention(
     else:
         # the temperature as [B, Nq]: its gradient comes back per batch row, and autograd
         # sums it into the caller's shape
-        temperature = None if q_temperature is None else _as_batched(q_temperature.float()).expand(batch, nq)
-        out, lse = ops.attention_fwd(q, k, v, inv_freq, _as_batched(q_positions), _as_batched(k_positions),
+        temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
+        out, lse = ops.attention_fwd(q, k, v, inv_freq, as_batched(q_positions), as_batched(k_positions),
                                      temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale)
-    if user_layout == "bhsd":
+    if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -7,7 +7,8 @@ from typing import Optional
 from torch import Tensor
 
 from . import dispatch, ops
-from ._validate import check_head_tensor, check_layout, check_positions, resolve_rotary, warn_if_layout_swapped
+from ._validate import (as_batched, check_head_tensor, check_layout, check_positions, resolve_rotary,
+                        warn_if_layout_swapped)
 from .reference import default_positions, rotate
 from .schedules.base import RopeSchedule
 
@@ -44,7 +45,7 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
         schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim,
         seq_len=n if seq_len is None else seq_len, like=x, like_name="x")
-    positions = None if positions is None else (positions[None] if positions.dim() == 1 else positions)
+    positions = as_batched(positions)
 
     if dispatch.path(x) != "reference":
         out = ops.rope_fwd(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
