@@ -172,7 +172,7 @@ _FLEX = []
 
 
 def _compiled_flex(flex_attention):
-    """One compiled flex_attention for the session. Each shape compiles anew (static shapes are
+    """One compiled flex_attention per pytest run. Each shape compiles anew (static shapes are
     its fastest code), so dynamo's recompile limit is raised: at the default limit it would
     silently fall back to the (slow) eager flex after a few cases."""
     if not _FLEX:

@@ -6,7 +6,7 @@ One test per (case, mode, pipeline): mode "fwd" is the forward, "train" forward+
 timings (triton's do_bench), which the report uses (TF/s, ratios), and pytest-benchmark's
 own rounds, each ending in a device synchronization, for pytest-benchmark's table.
 `extra_info` carries the case, median ms, TF/s, peak extra memory, and, on ropefast's test
-(the last of each case), its speed ratio to every peer timed in the same session.
+(the last of each case), its speed ratio to every peer timed in the same pytest run.
 
 pytest-benchmark prints one table per (case, mode). ropefast's test id and extra_info name
 the path it ran (`ropefast.dispatch`: "hopper", "kernel", "interpreter" or "reference"); on
@@ -46,7 +46,7 @@ def _label(case, impl):
 
 PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{_label(case, impl)}")
           for case in CASES for mode in ("fwd", "train") for impl in PIPELINES]
-_TFLOPS = {}  # (case, mode) -> {impl: TF/s} measured in this session
+_TFLOPS = {}  # (case, mode) -> {impl: TF/s} measured in this pytest run
 
 
 def _step(fn, q, k, v, mode):
