@@ -8,6 +8,8 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  Triton whose Gluon has what the kernels need (`kernels.hopper.compat`): the
                  warp-specialized Gluon forward (the backward runs the portable kernels). At
                  head dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md).
+                 Not for packed documents (varlen): the Gluon kernel has no document
+                 bounds, so those take "kernel".
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
                  interpreter on the CPU (slow; for tests).
@@ -78,17 +80,17 @@ def _is_hopper(device):
     return _capability[index] == (9, 0)
 
 
-def path(x: torch.Tensor) -> str:
+def path(x: torch.Tensor, varlen: bool = False) -> str:
     """The path ("hopper", "kernel", "interpreter" or "reference") a call on tensors like x
-    takes."""
+    takes; `varlen`: a call on packed documents (`scaled_rope_attention_varlen`)."""
     if x.dtype == torch.float64 or _env_changed():
         return "reference"
     if INTERPRETER:
         return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"
     if not x.is_cuda:
         return "reference"
-    if (not _portable_only and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] > HOPPER_MIN_HEAD_DIM
-            and hopper_compat.SUPPORTED and _is_hopper(x.device)):
+    if (not _portable_only and not varlen and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[-1] > HOPPER_MIN_HEAD_DIM and hopper_compat.SUPPORTED and _is_hopper(x.device)):
         return "hopper"
     return "kernel"
 
