@@ -15,7 +15,8 @@ saved between forward and backward.
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their
 query tiles, so GQA sums need no atomics). Every output is written by one program and
-every reduction runs in a fixed order: the backward is deterministic. Both keep their
+every reduction runs in a fixed order: the backward is deterministic. Packed documents
+(`VARLEN`) as in the forward: a program's tiles are one document's. Both keep their
 loop-invariant K^/V (or Q^) tiles in shared memory as the left operand of their dots
 (2-D `row_tiles` descriptors), which leaves the accumulators enough registers to run two
 programs per SM (bench/RESULTS.md: the backward 14-29% faster than with 4-D tiles at
@@ -29,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_major, tile_descriptor,
-                            tma_readable)
+from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds, sequence_major,
+                            sequences, tile_descriptor, tma_readable)
 from .rope import frequency_grad, rope
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
@@ -61,16 +62,18 @@ def bwd_preprocess_kernel(O, DO, LSE, DLSE, DELTA, LSE2, stride_ob, stride_on, s
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m, masked, NQ, NK,
-               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query tile's share of dK^ and dv. Queries past NQ load lse2 = +inf (probability
-    0). `masked` tiles (the causal diagonal) zero the hidden probabilities. Keys past NK
-    (another sequence's rows of K^, or zeros) only touch rows of dk and dv that are never
+def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, q_start, off_h, offs_n, start_m, masked,
+               NQ, NK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One query tile's share of dK^ and dv (queries start_m.. of the sequence, whose first
+    query is row q_row of Q^, lse2 and delta, row q_start of dO). Queries past NQ load
+    lse2 = +inf (probability 0). `masked` tiles (the causal diagonal) zero the hidden probabilities. Keys past NK
+    (another sequence's or document's rows of K^, or zeros) only touch rows of dk and dv that are never
     stored; the masked branch checks them anyway: without that check this kernel compiled
     3-11% slower on non-causal shapes, which never take the branch (bench/RESULTS.md)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([q_row + start_m, 0])
-    do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
+    do = do_desc.load([off_b, q_start + start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
     lse2 = tl.load(LSE2 + q_row.to(tl.int64) + offs_m, mask=offs_m < NQ, other=float("inf"))
     delta = tl.load(DELTA + q_row.to(tl.int64) + offs_m, mask=offs_m < NQ, other=0.0)
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) - lse2[None, :])
@@ -88,46 +91,53 @@ def _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, 
 
 @triton.jit
 def rope_attention_bwd_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, v_row_b, v_row_h, v_col_h,
+    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, v_row_b, v_row_h, v_col_h,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HKV, GROUP,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_N keys of one (batch, KV head); loops over the GROUP query heads
-    that read this KV head and over their query tiles. Writes dK^ (rotated frame; DK may be
-    the K^ buffer itself: this program alone reads these rows, before it writes them) and
-    dv. Q^ and K^ are sequence-major scratch, V any `row_tiles` view."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    off_b, off_hk = pid_bh // HKV, pid_bh % HKV
+    """One program: BLOCK_N keys of one (sequence, KV head); loops over the GROUP query heads
+    that read this KV head and over their query tiles. A sequence is a batch row or (VARLEN)
+    a document of the packed row (`sequence_bounds`); key tiles past its end exit. Writes dK^
+    (rotated frame; DK may be the K^ buffer itself: this program alone reads these rows,
+    before it writes them) and dv. Q^ and K^ are sequence-major scratch, V any `row_tiles` view."""
+    pid_n, pid_sh = tl.program_id(0), tl.program_id(1)
+    off_hk = pid_sh % HKV
+    off_b, q_start, seq_nq, k_start, seq_nk = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, pid_sh // HKV, NQ, NK,
+                                                              VARLEN)
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        if start_n >= seq_nk:  # the grid covers the longest document
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = k_desc.load([pid_bh * NK + start_n, 0])
-    v = v_desc.load([off_b * v_row_b + off_hk * v_row_h + start_n, off_hk * v_col_h])
+    k = k_desc.load([(off_b * HKV + off_hk) * NK + k_start + start_n, 0])
+    v = v_desc.load([off_b * v_row_b + off_hk * v_row_h + k_start + start_n, off_hk * v_col_h])
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
 
-    # Causal: query i sees key j iff i >= j - (NK - NQ). Query tiles before m_lo see none of
-    # these keys; tiles in [m_lo, m_hi) see some (masked); from m_hi on they see all.
+    # Causal: query i sees key j iff i >= j - (seq_nk - seq_nq). Query tiles before m_lo see
+    # none of these keys; tiles in [m_lo, m_hi) see some (masked); from m_hi on they see all.
     m_lo = 0
     m_hi = 0
     if CAUSAL:
-        m_lo = (tl.maximum(start_n - (NK - NQ), 0) // BLOCK_M) * BLOCK_M
-        m_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0), BLOCK_M) * BLOCK_M, NQ)
+        m_lo = (tl.maximum(start_n - (seq_nk - seq_nq), 0) // BLOCK_M) * BLOCK_M
+        m_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (seq_nk - seq_nq), 0), BLOCK_M) * BLOCK_M,
+                          seq_nq)
         m_hi = tl.maximum(m_hi, m_lo)
     # One flat loop over (query head of the group, query tile): nested loops, or separate
     # masked and unmasked loops, keep more values live and spill at these tile sizes.
-    m_tiles = tl.cdiv(NQ - m_lo, BLOCK_M)
+    m_tiles = tl.cdiv(seq_nq - m_lo, BLOCK_M)
     for i in range(0, GROUP * m_tiles):
         g = i // m_tiles
         start_m = m_lo + (i - g * m_tiles) * BLOCK_M
         off_h = off_hk * GROUP + g
-        q_row = (off_b * HKV * GROUP + off_h) * NQ  # row of this head's sequence in Q^, lse2, delta
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, off_h, offs_n, start_m,
-                            start_m < m_hi, NQ, NK, CAUSAL, BLOCK_M, D_PAD, DOT_PRECISION)
+        q_row = (off_b * HKV * GROUP + off_h) * NQ + q_start  # row of this head's sequence in Q^, lse2, delta
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, LSE2, DELTA, q_row, off_b, q_start, off_h, offs_n,
+                            start_m, start_m < m_hi, seq_nq, seq_nk, CAUSAL, BLOCK_M, D_PAD, DOT_PRECISION)
 
     d = tl.arange(0, D_PAD)
-    rows = offs_n.to(tl.int64)[:, None]
-    mask = (offs_n < NK)[:, None] & (d < HEAD_DIM)[None, :]
+    rows = (k_start + offs_n).to(tl.int64)[:, None]
+    mask = (offs_n < seq_nk)[:, None] & (d < HEAD_DIM)[None, :]
     dk_ptr = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
     tl.store(dk_ptr + rows * stride_dkn + d[None, :], (dk * LN2).to(DK.dtype.element_ty), mask=mask)
     dv_ptr = DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
@@ -138,7 +148,7 @@ def rope_attention_bwd_dkdv_kernel(
 def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK,
              CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile's share of dQ^. MASKED tiles check causality and key bounds (keys past
-    NK are another sequence's rows, or zeros)."""
+    NK are another sequence's or document's rows, or zeros)."""
     k = k_desc.load([k_row + start_n, 0])
     v = v_desc.load([v_row + start_n, v_col])
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) - lse2[:, None])
@@ -155,47 +165,55 @@ def _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m
 
 @triton.jit
 def rope_attention_bwd_dq_kernel(
-    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ, v_row_b, v_row_h, v_col_h, stride_dqb, stride_dqn, stride_dqh,
-    NQ, NK, HQ, GROUP, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, LSE2, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, v_row_b, v_row_h, v_col_h,
+    stride_dqb, stride_dqn, stride_dqh, NQ, NK, HQ, GROUP, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """dQ^: one program owns BLOCK_M queries of one (batch, query head) and loops over key
-    tiles (unmasked, then masked, as the forward)."""
+    """dQ^: one program owns BLOCK_M queries of one (sequence, query head) and loops over key
+    tiles (unmasked, then masked, as the forward); VARLEN as the forward."""
     # Causal: the last query tiles see the most keys; launching them first shortens the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b, off_h = pid_bh // HQ, pid_bh % HQ
+    pid_sh = tl.program_id(1)
+    off_h = pid_sh % HQ
     off_hk = off_h // GROUP
+    off_b, q_start, seq_nq, k_start, seq_nk = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, pid_sh // HQ, NQ, NK,
+                                                              VARLEN)
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        if start_m >= seq_nq:  # the grid covers the longest document
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = q_desc.load([pid_bh * NQ + start_m, 0])
-    do = do_desc.load([off_b, start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
-    lse2 = tl.load(LSE2 + pid_bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-    k_row = (off_b * (HQ // GROUP) + off_hk) * NK
-    v_row = off_b * v_row_b + off_hk * v_row_h
+    q_row = (off_b * HQ + off_h) * NQ + q_start  # this sequence's first row of Q^, lse2, delta
+    q = q_desc.load([q_row + start_m, 0])
+    do = do_desc.load([off_b, q_start + start_m, off_h, 0]).reshape(BLOCK_M, D_PAD)
+    lse2 = tl.load(LSE2 + q_row.to(tl.int64) + offs_m, mask=offs_m < seq_nq, other=float("inf"))
+    delta = tl.load(DELTA + q_row.to(tl.int64) + offs_m, mask=offs_m < seq_nq, other=0.0)
+    k_row = (off_b * (HQ // GROUP) + off_hk) * NK + k_start
+    v_row = off_b * v_row_b + off_hk * v_row_h + k_start
     v_col = off_hk * v_col_h
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
 
-    full_end = (NK // BLOCK_N) * BLOCK_N
+    full_end = (seq_nk // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        m0 = start_m + (NK - NQ)  # the first row's last visible key
-        hi = tl.minimum(NK, tl.maximum(m0 + BLOCK_M, 0))
+        m0 = start_m + (seq_nk - seq_nq)  # the first row's last visible key
+        hi = tl.minimum(seq_nk, tl.maximum(m0 + BLOCK_M, 0))
         lo = tl.minimum((tl.maximum(m0 + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
     else:
-        hi = NK
+        hi = seq_nk
         lo = full_end
     for start_n in range(0, lo, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK, CAUSAL,
-                      False, BLOCK_N, DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, seq_nq, seq_nk,
+                      CAUSAL, False, BLOCK_N, DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, NQ, NK, CAUSAL,
-                      True, BLOCK_N, DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_desc, v_desc, k_row, v_row, v_col, offs_m, start_n, seq_nq, seq_nk,
+                      CAUSAL, True, BLOCK_N, DOT_PRECISION)
 
     d = tl.arange(0, D_PAD)
     dq_ptr = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * stride_dqn + d[None, :], (dq * LN2).to(DQ.dtype.element_ty),
-             mask=(offs_m < NQ)[:, None] & (d < HEAD_DIM)[None, :])
+    rows = (q_start + offs_m).to(tl.int64)
+    tl.store(dq_ptr + rows[:, None] * stride_dqn + d[None, :], (dq * LN2).to(DQ.dtype.element_ty),
+             mask=(offs_m < seq_nq)[:, None] & (d < HEAD_DIM)[None, :])
 
 
 def bwd_config(head_dim_pad, is_cuda):
@@ -213,9 +231,10 @@ def bwd_config(head_dim_pad, is_cuda):
 
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, need_dfreq,
-                       need_dtemp, config=None):
-    """Launch the backward. Arguments as `rope_attention_fwd`, plus do (dO, like q), out
-    and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q, k, v:
+                       need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                       config=None):
+    """Launch the backward. Arguments as `rope_attention_fwd` (varlen included), plus do
+    (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q, k, v:
     shape, strides, dtype), d inv_freq [P] float32 or None, and d temperature [B, Hq, Nq]
     float32 (per head; the caller sums) or None."""
     batch, nq, hq, head_dim = q.shape
@@ -240,20 +259,21 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     dq_hat = sequence_major(batch, nq, hq, head_dim, q)
     dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     dv = torch.empty_like(v)
-    common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal,
+    common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    seqs, most_q, most_k = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     block_m, block_n, num_warps, num_stages = dq_config
     v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
-    rope_attention_bwd_dq_kernel[(triton.cdiv(nq, block_m), batch * hq)](
+    rope_attention_bwd_dq_kernel[(triton.cdiv(most_q, block_m), seqs * hq)](
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, *v_geometry,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, cu_seqlens_q, cu_seqlens_k, *v_geometry,
         *dq_hat.stride()[:3], nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **common)
     block_m, block_n, num_warps, num_stages = dkdv_config
     v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
-    rope_attention_bwd_dkdv_kernel[(triton.cdiv(nk, block_n), batch * hkv)](
+    rope_attention_bwd_dkdv_kernel[(triton.cdiv(most_k, block_n), seqs * hkv)](
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, *v_geometry,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, cu_seqlens_q, cu_seqlens_k, *v_geometry,
         *dk_hat.stride()[:3], *dv.stride()[:3], nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
 

@@ -9,7 +9,9 @@ program owns BLOCK_M queries of one (batch, query head), streams K^ and V tiles 
 matching KV head (GQA by index, no repeated KV) through TMA descriptors (asynchronous;
 buffered ahead of the dots when the config has stages), and keeps an online softmax in
 base 2. Q^ and K^ are stored sequence-major and read as 2-D tiles (`row_tiles`), which the
-dots take straight from shared memory.
+dots take straight from shared memory. Packed documents (varlen) are one row of B = 1 with
+document bounds: `VARLEN` programs read their document's offsets from cu_seqlens and loop
+over its keys only (`sequence_bounds`); tiles past a document's end exit.
 
 Measured alternatives (H100, bench/RESULTS.md): rotating each K tile inside the loop was
 1.5x slower (the rotated tile goes registers -> shared memory before its dot, once per
@@ -32,16 +34,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
+def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, k_start, off_hkv, offs_m, start_n, NQ, NK,
               D_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
               V_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One K/V tile of the online softmax. MASKED tiles check key bounds and causality
-    (keys past NK are the next sequence's rows of K^, or zeros: their logits need -inf).
+    """One K/V tile of the online softmax (keys start_n.. of the sequence, whose first key
+    is row k_start of v). MASKED tiles check key bounds and causality (keys past NK are the
+    next sequence's or document's rows of K^, or zeros: their logits need -inf).
     V_FIRST issues V's load before the QK^T dot, so it lands during the dot and the softmax;
     without stages that takes a second tile buffer (`fwd_config` says when it pays)."""
     k = k_desc.load([k_row + start_n, 0])
     if V_FIRST:
-        v = v_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
+        v = v_desc.load([off_b, k_start + start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -58,57 +61,81 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, s
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if not V_FIRST:
-        v = v_desc.load([off_b, start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
+        v = v_desc.load([off_b, k_start + start_n, off_hkv, 0]).reshape(BLOCK_N, D_PAD)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
+def sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, seq, NQ, NK, VARLEN: tl.constexpr):
+    """(batch row, first query row, query count, first key row, key count) of sequence `seq`:
+    batch row `seq` of NQ queries and NK keys, or, VARLEN, document `seq` of the one packed
+    row, bounded by cu_seqlens (int32 [documents + 1], read here: no host ever sees them)."""
+    if VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + seq)
+        k_start = tl.load(CU_SEQLENS_K + seq)
+        q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
+        k_len = tl.load(CU_SEQLENS_K + seq + 1) - k_start
+        return tl.zeros((), tl.int32), q_start, q_len, k_start, k_len
+    else:
+        return seq, 0, NQ, 0, NK
+
+
+@triton.jit
 def rope_attention_fwd_kernel(
-    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_on, stride_oh, NQ, NK, HQ, GROUP,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    q_desc, k_desc, v_desc, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, stride_ob, stride_on, stride_oh, NQ, NK, HQ, GROUP,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, V_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Flash attention over Q^ (rotated, every logit scale folded in, base 2) and K^ (rotated)."""
+    """Flash attention over Q^ (rotated, every logit scale folded in, base 2) and K^ (rotated).
+    Program (m, s h): query tile m of query head h of sequence s, a batch row, or (VARLEN) a
+    document of the packed row ([1, NQ] queries, [1, NK] keys): its bounds come from
+    cu_seqlens, and tiles past its end exit."""
     # Causal: the last query tiles see the most keys; launching them first shortens the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
+    pid_sh = tl.program_id(1)
+    off_h = pid_sh % HQ
     off_hkv = off_h // GROUP
+    off_b, q_start, seq_nq, k_start, seq_nk = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, pid_sh // HQ, NQ, NK,
+                                                              VARLEN)
+    if VARLEN:
+        if pid_m * BLOCK_M >= seq_nq:  # the grid covers the longest document
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = q_desc.load([pid_bh * NQ + pid_m * BLOCK_M, 0])
-    k_row = (off_b * (HQ // GROUP) + off_hkv) * NK
+    q_row = (off_b * HQ + off_h) * NQ + q_start  # this sequence's first row of Q^ and of LSE
+    q = q_desc.load([q_row + pid_m * BLOCK_M, 0])
+    k_row = (off_b * (HQ // GROUP) + off_hkv) * NK + k_start
 
     # Tiles [0, lo) are fully visible to every row: no masks. [lo, hi) need masks.
-    full_end = (NK // BLOCK_N) * BLOCK_N
+    full_end = (seq_nk // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        m0 = pid_m * BLOCK_M + (NK - NQ)  # the first row's last visible key
-        hi = tl.minimum(NK, tl.maximum(m0 + BLOCK_M, 0))
+        m0 = pid_m * BLOCK_M + (seq_nk - seq_nq)  # the first row's last visible key
+        hi = tl.minimum(seq_nk, tl.maximum(m0 + BLOCK_M, 0))
         lo = tl.minimum((tl.maximum(m0 + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
     else:
-        hi = NK
+        hi = seq_nk
         lo = full_end
 
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start_n in range(0, lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
-                                  D_PAD, CAUSAL, False, BLOCK_N, V_FIRST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, k_start, off_hkv, offs_m, start_n,
+                                  seq_nq, seq_nk, D_PAD, CAUSAL, False, BLOCK_N, V_FIRST, DOT_PRECISION)
     for start_n in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, off_hkv, offs_m, start_n, NQ, NK,
-                                  D_PAD, CAUSAL, True, BLOCK_N, V_FIRST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, k_start, off_hkv, offs_m, start_n,
+                                  seq_nq, seq_nk, D_PAD, CAUSAL, True, BLOCK_N, V_FIRST, DOT_PRECISION)
 
     # A row that saw no key (causal, Nq > Nk) gets out = 0 and lse = -inf.
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     d = tl.arange(0, D_PAD)
     o_ptr = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_ptr + offs_m.to(tl.int64)[:, None] * stride_on + d[None, :], out.to(O.dtype.element_ty),
-             mask=(offs_m < NQ)[:, None] & (d[None, :] < HEAD_DIM))
+    rows = (q_start + offs_m).to(tl.int64)
+    tl.store(o_ptr + rows[:, None] * stride_on + d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m < seq_nq)[:, None] & (d[None, :] < HEAD_DIM))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
+    tl.store(LSE + (off_b * HQ + off_h).to(tl.int64) * NQ + q_start + offs_m, lse, mask=offs_m < seq_nq)
 
 
 def _dot_pad(n):
@@ -202,14 +229,26 @@ def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotar
     return q_rot, k_rot
 
 
+def sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(count, most queries, most keys) of the sequences the kernels' grids cover: the batch
+    rows, or, with cu_seqlens (varlen: one packed row), its documents, as long as the
+    caller's max_seqlen says (an int: the grid never waits on a device value)."""
+    if cu_seqlens_q is None:
+        return batch, nq, nk
+    return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
+
+
 def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
-                       causal, softmax_scale, rotary_scale, config=None):
+                       causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                       max_seqlen_k=0, config=None):
     """Scaled rotary attention forward: the two rope passes, then the flash kernel. q
     [B, Nq, Hq, D], k and v [B, Nk, Hkv, D], any strides (the API turns SDPA's layout into
     such views), last dim contiguous, v 16-byte aligned (TMA); inv_freq float32
     [rotary_dim / 2]; q_positions [B, Nq] and k_positions [B or 1, Nk] ints or None;
-    q_temperature [B, Nq] float32 or None. Returns out (like q: shape, strides, dtype) and
-    lse [B, Hq, Nq] float32 (natural log)."""
+    q_temperature [B, Nq] float32 or None. Varlen: B = 1, and cu_seqlens_q / cu_seqlens_k
+    (int32 [documents + 1]) split the row into documents of at most max_seqlen_q /
+    max_seqlen_k tokens, each attending within itself (causal: bottom-right per document).
+    Returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32 (natural log)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
@@ -218,10 +257,12 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
-    rope_attention_fwd_kernel[(triton.cdiv(nq, block_m), batch * hq)](
+    seqs, most_q, _ = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    rope_attention_fwd_kernel[(triton.cdiv(most_q, block_m), seqs * hq)](
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0],
-        tile_descriptor(v, block_n, d_pad), out, lse, *out.stride()[:3], nq, nk, hq, hq // hkv,
-        HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, V_FIRST=v_first,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        tile_descriptor(v, block_n, d_pad), out, lse, cu_seqlens_q, cu_seqlens_k, *out.stride()[:3], nq, nk, hq,
+        hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, V_FIRST=v_first, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

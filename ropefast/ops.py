@@ -26,20 +26,31 @@ if hopper_compat.SUPPORTED:
 @torch.library.custom_op("ropefast::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
                   k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
-                  causal: bool, softmax_scale: float, rotary_scale: float) -> tuple[Tensor, Tensor]:
+                  causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
+                  cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor]:
     """out (like q) and lse [B, Hq, Nq] float32. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
     (any strides), q_positions [B, Nq] / k_positions [B or 1, Nk] ints or None,
-    q_temperature [B, Nq] float32 or None."""
+    q_temperature [B, Nq] float32 or None. Varlen (`ropefast.varlen`): B = 1 and
+    cu_seqlens_q / cu_seqlens_k int32 [documents + 1] with the longest document's lengths;
+    packed documents are the dense op with document bounds, so they share its fake shapes
+    and autograd formula, and run the portable kernels (`dispatch.path(q, varlen=True)`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
-    forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
+    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                  max_seqlen_k=max_seqlen_k)
+    if dispatch.path(q, varlen=cu_seqlens_q is not None) == "hopper":
+        forward, varlen = rope_attention_fwd_hopper, {}
+    else:
+        forward = rope_attention_fwd
     return forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
-                   interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
+                   interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+                   **varlen)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
-      rotary_scale):
+      rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     batch, nq, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32)
 
@@ -48,14 +59,16 @@ def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, in
 def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                   lse: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
                   q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
-                  softmax_scale: float, rotary_scale: float, need_dfreq: bool,
-                  need_dtemp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  softmax_scale: float, rotary_scale: float, need_dfreq: bool, need_dtemp: bool,
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
-    d temperature ([B, Nq] float32, or empty unless need_dtemp)."""
+    d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd."""
     dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
         grad_out, q, k, v, out, lse, grad_lse, inv_freq, q_positions, k_positions, q_temperature,
         rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
-        rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp)
+        rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     dfreq = dfreq if need_dfreq else inv_freq.new_empty(0, dtype=torch.float32)
     dtemp = dtemp.sum(1) if need_dtemp else q.new_empty(0, dtype=torch.float32)  # heads summed: [B, Nq]
     return dq, dk, dv, dfreq, dtemp
@@ -63,7 +76,8 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
 
 @attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
-      interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp):
+      interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None,
+      max_seqlen_q=0, max_seqlen_k=0):
     batch, nq = q.shape[:2]
     dfreq = inv_freq.new_empty(inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
     dtemp = q.new_empty((batch, nq) if need_dtemp else (0,), dtype=torch.float32)
@@ -71,21 +85,22 @@ def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions,
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args = inputs
-    ctx.save_for_backward(q, k, v, *output, inv_freq, q_positions, k_positions, q_temperature)
-    ctx.args = args
+    q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args, cu_seqlens_q, cu_seqlens_k, max_q, max_k = inputs
+    ctx.save_for_backward(q, k, v, *output, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q,
+                          cu_seqlens_k)
+    ctx.args, ctx.max_seqlens = args, (max_q, max_k)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature = ctx.saved_tensors
+    q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dfreq, dtemp = attention_bwd(
         grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
-        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp)
+        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
-            None, None, None, None, None)
+            *[None] * 9)
 
 
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)

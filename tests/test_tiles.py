@@ -68,25 +68,36 @@ COMPILE = textwrap.dedent("""
 
     D = 128
     common = dict(HEAD_DIM=(D,), D_PAD=(D,), CAUSAL=(True,))
-    for causal in (True, False):  # two block configs
+
+    def cu_seqlens(varlen):  # int32 document offsets (varlen), or None
+        return dict(CU_SEQLENS_Q="*i32", CU_SEQLENS_K="*i32") if varlen else dict(CU_SEQLENS_Q=(None,),
+                                                                                   CU_SEQLENS_K=(None,))
+
+    for causal, varlen in ((True, False), (False, False), (True, True)):  # two block configs, and packed documents
         config = attention_fwd.fwd_config(D, causal, True)
         bm, bn, v_first = config[0], config[1], config[4]
         build(attention_fwd.rope_attention_fwd_kernel,
               dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([1, bn, 1, D]), O="*bf16", LSE="*fp32",
-                   **{n: "i32" for n in "stride_ob stride_on stride_oh NQ NK HQ GROUP".split()},
-                   **dict(common, CAUSAL=(causal,)), BLOCK_M=(bm,), BLOCK_N=(bn,), V_FIRST=(v_first,),
-                   DOT_PRECISION=("tf32",)), config)
+                   **cu_seqlens(varlen), **{n: "i32" for n in "stride_ob stride_on stride_oh NQ NK HQ GROUP".split()},
+                   **dict(common, CAUSAL=(causal,)), VARLEN=(varlen,), BLOCK_M=(bm,), BLOCK_N=(bn,),
+                   V_FIRST=(v_first,), DOT_PRECISION=("tf32",)), config)
     dkdv, dq = attention_bwd.bwd_config(D, True)
-    for kernel, config, names in (
-            (attention_bwd.rope_attention_bwd_dkdv_kernel, dkdv, "DK DV v_row_b v_row_h v_col_h stride_dkb "
-             "stride_dkn stride_dkh stride_dvb stride_dvn stride_dvh NQ NK HKV GROUP"),
-            (attention_bwd.rope_attention_bwd_dq_kernel, dq, "DQ v_row_b v_row_h v_col_h stride_dqb stride_dqn "
-             "stride_dqh NQ NK HQ GROUP")):
-        bm, bn = config[:2]
-        args = dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([bn, D]),
-                    do_desc=desc([1, bm, 1, D]), LSE2="*fp32", DELTA="*fp32")
-        args.update({n: ("*bf16" if n[:2] in ("DK", "DV", "DQ") else "i32") for n in names.split()})
-        build(kernel, dict(args, **common, BLOCK_M=(bm,), BLOCK_N=(bn,), DOT_PRECISION=("tf32",)), config)
+    for varlen in (False, True):
+        for kernel, config, names in (
+                (attention_bwd.rope_attention_bwd_dkdv_kernel, dkdv, "DK DV CU v_row_b v_row_h v_col_h stride_dkb "
+                 "stride_dkn stride_dkh stride_dvb stride_dvn stride_dvh NQ NK HKV GROUP"),
+                (attention_bwd.rope_attention_bwd_dq_kernel, dq, "DQ CU v_row_b v_row_h v_col_h stride_dqb "
+                 "stride_dqn stride_dqh NQ NK HQ GROUP")):
+            bm, bn = config[:2]
+            args = dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([bn, D]),
+                        do_desc=desc([1, bm, 1, D]), LSE2="*fp32", DELTA="*fp32")
+            for n in names.split():
+                if n == "CU":
+                    args.update(cu_seqlens(varlen))
+                else:
+                    args[n] = "*bf16" if n[:2] in ("DK", "DV", "DQ") else "i32"
+            build(kernel, dict(args, **common, VARLEN=(varlen,), BLOCK_M=(bm,), BLOCK_N=(bn,),
+                               DOT_PRECISION=("tf32",)), config)
     for slot_half in (0, 64):  # the rope pass, natural and Hopper slot order (R = 64 of D = 128)
         build(rope.rope_kernel, dict(
             X="*bf16", OUT="*bf16", POS="*i64", INV_FREQ="*fp32", ROW_SCALE="*fp32",
