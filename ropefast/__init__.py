@@ -4,9 +4,10 @@ flash attention) in fused Triton kernels.
     from ropefast import scaled_rope_attention, apply_scaled_rope, schedules
 """
 
-from . import dispatch, reference, schedules
+from . import dispatch, reference, schedules, varlen
 from .attention import scaled_rope_attention
 from .rope import apply_scaled_rope
+from .varlen import scaled_rope_attention_varlen
 
 __version__ = "0.1.0"
 

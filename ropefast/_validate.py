@@ -25,9 +25,10 @@ def check_tensor(name, x, ndim=None):
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {tuple(x.shape)}")
 
 
-def check_head_tensor(name, x):
-    """A q, k, v or x argument: 4-D, a float dtype, the last dimension contiguous."""
-    check_tensor(name, x, ndim=(4,))
+def check_head_tensor(name, x, ndim=4):
+    """A q, k, v or x argument: 4-D (3-D packed, for varlen), a float dtype, the last
+    dimension contiguous."""
+    check_tensor(name, x, ndim=(ndim,))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.stride(-1) != 1:
@@ -134,3 +135,36 @@ def resolve_rotary(schedule, inv_freq, rotary_dim, interleaved, rotary_scale, *,
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     rotary_scale = 1.0 if rotary_scale is None else check_positive("rotary_scale", rotary_scale)
     return inv_freq, rotary_dim, interleaved, rotary_scale
+
+
+def check_cu_seqlens(name, cu_seqlens, device):
+    """A varlen op's cu_seqlens: int32 [documents + 1] on q's device (its values: see
+    `check_cu_seqlens_values`)."""
+    check_tensor(name, cu_seqlens, ndim=(1,))
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (flash-attn's convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{name} must hold documents + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device}, q is on {device}")
+
+
+def check_max_seqlen(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int (a Python int: the kernels' grid, never read off the "
+                         f"device), got {value!r}")
+
+
+def check_cu_seqlens_values(name, cu_seqlens, total, max_seqlen, max_name):
+    """The checks that read cu_seqlens' values (a host sync on a GPU): offsets start at 0,
+    never decrease, end at the token count, and no document is longer than max_seqlen."""
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must not decrease, got {offsets}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at the packed token count {total}, got {offsets[-1]}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is less than the longest document in {name} ({max(lengths)})")
