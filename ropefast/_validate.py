@@ -63,6 +63,33 @@ def check_positions(name, pos, batch, seq_len, device):
     return pos
 
 
+def check_int32(name, x, shape, device):
+    """An int32 index tensor (cache_seqlens, block_table) of `shape` (None: any size) on
+    `device`, its last dimension contiguous."""
+    check_tensor(name, x, ndim=(len(shape),))
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {x.dtype}")
+    if any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        raise ValueError(f"{name} must be {['*' if s is None else s for s in shape]}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, q is on {device}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {x.stride()}")
+
+
+def check_q_temperature(q_temperature, batch, nq, device):
+    """None, or a float tensor [Nq] or [B, Nq] on q's device."""
+    if q_temperature is None:
+        return
+    check_tensor("q_temperature", q_temperature, ndim=(1, 2))
+    if not q_temperature.dtype.is_floating_point:
+        raise TypeError(f"q_temperature must be a floating tensor, got {q_temperature.dtype}")
+    if q_temperature.shape[-1] != nq or (q_temperature.dim() == 2 and q_temperature.shape[0] != batch):
+        raise ValueError(f"q_temperature must be [{nq}] or [{batch}, {nq}], got {tuple(q_temperature.shape)}")
+    if q_temperature.device != device:
+        raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {device}")
+
+
 def check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

@@ -21,7 +21,8 @@ lse = -inf, as flash-attn does.
 
 import torch
 
-__all__ = ["default_positions", "rotate", "scaled_rope_attention_reference"]
+__all__ = ["default_positions", "rotate", "scaled_rope_attention_reference",
+           "scaled_rope_attention_with_kvcache_reference"]
 
 
 def default_positions(batch, seq_len, offset, device):
@@ -126,6 +127,90 @@ def scaled_rope_attention_reference(
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse.float()) if return_lse else out
+
+
+def scaled_rope_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, inv_freq, q_positions=None,
+                                           k_positions=None, q_temperature=None, return_lse=False, **kwargs):
+    """Reference of `ropefast.scaled_rope_attention_varlen`: `scaled_rope_attention_reference`
+    on each document alone, in a host loop (it reads cu_seqlens: a sync).
+
+    q [total_q, Hq, D], k/v [total_k, Hkv, D] packed; document i is rows cu_seqlens[i] to
+    cu_seqlens[i + 1]. q_positions [total_q] / k_positions [total_k] and q_temperature
+    [total_q] are per token (positions default per document, as the dense op's do). kwargs:
+    the dense reference's other arguments (rotary_dim, interleaved, causal, ...). Returns
+    out like q, and lse [Hq, total_q] float32 if asked."""
+    outs, lses = [], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for q_start, q_end, k_start, k_end in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        doc_q, doc_k = slice(q_start, q_end), slice(k_start, k_end)
+        out, lse = scaled_rope_attention_reference(
+            q[None, doc_q], k[None, doc_k], v[None, doc_k], inv_freq=inv_freq,
+            q_positions=None if q_positions is None else q_positions[None, doc_q],
+            k_positions=None if k_positions is None else k_positions[None, doc_k],
+            q_temperature=None if q_temperature is None else q_temperature[None, doc_q], return_lse=True, **kwargs)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
+    return (out, lse) if return_lse else out
+
+
+def scaled_rope_attention_with_kvcache_reference(
+    q,
+    k_cache,
+    v_cache,
+    *,
+    cache_seqlens,
+    inv_freq,
+    block_table=None,
+    k_new=None,
+    v_new=None,
+    rotary_dim=None,
+    interleaved=False,
+    causal=True,
+    softmax_scale=None,
+    rotary_scale=1.0,
+    q_temperature=None,
+    return_lse=False,
+):
+    """Reference of `ropefast.scaled_rope_attention_with_kvcache`: append, gather, rotate,
+    attend. Writes k_new / v_new [B, Nq, Hkv, D] (if given) into the caches at rows
+    cache_seqlens[b] + i, in place; then, for each sequence b, gathers the first
+    cache_seqlens[b] + (Nq if k_new is given else 0) cache rows (dense [B, max_len, Hkv, D],
+    or paged [num_pages, page_size, Hkv, D] through block_table [B, max_pages]) and runs
+    `scaled_rope_attention_reference` on them: keys at their cache index, queries at the
+    last Nq positions, causal bottom-right. Reads the lengths on the host (one sync).
+    Returns out (q's dtype) and, if asked, lse [B, Hq, Nq] float32."""
+    batch, nq = q.shape[:2]
+    device = q.device
+    n_new = 0
+    if k_new is not None:
+        n_new = nq
+        rows = cache_seqlens.long()[:, None] + torch.arange(nq, device=device)  # [B, Nq] cache indices
+        if block_table is None:
+            index = (torch.arange(batch, device=device)[:, None].expand(batch, nq), rows)
+        else:
+            page_size = k_cache.shape[1]
+            index = (block_table.long().gather(1, rows // page_size), rows % page_size)
+        k_cache[index] = k_new.to(k_cache.dtype)
+        v_cache[index] = v_new.to(v_cache.dtype)
+    if q_temperature is not None:
+        q_temperature = q_temperature.expand(batch, nq)
+    outs, lses = [], []
+    for b, length in enumerate((cache_seqlens.long() + n_new).tolist()):
+        if block_table is None:
+            k, v = k_cache[b, :length], v_cache[b, :length]
+        else:
+            page_size = k_cache.shape[1]
+            pages = block_table[b, :-(-length // page_size)].long()
+            k, v = (cache[pages].flatten(0, 1)[:length] for cache in (k_cache, v_cache))
+        out, lse = scaled_rope_attention_reference(
+            q[b:b + 1], k[None].to(q.dtype), v[None].to(q.dtype), inv_freq=inv_freq, rotary_dim=rotary_dim,
+            interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+            q_temperature=None if q_temperature is None else q_temperature[b:b + 1], return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out
 
 
 def scaled_rope_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, inv_freq, q_positions=None,
