@@ -211,28 +211,3 @@ def scaled_rope_attention_with_kvcache_reference(
         lses.append(lse)
     out, lse = torch.cat(outs), torch.cat(lses)
     return (out, lse) if return_lse else out
-
-
-def scaled_rope_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, inv_freq, q_positions=None,
-                                           k_positions=None, q_temperature=None, return_lse=False, **kwargs):
-    """Reference of `ropefast.scaled_rope_attention_varlen`: `scaled_rope_attention_reference`
-    on each document alone, in a host loop (it reads cu_seqlens: a sync).
-
-    q [total_q, Hq, D], k/v [total_k, Hkv, D] packed; document i is rows cu_seqlens[i] to
-    cu_seqlens[i + 1]. q_positions [total_q] / k_positions [total_k] and q_temperature
-    [total_q] are per token (positions default per document, as the dense op's do). kwargs:
-    the dense reference's other arguments (rotary_dim, interleaved, causal, ...). Returns
-    out like q, and lse [Hq, total_q] float32 if asked."""
-    outs, lses = [], []
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for q_start, q_end, k_start, k_end in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
-        doc_q, doc_k = slice(q_start, q_end), slice(k_start, k_end)
-        out, lse = scaled_rope_attention_reference(
-            q[None, doc_q], k[None, doc_k], v[None, doc_k], inv_freq=inv_freq,
-            q_positions=None if q_positions is None else q_positions[None, doc_q],
-            k_positions=None if k_positions is None else k_positions[None, doc_k],
-            q_temperature=None if q_temperature is None else q_temperature[None, doc_q], return_lse=True, **kwargs)
-        outs.append(out[0])
-        lses.append(lse[0])
-    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
-    return (out, lse) if return_lse else out
