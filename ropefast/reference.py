@@ -21,7 +21,7 @@ lse = -inf, as flash-attn does.
 
 import torch
 
-__all__ = ["default_positions", "rotate", "scaled_rope_attention_reference",
+__all__ = ["default_positions", "rotate", "scaled_rope_attention_reference", "scaled_rope_attention_reference_bwd",
            "scaled_rope_attention_with_kvcache_reference"]
 
 
@@ -93,6 +93,24 @@ def scaled_rope_attention_reference(
     dtype = _compute_dtype(q.dtype)
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    hq, hkv = q.shape[2], k.shape[2]
+    scores = _logits(q, k, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, q_positions=q_positions,
+                     k_positions=k_positions, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+                     q_temperature=q_temperature)
+    # GQA: query head h reads KV head h // (Hq / Hkv).
+    v_rep = v.to(dtype).repeat_interleave(hq // hkv, dim=2)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Nq]; -inf for a row that sees nothing
+    out = torch.einsum("bhij,bjhd->bihd", _probs(scores, lse), v_rep).to(out_dtype)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse.float()) if return_lse else out
+
+
+def _logits(q, k, *, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal, softmax_scale,
+            rotary_scale, q_temperature):
+    """The scaled logits s [B, Hq, Nq, Nk] in the compute dtype, -inf where a key is hidden,
+    for q [B, Nq, Hq, D] and k [B, Nk, Hkv, D]."""
+    dtype = _compute_dtype(q.dtype)
     batch, nq, hq, head_dim = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     device = q.device
@@ -107,11 +125,7 @@ def scaled_rope_attention_reference(
 
     rope = dict(rotary_dim=rotary_dim, interleaved=interleaved, rotary_scale=rotary_scale)
     q_rot = rotate(q, q_positions, inv_freq, **rope)
-    k_rot = rotate(k, k_positions, inv_freq, **rope)
-    # GQA: query head h reads KV head h // (Hq / Hkv).
-    k_rot = k_rot.repeat_interleave(hq // hkv, dim=2)
-    v_rep = v.to(dtype).repeat_interleave(hq // hkv, dim=2)
-
+    k_rot = rotate(k, k_positions, inv_freq, **rope).repeat_interleave(hq // hkv, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q_rot, k_rot) * softmax_scale
     if q_temperature is not None:
         scores = scores * q_temperature.to(dtype).expand(batch, nq)[:, None, :, None]
@@ -120,38 +134,53 @@ def scaled_rope_attention_reference(
         i = torch.arange(nq, device=device)[:, None]
         j = torch.arange(nk, device=device)[None, :]
         scores = scores.masked_fill(j > i + (nk - nq), float("-inf"))
-
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Nq]; -inf for a row that sees nothing
-    probs = torch.exp(scores - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
-    out = torch.einsum("bhij,bjhd->bihd", probs, v_rep).to(out_dtype)
-    if layout == "bhsd":
-        out = out.transpose(1, 2)
-    return (out, lse.float()) if return_lse else out
+    return scores
 
 
-def scaled_rope_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, inv_freq, q_positions=None,
-                                           k_positions=None, q_temperature=None, return_lse=False, **kwargs):
-    """Reference of `ropefast.scaled_rope_attention_varlen`: `scaled_rope_attention_reference`
-    on each document alone, in a host loop (it reads cu_seqlens: a sync).
+def _probs(scores, lse):
+    """exp(s - lse); 0 on rows that see no key (lse = -inf)."""
+    lse = lse[..., None].to(scores.dtype)
+    return torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0))
 
-    q [total_q, Hq, D], k/v [total_k, Hkv, D] packed; document i is rows cu_seqlens[i] to
-    cu_seqlens[i + 1]. q_positions [total_q] / k_positions [total_k] and q_temperature
-    [total_q] are per token (positions default per document, as the dense op's do). kwargs:
-    the dense reference's other arguments (rotary_dim, interleaved, causal, ...). Returns
-    out like q, and lse [Hq, total_q] float32 if asked."""
-    outs, lses = [], []
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for q_start, q_end, k_start, k_end in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
-        doc_q, doc_k = slice(q_start, q_end), slice(k_start, k_end)
-        out, lse = scaled_rope_attention_reference(
-            q[None, doc_q], k[None, doc_k], v[None, doc_k], inv_freq=inv_freq,
-            q_positions=None if q_positions is None else q_positions[None, doc_q],
-            k_positions=None if k_positions is None else k_positions[None, doc_k],
-            q_temperature=None if q_temperature is None else q_temperature[None, doc_q], return_lse=True, **kwargs)
-        outs.append(out[0])
-        lses.append(lse[0])
-    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
-    return (out, lse) if return_lse else out
+
+def scaled_rope_attention_reference_bwd(grad_out, grad_lse, q, k, v, out, lse, *, inv_freq, rotary_dim=None,
+                                        interleaved=False, q_positions=None, k_positions=None, causal=False,
+                                        softmax_scale=None, rotary_scale=1.0, q_temperature=None):
+    """Gradients of `scaled_rope_attention_reference` (layout "bshd") from its out and lse,
+    the way the backward kernels take them: P = exp(s - lse), dS = P (dP - delta) with
+    delta = rowsum(dO * out) - dlse, dv = P^T dO, and dS carried back through the rotations.
+
+    Given the out and lse of a softmax over more keys than k holds (ring attention merges
+    blocks of keys), the results are these keys' share of dq, d inv_freq and d q_temperature,
+    and the whole dk, dv of these keys. grad_lse: [B, Hq, Nq] or None.
+    Returns dq, dk, dv (dtypes of q, k, v), d inv_freq and d q_temperature (shaped like the
+    argument; None without one), the last two in the compute dtype.
+
+    Example:
+        >>> out, lse = scaled_rope_attention_reference(q, k, v, inv_freq=f, causal=True, return_lse=True)
+        >>> dq, dk, dv, dfreq, _ = scaled_rope_attention_reference_bwd(torch.ones_like(out), None, q, k, v, out,
+        ...                                                             lse, inv_freq=f, causal=True)
+    """
+    dtype = _compute_dtype(q.dtype)
+    hq, hkv = q.shape[2], k.shape[2]
+    with torch.enable_grad():  # autograd carries dS back through the rotations and the temperature
+        leaves = [q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_(),
+                  inv_freq.detach().requires_grad_()]
+        if q_temperature is not None:
+            leaves.append(q_temperature.detach().to(dtype).requires_grad_())
+        scores = _logits(leaves[0], leaves[1], inv_freq=leaves[2], rotary_dim=rotary_dim, interleaved=interleaved,
+                         q_positions=q_positions, k_positions=k_positions, causal=causal,
+                         softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+                         q_temperature=leaves[3] if q_temperature is not None else None)
+    probs = _probs(scores.detach(), lse)
+    grad_out = grad_out.to(dtype)
+    dp = torch.einsum("bihd,bjhd->bhij", grad_out, v.to(dtype).repeat_interleave(hq // hkv, dim=2))
+    delta = torch.einsum("bihd,bihd->bhi", grad_out, out.to(dtype))
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(dtype)
+    dv = torch.einsum("bhij,bihd->bjhd", probs, grad_out).unflatten(2, (hkv, hq // hkv)).sum(3)
+    dq, dk, dfreq, *dtemp = torch.autograd.grad(scores, leaves, probs * (dp - delta[..., None]))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dfreq, dtemp[0] if dtemp else None
 
 
 def scaled_rope_attention_with_kvcache_reference(
@@ -210,4 +239,29 @@ def scaled_rope_attention_with_kvcache_reference(
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out
+
+
+def scaled_rope_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, inv_freq, q_positions=None,
+                                           k_positions=None, q_temperature=None, return_lse=False, **kwargs):
+    """Reference of `ropefast.scaled_rope_attention_varlen`: `scaled_rope_attention_reference`
+    on each document alone, in a host loop (it reads cu_seqlens: a sync).
+
+    q [total_q, Hq, D], k/v [total_k, Hkv, D] packed; document i is rows cu_seqlens[i] to
+    cu_seqlens[i + 1]. q_positions [total_q] / k_positions [total_k] and q_temperature
+    [total_q] are per token (positions default per document, as the dense op's do). kwargs:
+    the dense reference's other arguments (rotary_dim, interleaved, causal, ...). Returns
+    out like q, and lse [Hq, total_q] float32 if asked."""
+    outs, lses = [], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for q_start, q_end, k_start, k_end in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        doc_q, doc_k = slice(q_start, q_end), slice(k_start, k_end)
+        out, lse = scaled_rope_attention_reference(
+            q[None, doc_q], k[None, doc_k], v[None, doc_k], inv_freq=inv_freq,
+            q_positions=None if q_positions is None else q_positions[None, doc_q],
+            k_positions=None if k_positions is None else k_positions[None, doc_k],
+            q_temperature=None if q_temperature is None else q_temperature[None, doc_q], return_lse=True, **kwargs)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
     return (out, lse) if return_lse else out
