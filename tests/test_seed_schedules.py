@@ -96,17 +96,18 @@ def _target(d, s):
 
 
 @pytest.mark.parametrize("d", [16, 32])
-def test_dcis_reaches_the_optimum_in_fewer_evaluations_than_the_evolutionary_baseline(d):
+def test_dcis_reaches_the_optimum_in_fewer_evaluations_than_the_longrope_search(d):
     start = schedules.DCIS(d, factor=4.0, original_max_position_embeddings=64)
     objective = _distance_to(_target(d, 4.0))
     tolerance = 1e-2  # mean squared factor error: within ~0.1 of the optimum (factors span 1..5)
     dcis_result = search.dcis(objective, start)
-    evo_result = search.evolutionary(objective, start, max_evaluations=3000, seed=0)
+    evo_result = search.evolutionary(objective, start, seed=0)  # the released sizes: 2,560 evaluations
 
     def first_within(trace):
         return next((j + 1 for j, best in enumerate(trace) if best <= tolerance), math.inf)
 
     dcis_evals, evo_evals = first_within(dcis_result.trace), first_within(evo_result.trace)
+    assert evo_result.evaluations == 2560
     assert dcis_evals < math.inf and dcis_evals < evo_evals, (dcis_evals, evo_evals)
     assert objective(dcis_result.schedule) == dcis_result.score <= tolerance
 
@@ -116,7 +117,7 @@ def test_dcis_finds_non_monotone_factors_the_baseline_cannot_express():
     target[5] = 0.6  # a dip below 1
     start = schedules.DCIS(16, factor=4.0, original_max_position_embeddings=64)
     dcis_result = search.dcis(_distance_to(target), start)
-    evo_result = search.evolutionary(_distance_to(target), start, max_evaluations=1500)
+    evo_result = search.evolutionary(_distance_to(target), start)
     assert dcis_result.score < 1e-2 < evo_result.score
     assert dcis_result.schedule.scaling_factors[5] < 1
 
@@ -124,7 +125,67 @@ def test_dcis_finds_non_monotone_factors_the_baseline_cannot_express():
 def test_dcis_discards_candidates_over_the_cut():
     start = schedules.DCIS(8, factor=2.0, scaling_factors=[1.0] * 4)
     result = search.dcis(lambda sched: 1e6, start)  # nothing survives: factors stay, ranges stay
-    assert result.evaluations == (2 + 4) * 10 and result.score == 1e6
+    assert result.evaluations == (2 + 4) * 10 and result.best_score == 1e6
+    assert result.factors == (1.0,) * 4 and result.score == math.inf  # the start itself was never evaluated
+
+
+def test_dcis_keeps_the_factors_unclamped_and_clamps_only_what_it_evaluates():
+    # Level 1 (groups of 2): every increment <= -0.67 takes factors 2 and 3 to the clamp and
+    # ties; the smallest, -5, wins, so they are kept at 1 - 5 = -4 and the next range is
+    # [-1.11, 3.33]. Level 2: from -4 no increment lifts factor 3 off the clamp, so it stays
+    # there (clamping the kept factor to 1e-4 instead would let it climb to ~1.85, near 2).
+    def objective(sched):
+        lam = sched.scaling_factors
+        return lam[2] + 0.1 * abs(lam[3] - 2.0)
+
+    start = schedules.DCIS(8, factor=2.0, scaling_factors=[1.0] * 4)
+    seen = []
+    result = search.dcis(lambda sched: seen.append(sched.scaling_factors) or objective(sched), start)
+    assert all(min(lam) >= 1e-4 for lam in seen)  # every evaluated copy is clamped
+    assert result.factors[3] == pytest.approx(-4 - 10 / 9) and result.factors[2] < 0  # the kept ones are not
+    assert result.schedule.scaling_factors[3] == 1e-4 and result.schedule.scaling_factors[2] == 1e-4
+    assert result.score == objective(result.schedule)
+
+
+def test_dcis_returns_its_final_factors_not_the_best_seen():
+    # Two factors, groups of 1: factor 1 reaches 2.67 (score 1/3); then every increment tried
+    # on factor 0 (the grid -5..5 skips 0) moves it off its optimum 1: the final score is worse.
+    def objective(sched):
+        lam = sched.scaling_factors
+        return abs(lam[0] - 1.0) + abs(lam[1] - 3.0)
+
+    start = schedules.DCIS(4, factor=2.0, scaling_factors=[1.0, 1.0])
+    result = search.dcis(objective, start)
+    assert result.evaluations == 20
+    assert result.best_score == pytest.approx(1 / 3) and result.best_schedule.scaling_factors[0] == 1.0
+    assert result.score == objective(result.schedule) == pytest.approx(5 / 9 + 1 / 3)
+    assert result.schedule.scaling_factors == pytest.approx((1 - 5 / 9, 3 - 1 / 3))
+
+
+def test_evolutionary_is_the_released_longrope_search():
+    d, s = 16, 4.0
+    start = schedules.DCIS(d, factor=s, original_max_position_embeddings=64)
+    seen = []
+    target = _target(d, s)
+
+    def distance(lam):
+        return float(((torch.tensor(lam, dtype=torch.float64) - target) ** 2).mean())
+
+    objective = lambda sched: distance(sched.scaling_factors)  # noqa: E731
+    result = search.evolutionary(lambda sched: seen.append(sched.scaling_factors) or objective(sched), start, seed=1)
+    assert result.evaluations == len(seen) == 40 * 64
+    yarn = schedules.dcis_initial_factors(d, 10000.0, s, 64, init="yarn")
+    assert seen[0] == pytest.approx(tuple(yarn.tolist()))  # seeded with YaRN
+    for lam in seen:  # non-decreasing, in [1, 1 + s]
+        assert all(1.0 <= a <= b <= 1 + s + 1e-12 for a, b in zip(lam, lam[1:]))
+    for g in range(1, 40):  # each generation re-evaluates the 32 best of the last, best first
+        last, now = seen[64 * (g - 1): 64 * g], seen[64 * g: 64 * g + 32]
+        assert sorted(last, key=distance)[:32] == now
+    assert result.score == distance(result.schedule.scaling_factors) == min(map(distance, seen)) == result.best_score
+    with pytest.raises(ValueError):
+        search.evolutionary(objective, start, population=60)  # != parents + mutations + crossovers
+    with pytest.raises(ValueError):
+        search.evolutionary(objective, schedules.DCIS(8, factor=2.0, scaling_factors=[1.0] * 4))  # no YaRN seed
 
 
 # ---- CLEX ----------------------------------------------------------------------------------
@@ -148,6 +209,53 @@ def test_clex_training_uses_the_sampled_t():
     assert pos.shape == (32,) and torch.all(pos[1:] > pos[:-1]) and pos.max() < 32 * t
     with pytest.raises(ValueError):
         clex.solve(5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clex_training_positions_pin_the_first_and_last(seed):
+    clex = schedules.CLEX(16, original_max_position_embeddings=32, max_factor=4).train()
+    clex.t = 3
+    pos = clex.training_positions(10, torch.Generator().manual_seed(seed))
+    assert pos[0] == 0 and pos[-1] == 32 * 3 - 1 and pos.shape == (10,) and torch.all(pos[1:] > pos[:-1])
+    # the middle: n - 2 distinct draws from [1, L t - 2], as the released code draws them
+    draws = torch.randperm(32 * 3 - 2, generator=torch.Generator().manual_seed(seed))[:8]
+    assert torch.equal(pos[1:-1], draws.sort().values + 1)
+    assert torch.equal(clex.training_positions(96), torch.arange(96))  # n = L t: every position
+    for n in (1, 97):
+        with pytest.raises(ValueError):
+            clex.training_positions(n)
+
+
+def _rk4_38_step(clex, t0, h, z, *consts):
+    """One step of Kutta's 3/8 rule (torchdiffeq's rk4), written out here."""
+    f = lambda t, y: clex.derivative(t, y, *consts)  # noqa: E731
+    k1 = f(t0, z)
+    k2 = f(t0 + h / 3, z + h * k1 / 3)
+    k3 = f(t0 + 2 * h / 3, z + h * (k2 - k1 / 3))
+    k4 = f(t0 + h, z + h * (k1 - k2 + k3))
+    return z + h * (k1 + 3 * k2 + 3 * k3 + k4) / 8
+
+
+@pytest.mark.parametrize("time_dt, grid", [(0.5, [1.0, 1.5, 2.0]), (0.3, [1.0, 1.3, 1.6, 1.9, 2.0])])
+def test_clex_solves_with_torchdiffeqs_rk4(time_dt, grid):
+    clex = schedules.CLEX(16, original_max_position_embeddings=16, max_factor=4, time_dt=time_dt)
+    with torch.no_grad():
+        clex.w_down.copy_(0.5 * torch.randn(clex.w_down.shape, generator=torch.Generator().manual_seed(0)))
+        consts = (clex._log_theta("cpu"), clex._ntk_exponent("cpu"))
+        z = consts[0]
+        for t0, t1 in zip(grid, grid[1:]):  # the step grid 1, 1 + h, ..., its last point clamped to t = 2
+            z = _rk4_38_step(clex, t0, t1 - t0, z, *consts)
+        assert torch.allclose(clex.solve(2), z, rtol=0, atol=1e-6)
+        # the classic 1/6 rule on the same grid lands elsewhere: the test tells the two apart
+        z = consts[0]
+        for t0, t1 in zip(grid, grid[1:]):
+            h = t1 - t0
+            k1 = clex.derivative(t0, z, *consts)
+            k2 = clex.derivative(t0 + h / 2, z + h / 2 * k1, *consts)
+            k3 = clex.derivative(t0 + h / 2, z + h / 2 * k2, *consts)
+            k4 = clex.derivative(t0 + h, z + h * k3, *consts)
+            z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        assert (clex.solve(2) - z).abs().max() > 1e-5
 
 
 def _clex_with_nonzero_down(seed=0):
@@ -259,3 +367,64 @@ def test_disturbance_compares_schedules():
     for other in (schedules.DefaultRope(d), schedules.LinearScaling(d, factor=s), schedules.NTKScaling(d, factor=s),
                   schedules.YaRN(d, factor=s, original_max_position_embeddings=L)):
         assert ours <= total(other) + 1e-12, type(other).__name__
+
+
+def test_rotary_angle_distribution_threshold_and_interpolated_dims():
+    """Eq. 9 of the paper: interpolate pair i iff D_i(1) > D_i(s) + t; n^ fixes t by count."""
+    d, s, L = 16, 4.0, 256
+    kwargs = dict(factor=s, original_max_position_embeddings=L)
+    dist = schedules.RotaryAngleDistribution(d, **kwargs).disturbances()
+    gain = dist[0] - dist[1]  # what interpolating saves
+    argmin = schedules.RotaryAngleDistribution(d, **kwargs).scaling_factors()
+    assert torch.equal(argmin, schedules.RotaryAngleDistribution(d, threshold=0.0, **kwargs).scaling_factors())
+    assert torch.equal(argmin, torch.where(gain > 0, s, 1.0).double())
+    t = gain[gain > 0].median().item()
+    lam = schedules.RotaryAngleDistribution(d, threshold=t, **kwargs).scaling_factors()
+    assert torch.equal(lam, torch.where(gain > t, s, 1.0).double()) and 0 < int((lam > 1).sum()) < int((argmin > 1).sum())
+    for n_hat in (0, 4, 10, 16):
+        lam = schedules.RotaryAngleDistribution(d, interpolated_dims=n_hat, **kwargs).scaling_factors()
+        assert int((lam == s).sum()) == n_hat // 2 and int((lam == 1).sum()) == d // 2 - n_hat // 2
+        if 0 < n_hat < d:  # the interpolated pairs are those that gain the most
+            assert gain[lam == s].min() >= gain[lam == 1].max()
+    sched = schedules.RotaryAngleDistribution(d, **kwargs)
+    sched.interpolated_dims = 2  # fields are live: the chosen factors follow
+    assert int((sched.scaling_factors() > 1).sum()) == 1
+    assert rel_err(sched.inv_freq(), theta(d, 10000.0) / sched.scaling_factors()) < 1e-7
+
+
+@pytest.mark.parametrize("kwargs", [dict(interpolated_dims=3), dict(interpolated_dims=18), dict(interpolated_dims=-2),
+                                    dict(interpolated_dims="paper"), dict(threshold=float("nan")),
+                                    dict(threshold=0.1, interpolated_dims=4)])
+def test_rotary_angle_distribution_rejects_bad_selection(kwargs):
+    with pytest.raises(ValueError):
+        schedules.RotaryAngleDistribution(16, factor=4.0, original_max_position_embeddings=256, **kwargs)
+
+
+# The paper's Table 3 (disturbance x 1e-3, LLaMA2: d = 128, L = 4k): PI, YaRN and its method at
+# 8k and 16k. Its numbers are the released code's KL(P_pre || P_new) summed over the 360 bins
+# (eq. 8 prints the sum, with the arguments the other way round) and averaged over the pairs;
+# "ours" is the argmin (n^ = 80 / 64 score 6.74 / 23.06).
+TABLE_3 = {2.0: {"PI": 24.08, "YaRN": 25.55, "ours": 6.71}, 4.0: {"PI": 33.67, "YaRN": 35.44, "ours": 22.92}}
+
+
+@pytest.mark.parametrize("s", [2.0, 4.0])
+def test_rotary_angle_distribution_reproduces_the_papers_table_3(s):
+    d, L = 128, 4096
+    pre = schedules.DefaultRope(d).inv_freq()
+
+    def disturbance(sched):
+        per_pair = schedules.rotary_angle_disturbance(sched.inv_freq(), int(s * L), original_inv_freq=pre,
+                                                      original_length=L)
+        return per_pair.mean().item() * 360 * 1e3
+
+    ours = schedules.RotaryAngleDistribution(d, factor=s, original_max_position_embeddings=L)
+    got = {"PI": disturbance(schedules.LinearScaling(d, factor=s)), "ours": disturbance(ours),
+           "YaRN": disturbance(schedules.YaRN(d, factor=s, original_max_position_embeddings=L))}
+    for name, paper in TABLE_3[s].items():
+        assert got[name] == pytest.approx(paper, rel=5e-3), (name, got[name], paper)
+    # the headline: up to 72% (8k) and 32% (16k) less disturbance than PI
+    assert round(100 * (1 - got["ours"] / got["PI"])) == {2.0: 72, 4.0: 32}[s]
+    # the paper's experiments: n^ = 80 interpolated features at 8k, 64 at 16k
+    paper = schedules.RotaryAngleDistribution(d, factor=s, original_max_position_embeddings=L, interpolated_dims="paper")
+    assert 2 * int((paper.scaling_factors() > 1).sum()) == {2.0: 80, 4.0: 64}[s]
+    assert 2 * int((ours.scaling_factors() > 1).sum()) == {2.0: 92, 4.0: 84}[s]

@@ -24,17 +24,22 @@ class CLEX(nn.Module, RopeSchedule):
     W_up is (d/2) x (param_factor * d), Kaiming-initialised; W_down is zero-initialised, so
     an untrained CLEX is NTK with alpha = 2t - 1. No biases. inv_freq(t) = exp(z(t)).
 
-    Solver: classic RK4 with the fixed step `time_dt` (0.01), the method and step of the
-    released code (which calls torchdiffeq's fixed-step rk4). It is written out here so the
-    GPU image needs no extra package; autograd through the steps gives the exact gradient
-    of the discrete solution, which is what the released training differentiates too.
+    Solver: fixed-step RK4 as torchdiffeq's `rk4` does it (the released code's method, step
+    `time_dt` = 0.01): Kutta's 3/8 rule, k1 = f(t, z), k2 = f(t + h/3, z + h k1/3),
+    k3 = f(t + 2h/3, z + h (k2 - k1/3)), k4 = f(t + h, z + h (k1 - k2 + k3)),
+    z += h (k1 + 3 k2 + 3 k3 + k4) / 8, on the grid 1, 1 + h, 1 + 2h, ... whose last point
+    is clamped to t (a shorter last step when h does not divide t - 1). It is written out
+    here so the GPU image needs no extra package; autograd through the steps gives the exact
+    gradient of the discrete solution, which is what the released training differentiates.
+    (Before: the classic 1/6 rule, also of order 4, with a different step error.)
 
     Use: one module shared by all layers, trained with the model (its parameters get
     gradients through `scaled_rope_attention`'s inv_freq gradient).
       - training (`.train()`): call `sample_t()` once per step: t is drawn uniformly from
         the integers {1, ..., max_factor}; then `freqs = clex.inv_freq()` once (one ODE
-        solve per step) and `scaled_rope_attention(..., inv_freq=freqs)` in every layer. `training_positions(n)` gives the step's key
-        positions: n sorted distinct integers spanning [0, L t) (the released code's
+        solve per step) and `scaled_rope_attention(..., inv_freq=freqs)` in every layer.
+        `training_positions(n)` gives the step's positions: 0, L t - 1, and n - 2 sorted
+        distinct integers drawn from [1, L t - 2] between them (the released code's
         positions for train_len = L; it divides by r = train_len // L when longer, which
         needs fractional positions the integer-position kernel does not take).
       - inference (`.eval()`, under no_grad): t = ceil(n / L) clamped to [1, max_factor]
@@ -93,21 +98,22 @@ class CLEX(nn.Module, RopeSchedule):
         return hidden @ self.w_down.T + dlog_xi
 
     def solve(self, t, device=None):
-        """z(t) = log inv_freq(t), by RK4 from z(1) = log theta with step time_dt (float32)."""
+        """z(t) = log inv_freq(t), by torchdiffeq's fixed-grid RK4 (the 3/8 rule) from
+        z(1) = log theta with step time_dt (float32 state, float64 times)."""
         if not 1 <= t <= self.max_factor:
             raise ValueError(f"t must be in [1, max_factor={self.max_factor}], got {t!r}")
         device = self.w_up.device if device is None else device
         log_theta, exponent = self._log_theta(device), self._ntk_exponent(device)
-        z, time = log_theta, 1.0
-        steps = round((t - 1) / self.time_dt)
-        for _ in range(steps):
-            h = self.time_dt
-            k1 = self.derivative(time, z, log_theta, exponent)
-            k2 = self.derivative(time + h / 2, z + h / 2 * k1, log_theta, exponent)
-            k3 = self.derivative(time + h / 2, z + h / 2 * k2, log_theta, exponent)
-            k4 = self.derivative(time + h, z + h * k3, log_theta, exponent)
-            z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            time += h
+        z = log_theta
+        steps = math.ceil((t - 1) / self.time_dt - 1e-9)  # the grid 1 + k h, its last point clamped to t
+        times = [1 + k * self.time_dt for k in range(steps)] + [float(t)]
+        for t0, t1 in zip(times, times[1:]):
+            h = t1 - t0
+            k1 = self.derivative(t0, z, log_theta, exponent)
+            k2 = self.derivative(t0 + h / 3, z + h / 3 * k1, log_theta, exponent)
+            k3 = self.derivative(t0 + 2 * h / 3, z + h * (k2 - k1 / 3), log_theta, exponent)
+            k4 = self.derivative(t1, z + h * (k1 - k2 + k3), log_theta, exponent)
+            z = z + h / 8 * (k1 + 3 * (k2 + k3) + k4)
         return z
 
     def sample_t(self, generator=None):
@@ -117,11 +123,22 @@ class CLEX(nn.Module, RopeSchedule):
         return self.t
 
     def training_positions(self, n, generator=None):
-        """n sorted distinct integer positions spanning [0, L t) for this step's t."""
+        """n sorted distinct integer positions for this step's t: 0 and L t - 1 always (as the
+        released code pins them), and n - 2 drawn uniformly without replacement from
+        [1, L t - 2]. (Before, all n were drawn from [0, L t) and n = 1 was allowed.)
+
+        Example:
+            >>> clex = CLEX(16, original_max_position_embeddings=8, max_factor=4).train()
+            >>> clex.t = 3
+            >>> pos = clex.training_positions(5)
+            >>> pos[0].item(), pos[-1].item(), pos.shape
+            (0, 23, torch.Size([5]))
+        """
         span = self.original_max_position_embeddings * (self.t or 1)
-        if n > span:
-            raise ValueError(f"cannot draw {n} distinct positions below L * t = {span}")
-        return torch.randperm(span, generator=generator)[:n].sort().values
+        if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= span:
+            raise ValueError(f"n must be an int in [2, L * t = {span}] (0 and L t - 1 are always drawn), got {n!r}")
+        middle = torch.randperm(span - 2, generator=generator)[: n - 2].sort().values + 1
+        return torch.cat([torch.zeros(1, dtype=middle.dtype), middle, torch.full((1,), span - 1, dtype=middle.dtype)])
 
     def scaling_t(self, seq_len):
         """The t used for sequence length seq_len: the sampled t while training, else
