@@ -1,6 +1,7 @@
-"""The Gluon Hopper forward compiled for sm_90 on any machine (Triton's bundled ptxas), in
-every variant the dispatcher can launch: it must compile and keep every value in registers
-(a spill in a consumer warpgroup costs more than the overlap gains)."""
+"""The Gluon Hopper forward and the decode kernels compiled for sm_90 on any machine
+(Triton's bundled ptxas), in every variant the dispatcher can launch: they must compile and
+keep every value in registers (a spill in a consumer warpgroup costs more than the overlap
+gains; decode has no time for local-memory round trips beside its loads)."""
 
 import json
 import os
@@ -12,11 +13,41 @@ import pytest
 
 from ropefast.kernels.hopper import compat
 
-COMPILE = textwrap.dedent("""
+# Shared by both compile scripts: a launch's signature from its argument specs ("type",
+# ("type", divisibility), [constexpr value] or None), and ptxas's count of spilled bytes.
+PRELUDE = textwrap.dedent("""
     import json, os, re, subprocess, sys, tempfile
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
+
+    def signature_of(args):
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, spec) in enumerate(args.items()):
+            if spec is None or isinstance(spec, list):
+                signature[name], constexprs[(i,)] = "constexpr", None if spec is None else spec[0]
+            elif isinstance(spec, tuple):
+                signature[name], attrs[(i,)] = spec[0], [["tt.divisibility", spec[1]]]
+            else:
+                signature[name] = spec
+        return dict(signature=signature, constexprs=constexprs, attrs=attrs)
+
+    def spill_bytes(ptx):
+        try:
+            ptxas = get_ptxas(90).path
+        except TypeError:  # triton < 3.5
+            ptxas = get_ptxas().path
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            open(path, "w").write(ptx)
+            report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
+                                    capture_output=True, text=True)
+        found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report.stdout + report.stderr)
+        assert found, report.stderr[-2000:]
+        return sum(int(a) + int(b) for a, b in found)
+""")
+
+COMPILE = PRELUDE + textwrap.dedent("""
     from triton.experimental.gluon._runtime import GluonASTSource
     from ropefast.kernels.hopper import attention_fwd as hopper
 
@@ -36,31 +67,8 @@ COMPILE = textwrap.dedent("""
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
                     BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
-        signature, constexprs, attrs = {}, {}, {}
-        for i, (name, spec) in enumerate(args.items()):
-            if spec is None or isinstance(spec, list):
-                signature[name], constexprs[(i,)] = "constexpr", None if spec is None else spec[0]
-            elif isinstance(spec, tuple):
-                signature[name], attrs[(i,)] = spec[0], [["tt.divisibility", spec[1]]]
-            else:
-                signature[name] = spec
-        source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, signature=signature,
-                                constexprs=constexprs, attrs=attrs)
+        source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
-
-    def spill_bytes(ptx):
-        try:
-            ptxas = get_ptxas(90).path
-        except TypeError:  # triton < 3.5
-            ptxas = get_ptxas().path
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.ptx")
-            open(path, "w").write(ptx)
-            report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
-                                    capture_output=True, text=True)
-        found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report.stdout + report.stderr)
-        assert found, report.stderr[-2000:]
-        return sum(int(a) + int(b) for a, b in found)
 
     results = {}
     for case in json.loads(sys.argv[1]):
@@ -93,3 +101,77 @@ def test_hopper_forward_compiles_for_sm90_without_spills():
         assert facts["spills"] == 0, (case, facts)
         # warp-specialized: register reallocation, TMA loads and async wgmma are all there
         assert facts["setmaxnreg"] > 0 and facts["tma"] > 0 and facts["wgmma"] > 0, (case, facts)
+
+
+DECODE_COMPILE = PRELUDE + textwrap.dedent("""
+    from triton.compiler import ASTSource
+    from ropefast.kernels import decode
+
+    def pad(n):
+        return max(16, triton.next_power_of_2(n))
+
+    def build(fn, args, num_warps, num_stages):
+        return triton.compile(ASTSource(fn=fn, **signature_of(args)), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+
+    def compile_decode(dtype, head_dim, rotary_dim, group, nq, interleaved, paged, causal, temperature, splits):
+        block_n, num_warps, num_stages = decode.decode_config(True)
+        ptr = (f"*{dtype}", 16)
+        args = dict(Q=ptr, K_CACHE=ptr, V_CACHE=ptr, CACHE_SEQLENS=("*i32", 16),
+                    BLOCK_TABLE=("*i32", 16) if paged else None, INV_FREQ=("*fp32", 16),
+                    TEMP=("*fp32", 16) if temperature else None, O=ptr, LSE=("*fp32", 16),
+                    O_PART=("*fp32", 16) if splits > 1 else None, LSE_PART=("*fp32", 16) if splits > 1 else None,
+                    **{n: ("i32", 16) for n in "stride_qb stride_qn stride_qh stride_kn stride_kh".split()},
+                    stride_kb=("i64", 16), stride_vb=("i64", 16), stride_vn=("i32", 16), stride_vh=("i32", 16),
+                    **{n: ("i32", 16) for n in "stride_ob stride_on stride_oh".split()},
+                    **{n: "i32" for n in "stride_table_b stride_temp_b stride_temp_n NQ N_NEW HKV".split()},
+                    page_size=("i32", 16) if paged else [1], rot_scale="fp32", pass_scale="fp32", GROUP=[group],
+                    HEAD_DIM=[head_dim], D_PAD=[pad(head_dim)], ROTARY_DIM=[rotary_dim], PAIRS=[rotary_dim // 2],
+                    PAIRS_PAD=[pad(rotary_dim // 2)], PASS=[head_dim - rotary_dim],
+                    PASS_PAD=[pad(head_dim - rotary_dim)],
+                    INTERLEAVED=[interleaved], PAGED=[paged], CAUSAL=[causal], HAS_TEMP=[temperature],
+                    NUM_SPLITS=[splits], BLOCK_M=[min(pad(group * nq), decode.MAX_BLOCK_M)], BLOCK_N=[block_n],
+                    DOT_PRECISION=["tf32"])
+        return build(decode.decode_attention_kernel, args, num_warps, num_stages)
+
+    results = {}
+    for case in json.loads(sys.argv[1]):
+        ptx = compile_decode(*case).asm["ptx"]
+        results[repr(case)] = dict(spills=spill_bytes(ptx), mma=ptx.count("mma"))  # mma.sync or wgmma
+    ptr = ("*bf16", 16)
+    for paged in (False, True):
+        build(decode.append_kernel, dict(
+            K_NEW=ptr, V_NEW=ptr, K_CACHE=ptr, V_CACHE=ptr, CACHE_SEQLENS=("*i32", 16),
+            BLOCK_TABLE=("*i32", 16) if paged else None,
+            **{n: "i32" for n in "stride_knb stride_knn stride_knh stride_vnb stride_vnn stride_vnh stride_kcb "
+               "stride_kcn stride_kch stride_vcb stride_vcn stride_vch stride_table_b N_NEW HKV page_size".split()},
+            HEAD_DIM=[128], D_PAD=[128], PAGED=[paged], BLOCK_N=[16]), 4, 1)
+    build(decode.combine_kernel, dict(
+        O_PART=("*fp32", 16), LSE_PART=("*fp32", 16), O=ptr, LSE=("*fp32", 16),
+        **{n: "i32" for n in "stride_ob stride_on stride_oh ROWS HQ NQ".split()}, HEAD_DIM=[128], D_PAD=[128],
+        NUM_SPLITS=[33], SPLITS_PAD=[64]), 4, 1)
+    print(json.dumps(results))
+""")
+
+# (dtype, head dim, rotary dim, GQA group, new tokens, interleaved, paged, causal, temperature,
+# splits): Llama-style decode dense and paged, split and not, a 4-token chunk, a 64-row
+# block of chunked prefill, partial interleaved rotary with a temperature, D = 64 and 256.
+DECODE_CASES = [("bf16", 128, 128, 4, 1, False, False, True, False, 1),
+                ("bf16", 128, 128, 4, 1, False, True, True, False, 16),
+                ("bf16", 128, 128, 4, 4, False, True, True, False, 4),
+                ("bf16", 128, 128, 8, 16, False, False, True, False, 1),
+                ("fp16", 128, 64, 4, 1, True, True, True, True, 8),
+                ("bf16", 64, 64, 8, 1, False, True, False, False, 2),
+                ("bf16", 256, 256, 4, 1, False, False, True, False, 8)]
+
+
+def test_decode_kernels_compile_for_sm90_without_spills():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", DECODE_COMPILE, json.dumps(DECODE_CASES)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton ships no ptxas here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for case, facts in results.items():
+        assert facts["spills"] == 0 and facts["mma"] > 0, (case, facts)
