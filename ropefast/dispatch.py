@@ -20,6 +20,9 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  of it under Triton < 3.7, whose interpreter cannot run the kernels (loop
                  bounds read from program ids fail there).
 
+Decode over a KV cache (`scaled_rope_attention_with_kvcache`) has one kernel family
+(kernels/decode.py, plain pointer loads, any GPU): "hopper" and "kernel" both run it.
+
 Changing TRITON_INTERPRET after the import breaks Triton's launches of kernels built the
 other way (interpreted kernels assert at launch once it is unset, compiled ones look for a
 GPU driver on CPU tensors once it is set): while it differs from its value at import, every
