@@ -69,7 +69,8 @@ def _ring_case(case, group):
     (q, positions), (k, _), (v, _), (grad, _) = (shard_for_context_parallel(x[n], group, dim)
                                                  for n in ("q", "k", "v", "grad"))
     grad_lse = shard_for_context_parallel(x["grad_lse"], group, dim=2)[0]
-    leaves = [t.requires_grad_() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.requires_grad_()
     temperature = None
     if learn_temp:
         temperature = shard_for_context_parallel(x["q_temperature"], group)[0].requires_grad_()

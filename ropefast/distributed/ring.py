@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import dispatch, ops
 from .._validate import (FLOAT_DTYPES, as_batched, check_head_tensor, check_layout, check_positions, check_positive,
-                         check_tensor, resolve_rotary)
+                         check_q_temperature, resolve_rotary)
 from ..reference import scaled_rope_attention_reference, scaled_rope_attention_reference_bwd
 from ..schedules.base import RopeSchedule
 from .layout import _group_rank_size, context_parallel_positions
@@ -139,15 +139,8 @@ def ring_scaled_rope_attention(
         q_temperature = schedule.q_temperature(q_positions.expand(batch, n_local))
     softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
     path = dispatch.path(q)
+    check_q_temperature(q_temperature, batch, n_local, q.device)
     if q_temperature is not None:
-        check_tensor("q_temperature", q_temperature, ndim=(1, 2))
-        if not q_temperature.dtype.is_floating_point:
-            raise TypeError(f"q_temperature must be a floating tensor, got {q_temperature.dtype}")
-        if q_temperature.shape[-1] != n_local or (q_temperature.dim() == 2 and q_temperature.shape[0] != batch):
-            raise ValueError(f"q_temperature must be this rank's [{n_local}] or [{batch}, {n_local}], got "
-                             f"{tuple(q_temperature.shape)}")
-        if q_temperature.device != q.device:
-            raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
         # [B, N/P] (float32 for the kernels): autograd sums its gradient into the caller's shape
         q_temperature = as_batched(q_temperature if path == "reference" else q_temperature.float())
         q_temperature = q_temperature.expand(batch, n_local)
@@ -168,8 +161,9 @@ def _check_same_shapes(group, q, hkv, causal):
     every = torch.stack(every).tolist()  # the host sync `check_shapes` documents
     if any(row != every[0] for row in every):
         fields = "(B, N/P, Hq, D, Hkv, dtype index, causal)"
+        ranks = ", ".join(f"rank {r}: {tuple(row)}" for r, row in enumerate(every))
         raise ValueError(f"every rank of the group must pass q, k, v of the same shapes and dtype, and the same "
-                         f"causal; got {fields} = " + ", ".join(f"rank {r}: {tuple(row)}" for r, row in enumerate(every)))
+                         f"causal; got {fields} = {ranks}")
 
 
 def _block(rank, source, causal, half):
@@ -284,7 +278,8 @@ class _RingAttention(torch.autograd.Function):
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
         half = q.shape[1] // 2
-        keys, dq, dfreq, dtemp = (k, v, k_positions), None, 0, None
+        keys, dfreq = (k, v, k_positions), 0
+        travelling = grad_requests = None  # dk, dv on their way to the next rank, from step 0 on
         for step in range(world_size):
             if step + 1 < world_size:
                 next_keys, key_requests = _exchange(keys, group, rank, world_size)
