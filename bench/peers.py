@@ -8,6 +8,7 @@ rotation: they are the speed ceiling a user knows. The SDPA pipelines get transp
 as HF's attention modules hand them over.
 """
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -81,6 +82,17 @@ def make_inputs(case, device, requires_grad=False, seed=0):
 
 def yarn(head_dim):
     return schedules.YaRN(head_dim, factor=4.0, original_max_position_embeddings=4096)
+
+
+def log_uniform_lengths(total, low, high, seed):
+    """Document lengths drawn log-uniformly in [low, high] (fixed seed) until they fill
+    `total` tokens, the last one cut to fit: the packed-training case (bench/test_varlen.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        draw = math.exp(math.log(low) + torch.rand(1, generator=gen).item() * (math.log(high) - math.log(low)))
+        lengths.append(min(int(draw), total - sum(lengths)))
+    return lengths
 
 
 # ---- the pipelines: build(case, device) -> fn(q, k, v) -> out [B, N, Hq, D] ----

@@ -4,11 +4,10 @@ attention across documents; `from_position_ids`; the argument errors. CPU: the T
 interpreter, fp32/fp16, small documents; GPU: bf16/fp16 on the issue's shape (16k tokens of
 log-uniform documents, Hq 32, Hkv 8, D 128)."""
 
-import math
-
 import pytest
 import torch
 
+from bench.peers import log_uniform_lengths
 from ropefast import ops, scaled_rope_attention, scaled_rope_attention_varlen, schedules
 from ropefast.reference import scaled_rope_attention_reference, scaled_rope_attention_varlen_reference
 from ropefast.varlen import CHECK_VALUES_ENV, document_positions, from_position_ids
@@ -256,17 +255,6 @@ def test_fullgraph_compile_has_no_host_sync():
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     for got, expect in zip(results(compiled), results(attend)):
         assert rel_err(got, expect) < 1e-6
-
-
-def log_uniform_lengths(total, low, high, seed):
-    """Document lengths drawn log-uniformly in [low, high] until they fill `total` tokens
-    (the last one cut to fit)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = []
-    while sum(lengths) < total:
-        draw = math.exp(math.log(low) + torch.rand(1, generator=gen).item() * (math.log(high) - math.log(low)))
-        lengths.append(min(int(draw), total - sum(lengths)))
-    return lengths
 
 
 @requires_cuda
