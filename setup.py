@@ -8,8 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The top-level kernels/ folder installs as ropefast.kernels (the bare name is taken on PyPI).
-    packages=["ropefast", "ropefast.schedules", "ropefast.distributed", "ropefast.kernels", "ropefast.kernels.hopper"],
+    packages=["ropefast", "ropefast.schedules", "ropefast.distributed", "ropefast.integrations", "ropefast.kernels",
+              "ropefast.kernels.hopper"],
     package_dir={"ropefast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.2", "einops"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=4.45", "matplotlib"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.24,<6", "matplotlib"]},
 )
