@@ -12,5 +12,5 @@ from .varlen import scaled_rope_attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_rope_attention", "scaled_rope_attention_with_kvcache", "apply_scaled_rope", "schedules", "reference",
-           "dispatch", "__version__"]
+__all__ = ["scaled_rope_attention", "scaled_rope_attention_varlen", "scaled_rope_attention_with_kvcache",
+           "apply_scaled_rope", "schedules", "reference", "dispatch", "varlen", "__version__"]

@@ -22,7 +22,7 @@ lse = -inf, as flash-attn does.
 import torch
 
 __all__ = ["default_positions", "rotate", "scaled_rope_attention_reference", "scaled_rope_attention_reference_bwd",
-           "scaled_rope_attention_with_kvcache_reference"]
+           "scaled_rope_attention_varlen_reference", "scaled_rope_attention_with_kvcache_reference"]
 
 
 def default_positions(batch, seq_len, offset, device):
