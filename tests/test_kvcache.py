@@ -61,13 +61,14 @@ class Generation:
         self.keys[b] = torch.cat((self.keys[b], k.cpu().double()))
         self.values[b] = torch.cat((self.values[b], v.cpu().double()))
 
-    def step(self, nq, **kw):
-        """One call with nq new tokens per sequence; returns (errors of out, of lse) against
-        the reference over each whole prefix, and the call's (out, lse)."""
+    def step(self, nq, *, ref_inv_freq=None, ref_temperature=None, **kw):
+        """One call with nq new tokens per sequence and arguments kw; returns the errors of
+        out and lse against the reference over each whole prefix, and (q, out, lse). The
+        reference takes kw's inv_freq and q_temperature, or those a schedule gives
+        (ref_inv_freq, ref_temperature)."""
         batch, hq, hkv, head_dim = self.shape
         q = self.randn(batch, nq, hq, head_dim)
         k_new, v_new = self.randn(batch, nq, hkv, head_dim), self.randn(batch, nq, hkv, head_dim)
-        ref_kw = {key: kw.pop(key) for key in ("ref_inv_freq",) if key in kw}
         out, lse = scaled_rope_attention_with_kvcache(
             q, self.k_cache, self.v_cache, k_new=k_new, v_new=v_new, cache_seqlens=self.lens,
             block_table=self.block_table, return_lse=True, **kw)
@@ -75,7 +76,9 @@ class Generation:
             self.keys[b] = torch.cat((self.keys[b], k_new[b].cpu().double()))
             self.values[b] = torch.cat((self.values[b], v_new[b].cpu().double()))
         self.lens += nq
-        ref_out, ref_lse = self.reference(q, kw, ref_kw.get("ref_inv_freq"))
+        if ref_temperature is not None:
+            kw["q_temperature"] = ref_temperature
+        ref_out, ref_lse = self.reference(q, kw, ref_inv_freq)
         assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (batch, hq, nq)
         return rel_err(out, ref_out), rel_err(lse, ref_lse), (q, out, lse)
 
@@ -158,6 +161,20 @@ def test_dynamic_ntk_stays_exact_where_a_rotated_cache_drifts(paged):
         if length > threshold + 2:  # the frequencies have moved: the stale cache is visibly off
             assert rel_err(stale, out) > 1e-3, (length, rel_err(stale, out))
     assert int(run.lens[0]) > threshold
+
+
+@requires_kernel
+def test_schedule_temperature_at_cache_positions():
+    # Entropy-ABF scales each query's logits by log_L(p + 1) past L: the op takes the
+    # positions from cache_seqlens, per sequence, on the device.
+    sched = schedules.EntropyABF(32, original_max_position_embeddings=8)
+    run = Generation(2, 4, 2, 32, torch.float32, DEVICE, start=(3, 20), paged=True)
+    for nq in (6, 1):
+        positions = run.lens.long()[:, None] + torch.arange(nq, device=DEVICE)
+        temperature = sched.q_temperature(positions)
+        assert temperature.max() > 1.2  # past L: the scaling is on
+        err_out, err_lse, _ = run.step(nq, schedule=sched, ref_inv_freq=sched.inv_freq(), ref_temperature=temperature)
+        assert err_out < 1e-5 and err_lse < 1e-5, (nq, err_out, err_lse)
 
 
 @requires_kernel
