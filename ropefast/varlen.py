@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import dispatch, ops
 from ._validate import (as_batched, check_cu_seqlens, check_cu_seqlens_values, check_head_tensor, check_max_seqlen,
-                        check_positions, check_positive, check_tensor, resolve_rotary)
+                        check_positions, check_positive, check_q_temperature, check_tensor, resolve_rotary)
 from .reference import scaled_rope_attention_varlen_reference
 from .schedules.base import RopeSchedule
 
@@ -190,15 +190,7 @@ def scaled_rope_attention_varlen(
     if schedule is not None and q_temperature is None and schedule.has_q_temperature:
         q_temperature = schedule.q_temperature(q_positions)
     softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    if q_temperature is not None:
-        check_tensor("q_temperature", q_temperature, ndim=(1, 2))
-        if not q_temperature.dtype.is_floating_point:
-            raise TypeError(f"q_temperature must be a floating tensor, got {q_temperature.dtype}")
-        if q_temperature.shape[-1] != total_q or (q_temperature.dim() == 2 and q_temperature.shape[0] != 1):
-            raise ValueError(f"q_temperature must be [{total_q}] (one per query token), got "
-                             f"{tuple(q_temperature.shape)}")
-        if q_temperature.device != q.device:
-            raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
+    check_q_temperature(q_temperature, 1, total_q, q.device)  # one per query token
 
     if dispatch.path(q, varlen=True) == "reference":
         out, lse = scaled_rope_attention_varlen_reference(
