@@ -70,12 +70,14 @@ def _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, off_b, k_start, off_hkv, 
 def sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, seq, NQ, NK, VARLEN: tl.constexpr):
     """(batch row, first query row, query count, first key row, key count) of sequence `seq`:
     batch row `seq` of NQ queries and NK keys, or, VARLEN, document `seq` of the one packed
-    row, bounded by cu_seqlens (int32 [documents + 1], read here: no host ever sees them)."""
+    row, bounded by cu_seqlens (int32 [documents + 1], read here: no host ever sees them).
+    Offsets are clamped into the row, so that unchecked bad ones (the API reads them only
+    on request) give wrong results, never accesses out of bounds."""
     if VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + seq)
-        k_start = tl.load(CU_SEQLENS_K + seq)
-        q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
-        k_len = tl.load(CU_SEQLENS_K + seq + 1) - k_start
+        q_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + seq), 0), NQ)
+        k_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + seq), 0), NK)
+        q_len = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + seq + 1), q_start), NQ) - q_start
+        k_len = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + seq + 1), k_start), NK) - k_start
         return tl.zeros((), tl.int32), q_start, q_len, k_start, k_len
     else:
         return seq, 0, NQ, 0, NK

@@ -216,8 +216,10 @@ def test_bad_arguments_raise(change, error, message):
 def test_value_checks_on_cuda_are_opt_in(monkeypatch):
     # CUDA tensors skip the checks that read cu_seqlens (a host sync) unless asked for
     args = {key: x.cuda() if isinstance(x, torch.Tensor) else x for key, x in _args().items()}
-    args["cu_seqlens_q"] = args["cu_seqlens_k"] = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device="cuda")
-    scaled_rope_attention_varlen(**args)  # wrong (ends at 9 of 10 tokens), unchecked
+    for bad in ([-5, 3, 2, 40], [0, 3, 3, 9]):  # unchecked: wrong results, but never an access out of bounds
+        args["cu_seqlens_q"] = args["cu_seqlens_k"] = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        scaled_rope_attention_varlen(**args)
+        torch.cuda.synchronize()
     monkeypatch.setenv(CHECK_VALUES_ENV, "1")
     with pytest.raises(ValueError, match="end at the packed token count 10"):
         scaled_rope_attention_varlen(**args)
