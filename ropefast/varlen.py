@@ -133,8 +133,10 @@ def scaled_rope_attention_varlen(
     cu_seqlens values are checked (starts at 0, never decreases, ends at the token count,
     no document past max_seqlen) on CPU tensors, and on CUDA tensors only when the
     environment variable ROPEFAST_CHECK_CU_SEQLENS=1 is set: reading them costs a host
-    sync, which a training step must not pay (flash-attn checks none). Shapes, dtypes,
-    devices and document counts are always checked. Under torch.compile no values are read.
+    sync, which a training step must not pay (flash-attn checks none). Unchecked bad
+    offsets give wrong results, never memory accesses out of bounds (the kernels clamp
+    them into the packed row). Shapes, dtypes, devices and document counts are always
+    checked. Under torch.compile no values are read.
 
     Dispatch (`ropefast.dispatch.path(q, varlen=True)`): CUDA tensors run the portable
     Triton kernels on every GPU (the Hopper Gluon forward has no document bounds yet), the
