@@ -29,10 +29,11 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at
 LOG2E = 1.4426950408889634
 
 # num_splits heuristic (`decode_splits`). Splits are added until the grid has about
-# PROGRAMS_PER_SM programs per SM (two resident programs keep an SM's loads in flight while
-# the other one runs its softmax); each split keeps at least MIN_KEYS_PER_SPLIT keys of the
-# cache's capacity (a shorter split spends more on its prologue and its combine row than on
-# keys), and at most MAX_SPLITS (the combine holds every split's partial row in one tile).
+# PROGRAMS_PER_SM programs per SM (two fit at `decode_config`'s 128 registers, and keep an
+# SM's loads in flight while the other one rotates and runs its softmax); each split keeps
+# at least MIN_KEYS_PER_SPLIT keys of the cache's capacity (a shorter split spends more on
+# its prologue and its combine row than on keys), and at most MAX_SPLITS (the combine holds
+# every split's partial row in one tile). Not yet tuned on a GPU.
 PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -45,12 +46,15 @@ _sm_count = {}  # CUDA device index -> multiprocessors
 @triton.jit
 def _cache_slots(BLOCK_TABLE, stride_table_b, off_b, offs_n, mask, page_size, PAGED: tl.constexpr):
     """Where cache rows offs_n of sequence off_b live, as (page, slot) int64: (b, n) in a
-    dense cache [B, max_len, H, D]; (block_table[b, n // page_size], n % page_size) in a
-    paged one [num_pages, page_size, H, D]. Masked rows get page 0 (never read)."""
+    dense cache [B, max_len, H, D] (b a scalar); (block_table[b, n // page_size],
+    n % page_size) in a paged one [num_pages, page_size, H, D]. Masked rows get page 0
+    (never read)."""
     if PAGED:
-        page = tl.load(BLOCK_TABLE + off_b * stride_table_b + offs_n // page_size, mask=mask, other=0)
-        return page.to(tl.int64), (offs_n % page_size).to(tl.int64)
-    return tl.zeros_like(offs_n).to(tl.int64) + off_b, offs_n.to(tl.int64)
+        page = tl.load(BLOCK_TABLE + off_b * stride_table_b + offs_n // page_size, mask=mask, other=0).to(tl.int64)
+        slot = (offs_n % page_size).to(tl.int64)
+    else:
+        page, slot = off_b, offs_n.to(tl.int64)
+    return page, slot
 
 
 @triton.jit
@@ -206,13 +210,15 @@ def _pad(n):
 
 
 def decode_config(is_cuda):
-    """(BLOCK_N, num_warps, num_stages). GPU: 64-key tiles (32 KB of K and V per tile at
-    D = 128, 16-bit) with two stages of loads in flight (cp.async), eight warps. Compiled for
-    sm_90 with Triton 3.6 at D = 128 (tests/test_hopper_compile.py): 128 registers per
-    thread for decode (GQA 4, one token), 178 for 64-row blocks (chunked prefill), no
-    spills; four warps take 244 registers for decode and brush the limit (249) for 64-row
-    blocks, 128-key tiles spill. Not yet timed on a GPU. Interpreter: small tiles."""
-    return (64, 8, 2) if is_cuda else (16, 4, 1)
+    """(BLOCK_N, num_warps, num_stages). GPU: 32-key tiles (16 KB of K and V per tile at
+    D = 128, 16-bit), three stages (two tiles' loads in flight through cp.async), eight
+    warps. Chosen from sm_90 compiles with Triton 3.6 (tests/test_hopper_compile.py): at
+    D = 128 every decode variant (GQA 4, 1-4 tokens, dense or paged, split or not) takes 128
+    registers, so two programs share an SM (PROGRAMS_PER_SM); 64-key tiles with two stages
+    took 174-176 on dense causal caches (one program per SM), four warps 147-243. No spills
+    anywhere (64-row prefill blocks: 166, D = 256: 175). Not yet timed on a GPU.
+    Interpreter: small tiles."""
+    return (32, 8, 3) if is_cuda else (16, 4, 1)
 
 
 def sm_count(device):
