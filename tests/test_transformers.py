@@ -90,6 +90,19 @@ def test_greedy_generate_equals_eager(case):
     assert torch.equal(got, expected)
 
 
+def test_cache_holds_unrotated_keys_and_beam_search_equals_eager():
+    eager, patched = pair("qwen3-default")
+    prompt = tokens(2, 6)
+    out = patched(prompt, use_cache=True)
+    layer = out.past_key_values.layers[0]
+    attention = patched.model.layers[0].self_attn
+    hidden = patched.model.layers[0].input_layernorm(patched.model.embed_tokens(prompt))
+    keys = attention.k_norm(attention.k_proj(hidden).view(2, 6, 2, 16))  # normed, never rotated
+    assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :6], keys)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, num_beams=2)
+    assert torch.equal(patched.generate(prompt, **kwargs), eager.generate(prompt, **kwargs))
+
+
 def test_generate_keeps_dynamic_schedules_exact():
     """The cache holds unrotated keys, so each step rotates every key with the frequencies of
     the current length: in a one-layer model (where nothing else carries the past lengths'

@@ -19,12 +19,17 @@ What a call runs (each decision is taken once per forward and shared by the laye
   key); other padding unpads the tokens into the varlen op; padded rows of the output are 0.
   A call whose cache is still empty (the default use_cache=True makes one) runs as one
   without a cache: packed rows stay apart (transformers' eager mixes them then).
-- generation: transformers' DynamicCache holds UNROTATED keys, and each call attends over
-  the whole cache with every key rotated in the kernel, at positions 0..L-1 of its row
-  (counted over the real tokens when the row is padded, as generate() numbers them), with
-  the frequencies of the current length: a length-dependent schedule (dynamic NTK, LongRoPE)
-  stays exact, where transformers' cache of rotated keys keeps the frequencies each key was
-  written with. Unpadded rows run the dense op over the cache contents; padded ones the varlen op.
+- generation: the cache holds UNROTATED keys. Each layer of transformers' DynamicCache
+  becomes an `UnrotatedCacheLayer` (buffers [B, capacity, Hkv, D], grown by doubling) while
+  it is empty; a call after the first (a decode step, or a prompt continued) runs the kvcache
+  op (`scaled_rope_attention_with_kvcache`: it appends k, v and rotates every key as it
+  reads it), with the frequencies of the current length: a length-dependent schedule
+  (dynamic NTK, LongRoPE) stays exact, where transformers' cache of rotated keys keeps the
+  frequencies each key was written with. Keys sit at positions 0..L-1 of their row; padded
+  rows (generate()'s left padding) count positions over their real tokens, as generate()
+  numbers them, and run the varlen op over the cache contents. With grad enabled and q
+  requiring grad, a later call runs the dense op over the cache contents (the kvcache op
+  is forward only); gradients never flow through the cache into earlier calls.
 
 Length-dependent schedules see the key count (dense) or the longest document (varlen), which
 is transformers' max(position_ids) + 1 when positions count from 0. Not supported (each
@@ -38,8 +43,12 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import scaled_rope_attention
+from ..decode import scaled_rope_attention_with_kvcache
 from ..schedules.base import RopeSchedule
 from ..schedules.hf import from_hf_config
 
@@ -81,9 +90,6 @@ def patch_model(model: nn.Module) -> nn.Module:
         >>> model = patch_model(model.cuda())
         >>> loss = model(input_ids, labels=input_ids).loss   # rotation and attention in ropefast
     """
-    from transformers import AttentionInterface, PreTrainedModel
-    from transformers.masking_utils import AttentionMaskInterface
-
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     config = model.config
@@ -198,30 +204,104 @@ def _attention_forward(self, hidden_states: Tensor, position_embeddings=None, at
                          "4-D masks are not supported)")
     batch, n = hidden_states.shape[:2]
     q, k, v = _project(self, layer.family, hidden_states)
-    past = 0
-    if cache is not None:
-        from transformers.cache_utils import DynamicCache
-
-        if not isinstance(cache, DynamicCache):
-            raise ValueError(f"a model patched by ropefast keeps unrotated keys in a DynamicCache (generate()'s "
-                             f"default); got {type(cache).__name__}")
-        past = cache.get_seq_length(self.layer_idx)
+    kv = None if cache is None else unrotated_layer(cache, self.layer_idx)
+    past = 0 if kv is None else kv.length
     if layer.window is not None and past + n > layer.window:
         raise ValueError(f"layer {self.layer_idx} has a sliding window of {layer.window} tokens, and this call "
                          f"attends over {past + n}: ropefast has no sliding window (sequences up to the window "
                          "run exact)")
-    position_ids = kwargs.get("position_ids")
     # an empty cache holds nothing but this call's keys: its call runs as one without a cache
-    plan = layer.plans.get(attention_mask, position_ids, kwargs, batch, n, past > 0, layer.schedule.depends_on_seq_len)
-    if cache is not None:  # unrotated keys in the cache, in its [B, Hkv, L, D] layout
-        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    plan = layer.plans.get(attention_mask, kwargs.get("position_ids"), kwargs, batch, n, past,
+                           layer.schedule.depends_on_seq_len, q.device)
+    if plan.cache_seqlens is not None and not (torch.is_grad_enabled() and q.requires_grad):
+        # decoding over the cache: the kvcache op appends k, v and rotates every key as it reads it
+        k_cache, v_cache = kv.reserve(k, v)
+        out = scaled_rope_attention_with_kvcache(q, k_cache, v_cache, k_new=k, v_new=v,
+                                                 cache_seqlens=plan.cache_seqlens, schedule=layer.schedule,
+                                                 softmax_scale=self.scaling, seq_len=past + n)
+        kv.length += n
+        return self.o_proj(out.reshape(batch, n, -1)), None
+    if kv is not None:
+        k, v = kv.append(k, v)
     if plan.varlen is None:
         out = scaled_rope_attention(q, k, v, schedule=layer.schedule, q_positions=plan.q_positions,
                                     k_positions=plan.k_positions, causal=True, softmax_scale=self.scaling)
     else:
         out = _varlen_attention(q, k, v, plan.varlen, layer.schedule, self.scaling)
     return self.o_proj(out.reshape(batch, n, -1)), None
+
+
+class UnrotatedCacheLayer(DynamicLayer):
+    """One layer of a DynamicCache as the patched attention keeps it: UNROTATED keys and the
+    values in [B, capacity, Hkv, D] buffers (the kvcache op's layout), of which the first
+    `length` rows hold tokens; the capacity grows by doubling, so an append copies only the
+    new tokens. Gradients do not flow through the cache into earlier calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+
+    def reserve(self, k, v):
+        """Room for k's and v's [B, n, Hkv, D] tokens after the cached ones; returns the
+        buffers (k_cache, v_cache), [B, capacity, Hkv, D]."""
+        needed = self.length + k.shape[1]
+        if self.keys is None or self.keys.shape[1] < needed:
+            capacity = max(needed, 2 * (0 if self.keys is None else self.keys.shape[1]), 256)
+            keys, values = (x.new_empty(x.shape[0], capacity, *x.shape[2:]) for x in (k, v))
+            if self.length:
+                keys[:, :self.length] = self.keys[:, :self.length]
+                values[:, :self.length] = self.values[:, :self.length]
+            self.keys, self.values = keys, values
+            self.device, self.is_initialized = k.device, True
+        return self.keys, self.values
+
+    def append(self, k, v):
+        """Write k, v [B, n, Hkv, D] after the cached tokens; return every token's keys and
+        values, [B, L, Hkv, D] (this call's own k, v when the cache was empty)."""
+        past, n = self.length, k.shape[1]
+        self.reserve(k, v)
+        with torch.no_grad():
+            self.keys[:, past:past + n] = k
+            self.values[:, past:past + n] = v
+        self.length += n
+        if past == 0:
+            return k, v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):  # gradients reach this call's k, v
+            return torch.cat([self.keys[:, :past], k], 1), torch.cat([self.values[:, :past], v], 1)
+        return self.keys[:, :past + n], self.values[:, :past + n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' interface, in its [B, H, n, D] layout (views of the buffers)."""
+        keys, values = self.append(key_states.transpose(1, 2), value_states.transpose(1, 2))
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def get_seq_length(self):
+        return self.length
+
+    def crop(self, tokens_to_remove):
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reset(self):
+        super().reset()
+        self.length = 0
+
+
+def unrotated_layer(cache, layer_idx):
+    """The cache's layer `layer_idx` as an `UnrotatedCacheLayer`, swapped in while it is empty."""
+    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+        raise ValueError(f"a model patched by ropefast keeps unrotated keys in a DynamicCache (generate()'s "
+                         f"default, without offloading); got {type(cache).__name__}")
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(UnrotatedCacheLayer())
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, UnrotatedCacheLayer):
+        if not isinstance(layer, DynamicLayer) or layer.get_seq_length() > 0:
+            raise ValueError(f"layer {layer_idx} of the cache holds {type(layer).__name__} states that ropefast did "
+                             "not write (they would be rotated keys): give a patched model an empty DynamicCache")
+        layer = cache.layers[layer_idx] = UnrotatedCacheLayer()
+    return layer
 
 
 class _Varlen(NamedTuple):
@@ -242,6 +322,7 @@ class _Plan(NamedTuple):
     q_positions: Optional[Tensor] = None  # the dense op's positions, [B, N] or [N]
     k_positions: Optional[Tensor] = None
     varlen: Optional[_Varlen] = None
+    cache_seqlens: Optional[Tensor] = None  # int32 [B]: decode with the kvcache op, after so many cached tokens
 
 
 class _PlanMemo:
@@ -252,11 +333,11 @@ class _PlanMemo:
     def __init__(self):
         self._key, self._plan = None, None
 
-    def get(self, attention_mask, position_ids, kwargs, batch, n, cached, needs_seq_len):
-        cu_seq_lens = tuple(kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k"))
-        key = (attention_mask, position_ids, *cu_seq_lens, batch, n, cached)
-        if self._key is None or len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
-            self._plan = _make_plan(attention_mask, position_ids, kwargs, batch, n, cached, needs_seq_len)
+    def get(self, attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
+        tensors = (attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+        key = (tensors, (batch, n, past, device))
+        if self._key is None or any(a is not b for a, b in zip(tensors, self._key[0])) or key[1] != self._key[1]:
+            self._plan = _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
             self._key = key
         return self._plan
 
@@ -267,11 +348,13 @@ def _dense_positions(position_ids):
     return position_ids[0] if position_ids.shape[0] == 1 else position_ids  # [1, N] is shared by the batch
 
 
-def _make_plan(attention_mask, position_ids, kwargs, batch, n, cached, needs_seq_len):
+def _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
+    cached = past > 0
     flat_positions = None if position_ids is None else position_ids.expand(batch, n).reshape(-1)
     if attention_mask is None:
-        if cached:  # queries at their positions, keys at 0..L-1 (the op's default)
-            return _Plan(q_positions=_dense_positions(position_ids))
+        if cached:  # keys at 0..L-1, queries the last n (the kvcache op; the dense op where it must train)
+            return _Plan(q_positions=_dense_positions(position_ids),
+                         cache_seqlens=torch.full((batch,), past, dtype=torch.int32, device=device))
         given = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
         if all(x is not None for x in given):  # packed by the data collator: no sync
             cu_q, cu_k, max_q, max_k = given
