@@ -44,31 +44,36 @@ _sm_count = {}  # CUDA device index -> multiprocessors
 
 
 @triton.jit
-def _cache_slots(BLOCK_TABLE, stride_table_b, off_b, offs_n, mask, page_size, PAGED: tl.constexpr):
-    """Where cache rows offs_n of sequence off_b live, as (page, slot) int64: (b, n) in a
-    dense cache [B, max_len, H, D] (b a scalar); (block_table[b, n // page_size],
-    n % page_size) in a paged one [num_pages, page_size, H, D]. Masked rows get page 0
-    (never read)."""
+def _cache_slots(BLOCK_TABLE, stride_table_b, off_b, offs_n, mask, page_size, num_pages, PAGED: tl.constexpr):
+    """Where cache rows offs_n of sequence off_b live, as (page, slot) int64 and the mask of
+    rows to touch: (b, n) in a dense cache [B, max_len, H, D] (b a scalar);
+    (block_table[b, n // page_size], n % page_size) in a paged one [num_pages, page_size,
+    H, D], where a page index outside [0, num_pages) (a bad table the host did not check)
+    masks its rows off instead of reaching outside the cache."""
     if PAGED:
         page = tl.load(BLOCK_TABLE + off_b * stride_table_b + offs_n // page_size, mask=mask, other=0).to(tl.int64)
+        mask = mask & (page >= 0) & (page < num_pages)
+        page = tl.where(mask, page, 0)
         slot = (offs_n % page_size).to(tl.int64)
     else:
         page, slot = off_b, offs_n.to(tl.int64)
-    return page, slot
+    return page, slot, mask
 
 
 @triton.jit
 def append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, CACHE_SEQLENS, BLOCK_TABLE,
                   stride_knb, stride_knn, stride_knh, stride_vnb, stride_vnn, stride_vnh,
                   stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch, stride_table_b,
-                  N_NEW, HKV, page_size, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGED: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Copy k_new / v_new [B, N_NEW, HKV, D] into the caches at rows cache_seqlens[b] + i."""
+                  N_NEW, HKV, page_size, num_pages, capacity, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Copy k_new / v_new [B, N_NEW, HKV, D] into the caches at rows cache_seqlens[b] + i
+    (rows outside [0, capacity), from lengths the host did not check, are skipped)."""
     pid_n, off_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs_n < N_NEW
     start = tl.load(CACHE_SEQLENS + off_b)
-    page, slot = _cache_slots(BLOCK_TABLE, stride_table_b, off_b, start + offs_n, mask, page_size, PAGED)
+    mask = (offs_n < N_NEW) & (start + offs_n >= 0) & (start + offs_n < capacity)
+    page, slot, mask = _cache_slots(BLOCK_TABLE, stride_table_b, off_b, start + offs_n, mask, page_size, num_pages,
+                                    PAGED)
     d = tl.arange(0, D_PAD)
     mask = mask[:, None] & (d < HEAD_DIM)[None, :]
     rows = offs_n.to(tl.int64)[:, None]
@@ -86,18 +91,19 @@ def decode_attention_kernel(
     Q, K_CACHE, V_CACHE, CACHE_SEQLENS, BLOCK_TABLE, INV_FREQ, TEMP, O, LSE, O_PART, LSE_PART,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_table_b, stride_temp_b, stride_temp_n,
-    NQ, N_NEW, HKV, page_size, rot_scale, pass_scale,
+    NQ, N_NEW, HKV, page_size, num_pages, capacity, rot_scale, pass_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROTARY_DIM: tl.constexpr,
     PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_TEMP: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (sequence, KV head, query row block, key split). Keys: the first
-    cache_seqlens[b] + N_NEW cache rows; query t sits at position keys - NQ + t."""
+    cache_seqlens[b] + N_NEW cache rows (at most `capacity`: lengths the host did not check
+    never reach outside the cache); query t sits at position keys - NQ + t."""
     pid_bh, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_b = (pid_bh // HKV).to(tl.int64)
     off_hkv = pid_bh % HKV
-    n_keys = tl.load(CACHE_SEQLENS + off_b) + N_NEW
+    n_keys = tl.minimum(tl.load(CACHE_SEQLENS + off_b) + N_NEW, capacity)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     token = offs_m // GROUP
     head = off_hkv * GROUP + offs_m % GROUP
@@ -139,16 +145,17 @@ def decode_attention_kernel(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_mask = offs_n < end
-        page, slot = _cache_slots(BLOCK_TABLE, stride_table_b, off_b, offs_n, key_mask, page_size, PAGED)
+        page, slot, in_cache = _cache_slots(BLOCK_TABLE, stride_table_b, off_b, offs_n, key_mask, page_size,
+                                            num_pages, PAGED)
         k_rows = page * stride_kb + slot * stride_kn
-        k_a, k_b = load_pairs(k_head, k_rows, key_mask, 1, PAIRS, PAIRS_PAD, INTERLEAVED)
+        k_a, k_b = load_pairs(k_head, k_rows, in_cache, 1, PAIRS, PAIRS_PAD, INTERLEAVED)
         k_cos, k_sin = sincos_at(offs_n, inc_hi, inc_lo)  # each key at its cache index
         k_a, k_b = rotate_pairs(k_a, k_b, k_cos, k_sin)
         qk = tl.dot(q_a, tl.trans(k_a.to(K_CACHE.dtype.element_ty)), input_precision=DOT_PRECISION)
         qk = tl.dot(q_b, tl.trans(k_b.to(K_CACHE.dtype.element_ty)), qk, input_precision=DOT_PRECISION)
         if PASS > 0:
             k_p = tl.load(k_head + k_rows[:, None] + ROTARY_DIM + pass_cols[None, :],
-                          mask=key_mask[:, None] & (pass_cols < PASS)[None, :], other=0.0)
+                          mask=in_cache[:, None] & (pass_cols < PASS)[None, :], other=0.0)
             qk = tl.dot(q_p, tl.trans(k_p), qk, input_precision=DOT_PRECISION)
         visible = key_mask[None, :]
         if CAUSAL:
@@ -161,7 +168,7 @@ def decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         v = tl.load(v_head + (page * stride_vb + slot * stride_vn)[:, None] + d[None, :],
-                    mask=key_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+                    mask=in_cache[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
 
     # A row that saw no key (causal, or an empty split) gets out = 0 and lse = -inf.
@@ -240,6 +247,13 @@ def decode_splits(programs, capacity, sms):
     return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
+def _cache_geometry(k_cache, block_table):
+    """(page size, pages, rows a sequence can hold): (1, B, max_len) for a dense cache."""
+    if block_table is None:
+        return 1, k_cache.shape[0], k_cache.shape[1]
+    return k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
+
+
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     """Write k_new / v_new [B, N, Hkv, D] into the caches (dense [B, max_len, Hkv, D] or
     paged [num_pages, page_size, Hkv, D] with block_table [B, max_pages] int32) at rows
@@ -250,7 +264,7 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     append_kernel[(triton.cdiv(n_new, block_n), batch)](
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0) if paged else 0,
-        n_new, heads, k_cache.shape[1] if paged else 1,
+        n_new, heads, *_cache_geometry(k_cache, block_table),
         HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), PAGED=paged, BLOCK_N=block_n, num_warps=4,
     )
 
@@ -269,8 +283,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     block_m = min(_pad(group * nq), MAX_BLOCK_M)
     m_blocks = triton.cdiv(group * nq, block_m)
     block_n, num_warps, num_stages = config or decode_config(q.is_cuda)
+    page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
-        capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
         num_splits = decode_splits(batch * hkv * m_blocks, capacity, sm_count(q.device))
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     out = torch.empty_like(q)
@@ -283,7 +297,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     decode_attention_kernel[(batch * hkv, m_blocks, num_splits)](
         q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, q_temperature, out, lse, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        block_table.stride(0) if paged else 0, *temp_strides, nq, n_new, hkv, k_cache.shape[1] if paged else 1,
+        block_table.stride(0) if paged else 0, *temp_strides, nq, n_new, hkv, page_size, num_pages, capacity,
         softmax_scale * LOG2E * rotary_scale**2, softmax_scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, D_PAD=_pad(head_dim), ROTARY_DIM=rotary_dim, PAIRS=pairs,
         PAIRS_PAD=_pad(pairs), PASS=passthrough, PASS_PAD=_pad(passthrough), INTERLEAVED=interleaved, PAGED=paged,

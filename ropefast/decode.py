@@ -70,7 +70,9 @@ def scaled_rope_attention_with_kvcache(
         check_values: check the values of cache_seqlens and block_table (L_b within the
             cache's capacity, page indices within num_pages); default: only for CPU tensors,
             where it costs no sync. True checks CUDA tensors too (one sync per call), False
-            skips. Unchecked bad values read or write out of bounds.
+            skips. Unchecked bad values never reach outside the caches (the kernels skip
+            rows past the capacity and pages outside the cache), but that sequence's
+            output is then wrong.
 
     Returns:
         out [B, Nq, Hq, D] (q's dtype), or (out, lse [B, Hq, Nq] float32). Forward only
@@ -90,6 +92,54 @@ def scaled_rope_attention_with_kvcache(
         ...                                          cache_seqlens=lens, schedule=sched)
         >>> lens += 16
     """
+    capacity, n_new = check_cache_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}] or None, got {num_splits!r}")
+    if check_values is None:
+        check_values = q.device.type == "cpu"
+    if check_values:
+        check_cache_values(cache_seqlens, block_table, n_new, capacity, num_pages=k_cache.shape[0],
+                           page_size=k_cache.shape[1])
+
+    if schedule is not None and schedule.depends_on_seq_len and seq_len is None:
+        seq_len = max(1, int(cache_seqlens.max()) + n_new)  # the one host sync: length-dependent schedules only
+    batch, nq, _, head_dim = q.shape
+    inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
+        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim,
+        seq_len=1 if seq_len is None else seq_len, like=q, like_name="q")
+    if schedule is not None and q_temperature is None and schedule.has_q_temperature:
+        positions = cache_seqlens.long()[:, None] + (n_new - nq) + torch.arange(nq, device=q.device)
+        q_temperature = schedule.q_temperature(positions)
+    softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
+    check_q_temperature(q_temperature, batch, nq, q.device)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+            q, k_cache, v_cache, k_new, v_new, inv_freq, q_temperature)):
+        raise ValueError("scaled_rope_attention_with_kvcache is forward only (inference): call it under "
+                         "torch.no_grad() or on tensors that do not require grad")
+
+    if dispatch.path(q) == "reference":
+        out, lse = scaled_rope_attention_with_kvcache_reference(
+            q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table, k_new=k_new, v_new=v_new,
+            inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, causal=causal,
+            softmax_scale=softmax_scale, rotary_scale=rotary_scale, q_temperature=q_temperature, return_lse=True)
+    else:
+        if k_new is not None:
+            append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
+        temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
+        out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, temperature,
+                                    n_new=n_new, rotary_dim=rotary_dim, interleaved=interleaved, causal=causal,
+                                    softmax_scale=softmax_scale, rotary_scale=rotary_scale, num_splits=num_splits)
+    return (out, lse) if return_lse else out
+
+
+def check_cache_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    """The tensors' shapes, dtypes and devices; returns (rows a sequence's cache can hold,
+    new tokens appended by this call)."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_head_tensor(name, x)
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -125,55 +175,17 @@ def scaled_rope_attention_with_kvcache(
             check_head_tensor(name, x)
             if x.shape != (batch, nq, hkv, head_dim):
                 raise ValueError(f"{name} must be [B, Nq, Hkv, D] = {[batch, nq, hkv, head_dim]}, got {tuple(x.shape)}")
-            if x.dtype != q.dtype or x.device != q.device:
-                raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, "
-                                 f"{x.device}")
+            if x.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+            if x.device != q.device:
+                raise ValueError(f"{name} is on {x.device}, q is on {q.device}")
         n_new = nq
     if nq > capacity:
         raise ValueError(f"q has {nq} tokens per sequence, more than the cache holds ({capacity})")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}] or None, got {num_splits!r}")
-    if check_values is None:
-        check_values = q.device.type == "cpu"
-    if check_values:
-        check_cache_values(cache_seqlens, block_table, n_new, capacity, cache_rows, k_cache.shape[0])
-
-    if schedule is not None and schedule.depends_on_seq_len and seq_len is None:
-        seq_len = max(1, int(cache_seqlens.max()) + n_new)  # the one host sync: length-dependent schedules only
-    inv_freq, rotary_dim, interleaved, rotary_scale = resolve_rotary(
-        schedule, inv_freq, rotary_dim, interleaved, rotary_scale, head_dim=head_dim,
-        seq_len=1 if seq_len is None else seq_len, like=q, like_name="q")
-    if schedule is not None and q_temperature is None and schedule.has_q_temperature:
-        positions = cache_seqlens.long()[:, None] + (n_new - nq) + torch.arange(nq, device=q.device)
-        q_temperature = schedule.q_temperature(positions)
-    softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
-    check_q_temperature(q_temperature, batch, nq, q.device)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
-            q, k_cache, v_cache, k_new, v_new, inv_freq, q_temperature)):
-        raise ValueError("scaled_rope_attention_with_kvcache is forward only (inference): call it under "
-                         "torch.no_grad() or on tensors that do not require grad")
-
-    if dispatch.path(q) == "reference":
-        out, lse = scaled_rope_attention_with_kvcache_reference(
-            q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table, k_new=k_new, v_new=v_new,
-            inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, causal=causal,
-            softmax_scale=softmax_scale, rotary_scale=rotary_scale, q_temperature=q_temperature, return_lse=True)
-    else:
-        if k_new is not None:
-            append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
-        temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
-        out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, temperature,
-                                    n_new=n_new, rotary_dim=rotary_dim, interleaved=interleaved, causal=causal,
-                                    softmax_scale=softmax_scale, rotary_scale=rotary_scale, num_splits=num_splits)
-    return (out, lse) if return_lse else out
+    return capacity, n_new
 
 
-def check_cache_values(cache_seqlens, block_table, n_new, capacity, page_size, num_pages):
+def check_cache_values(cache_seqlens, block_table, n_new, capacity, *, num_pages, page_size):
     """cache_seqlens[b] + n_new within the capacity, and the pages those rows use within the
     cache (reads the values: a sync on a GPU)."""
     lengths = cache_seqlens.long().cpu()

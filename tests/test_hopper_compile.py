@@ -125,7 +125,8 @@ DECODE_COMPILE = PRELUDE + textwrap.dedent("""
                     stride_kb=("i64", 16), stride_vb=("i64", 16), stride_vn=("i32", 16), stride_vh=("i32", 16),
                     **{n: ("i32", 16) for n in "stride_ob stride_on stride_oh".split()},
                     **{n: "i32" for n in "stride_table_b stride_temp_b stride_temp_n NQ N_NEW HKV".split()},
-                    page_size=("i32", 16) if paged else [1], rot_scale="fp32", pass_scale="fp32", GROUP=[group],
+                    page_size=("i32", 16) if paged else [1], num_pages="i32", capacity="i32", rot_scale="fp32",
+                    pass_scale="fp32", GROUP=[group],
                     HEAD_DIM=[head_dim], D_PAD=[pad(head_dim)], ROTARY_DIM=[rotary_dim], PAIRS=[rotary_dim // 2],
                     PAIRS_PAD=[pad(rotary_dim // 2)], PASS=[head_dim - rotary_dim],
                     PASS_PAD=[pad(head_dim - rotary_dim)],
@@ -144,7 +145,8 @@ DECODE_COMPILE = PRELUDE + textwrap.dedent("""
             K_NEW=ptr, V_NEW=ptr, K_CACHE=ptr, V_CACHE=ptr, CACHE_SEQLENS=("*i32", 16),
             BLOCK_TABLE=("*i32", 16) if paged else None,
             **{n: "i32" for n in "stride_knb stride_knn stride_knh stride_vnb stride_vnn stride_vnh stride_kcb "
-               "stride_kcn stride_kch stride_vcb stride_vcn stride_vch stride_table_b N_NEW HKV page_size".split()},
+               "stride_kcn stride_kch stride_vcb stride_vcn stride_vch stride_table_b N_NEW HKV page_size num_pages "
+               "capacity".split()},
             HEAD_DIM=[128], D_PAD=[128], PAGED=[paged], BLOCK_N=[16]), 4, 1)
     build(decode.combine_kernel, dict(
         O_PART=("*fp32", 16), LSE_PART=("*fp32", 16), O=ptr, LSE=("*fp32", 16),

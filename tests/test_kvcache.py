@@ -296,6 +296,31 @@ def test_page_out_of_range_only_counts_pages_in_use():
     scaled_rope_attention_with_kvcache(q, k_cache, v_cache, **kwargs)
 
 
+@requires_kernel
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged16"])
+def test_unchecked_bad_values_stay_inside_the_cache(paged):
+    # check_values=False (a GPU's default): a length past the capacity or a page past the
+    # cache gives wrong numbers for that sequence, but no access outside the caches
+    run = Generation(2, 4, 2, 32, torch.float32, DEVICE, paged=paged, capacity=32, start=(3, 20))
+    if paged:
+        run.block_table[1, 1] = 1000  # sequence 1's second page
+        lengths = torch.tensor([3, 20], dtype=torch.int32, device=DEVICE)
+    else:
+        lengths = torch.tensor([3, 31], dtype=torch.int32, device=DEVICE)  # 31 + 2 new rows > 32
+    before = run.k_cache.clone()
+    q, k_new = run.randn(2, 2, 4, 32), run.randn(2, 2, 2, 32)
+    out = scaled_rope_attention_with_kvcache(q, run.k_cache, run.v_cache, k_new=k_new, v_new=k_new,
+                                             cache_seqlens=lengths, block_table=run.block_table,
+                                             inv_freq=inv_freq_for(32, DEVICE), check_values=False)
+    assert torch.isfinite(out[0]).all()  # sequence 0 is intact
+    changed = (run.k_cache.nan_to_num(7.0) != before.nan_to_num(7.0)).flatten(2).any(-1)
+    expect = torch.zeros_like(changed)
+    for b, rows in ((0, (3, 4)), (1, (31,) if not paged else ())):
+        for row in rows:
+            expect[(b, row) if not paged else (int(run.block_table[b, row // 16]), row % 16)] = True
+    assert torch.equal(changed, expect)
+
+
 # ---- GPU: bf16 at Llama-3-8B's attention shape ----
 
 GPU_SCHEDULES = {
