@@ -8,7 +8,7 @@ keys. Here every key is rotated in registers at its cache index, with this call'
 frequencies and the exact angles of rotary.py (fixed-point phases, `sincos_at`): each step
 attends exactly as a full recompute would. Decode reads the whole cache once per step and is
 bandwidth-bound; one angle per key and pair, shared by every query head of the KV head, is
-arithmetic the loads hide.
+arithmetic the loads should hide (not yet timed on a GPU).
 
 Work split: one program owns one KV head of one sequence, BLOCK_M query rows of its GQA
 group (row r = token r // GROUP, query head r % GROUP of the KV head: the Hq / Hkv * Nq rows
