@@ -166,6 +166,13 @@ def test_packed_rows_equal_documents_one_by_one(collator_kwargs):
     check_grads(grads(patched), grads(eager), 1e-4)
 
 
+def test_positions_offset_equal_eager():
+    eager, patched = pair("llama-llama3")
+    ids, position_ids = tokens(2, 8), torch.arange(5, 13)[None]
+    expected = eager(ids, position_ids=position_ids).logits
+    assert rel_err(patched(ids, position_ids=position_ids).logits, expected) < TOLERANCE[torch.float32]
+
+
 def test_patched_model_keeps_its_parameters():
     eager, patched = pair("qwen3-default")
     assert list(patched.state_dict()) == list(eager.state_dict())

@@ -360,8 +360,15 @@ def _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_l
             cu_q, cu_k, max_q, max_k = given
             return _Plan(varlen=_Varlen(None, None, cu_q.int(), cu_k.int(), int(max_q), int(max_k), flat_positions,
                                         flat_positions, int(max_k)))
-        if position_ids is not None and n > 1 and bool((position_ids.diff(dim=-1) != 1).any()):  # one sync
+        if position_ids is None or n == 1:
+            positions = _dense_positions(position_ids)
+            return _Plan(q_positions=positions, k_positions=positions)
+        restarts, offset = torch.stack([(position_ids.diff(dim=-1) != 1).any(),
+                                        (position_ids[:, 0] != 0).any()]).tolist()  # one sync
+        if restarts:
             return _Plan(varlen=_packed_rows(position_ids.expand(batch, n), flat_positions, needs_seq_len))
+        if not offset:  # 0..n-1 in every row: the op's default, which the kernels need not load
+            return _Plan()
         positions = _dense_positions(position_ids)
         return _Plan(q_positions=positions, k_positions=positions)
     if not cached and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # right padded: one sync
