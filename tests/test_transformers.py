@@ -16,8 +16,7 @@ from ropefast.integrations.transformers import patch_model  # noqa: E402
 
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
-            "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.5, 2.5, 4.0, 6.0]}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8}  # + factors
 # (model type, rope parameters, other config fields); N = 12 tokens exceeds every original length
 CASES = {
     "llama-default": ("llama", {"rope_type": "default", "rope_theta": 10000.0}, {}),
@@ -40,7 +39,12 @@ STATIC = ["llama-yarn", "llama-llama3", "qwen3-default", "phi3-longrope-partial"
 def tiny_model(case, dtype=torch.float32, device="cpu", **overrides):
     model_type, rope, extra = CASES[case]
     fields = {**SIZES, "max_position_embeddings": 64, **extra, **overrides}
-    config = transformers.AutoConfig.for_model(model_type, **fields, rope_parameters=dict(rope),
+    rope = dict(rope)
+    if rope["rope_type"] == "longrope":  # a factor per rotated pair, short ones below the long ones
+        pairs = int(fields["hidden_size"] // fields["num_attention_heads"] * rope["partial_rotary_factor"]) // 2
+        rope.update(short_factor=[1.0 + 0.6 * i / pairs for i in range(pairs)],
+                    long_factor=[1.5 + 4.5 * i / pairs for i in range(pairs)])
+    config = transformers.AutoConfig.for_model(model_type, **fields, rope_parameters=rope,
                                                attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
