@@ -31,8 +31,9 @@ What a call runs (each decision is taken once per forward and shared by the laye
   requiring grad, a later call runs the dense op over the cache contents (the kvcache op
   is forward only); gradients never flow through the cache into earlier calls.
 
-Length-dependent schedules see the key count (dense) or the longest document (varlen), which
-is transformers' max(position_ids) + 1 when positions count from 0. Not supported (each
+Length-dependent schedules see the key count (dense) or max(position_ids) + 1 (varlen), which
+is transformers' length when positions count from 0; transformers' dynamic NTK also keeps
+the longest length any earlier call saw, ropefast's frequencies depend on the call alone. Not supported (each
 raises a ValueError naming it): other model types, attention dropout, a sliding window once
 a sequence is longer than the window (shorter sequences run exact), caches other than
 DynamicCache, custom 4-D masks.
