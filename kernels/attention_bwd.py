@@ -232,11 +232,14 @@ def bwd_config(head_dim_pad, is_cuda):
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, need_dfreq,
                        need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-                       config=None):
+                       gradient_kernel=None, config=None):
     """Launch the backward. Arguments as `rope_attention_fwd` (varlen included), plus do
     (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q, k, v:
     shape, strides, dtype), d inv_freq [P] float32 or None, and d temperature [B, Hq, Nq]
-    float32 (per head; the caller sums) or None."""
+    float32 (per head; the caller sums) or None. gradient_kernel replaces the two kernels
+    here between the rope passes (the Hopper backward,
+    `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, Q^, K^, v, lse2, delta,
+    dK^ buffer, causal) -> (dQ^ as a [B, Nq, Hq, D] view, dv)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
@@ -250,32 +253,15 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=64)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
-    # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
-    v_rows = v if row_view(v, d_pad) else sequence_major(*v.shape, v).copy_(v)
-
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read by the one
     # program that writes it, after the dQ kernel) unless the frequency gradient still needs
     # K^; Q^ and dQ^ are freed before dk is allocated.
-    dq_hat = sequence_major(batch, nq, hq, head_dim, q)
     dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
-    dv = torch.empty_like(v)
-    common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    seqs, most_q, most_k = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    block_m, block_n, num_warps, num_stages = dq_config
-    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
-    rope_attention_bwd_dq_kernel[(triton.cdiv(most_q, block_m), seqs * hq)](
-        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, cu_seqlens_q, cu_seqlens_k, *v_geometry,
-        *dq_hat.stride()[:3], nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **common)
-    block_m, block_n, num_warps, num_stages = dkdv_config
-    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
-    rope_attention_bwd_dkdv_kernel[(triton.cdiv(most_k, block_n), seqs * hkv)](
-        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
-        tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, cu_seqlens_q, cu_seqlens_k, *v_geometry,
-        *dk_hat.stride()[:3], *dv.stride()[:3], nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+    if gradient_kernel is not None:
+        dq_hat, dv = gradient_kernel(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal=causal)
+    else:
+        dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
     # rotate both back into buffers shaped like q and k.
@@ -296,3 +282,33 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
               out=torch.empty_like(k))
     return dq, dk, dv, dfreq, dtemp
+
+
+def _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config, cu_seqlens_q,
+                      cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The dQ and dK/dV kernels: dQ^ (sequence-major, like q) and dv; dK^ into dk_hat."""
+    batch, nq, hq, head_dim = q_rot.shape
+    _, nk, hkv, _ = k_rot.shape
+    d_pad = _dot_pad(head_dim)
+    # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
+    v_rows = v if row_view(v, d_pad) else sequence_major(*v.shape, v).copy_(v)
+    dq_hat = sequence_major(batch, nq, hq, head_dim, q_rot)
+    dv = torch.empty_like(v)
+    common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
+                  DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32")
+    seqs, most_q, most_k = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    block_m, block_n, num_warps, num_stages = dq_config
+    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
+    rope_attention_bwd_dq_kernel[(triton.cdiv(most_q, block_m), seqs * hq)](
+        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, cu_seqlens_q, cu_seqlens_k, *v_geometry,
+        *dq_hat.stride()[:3], nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages, **common)
+    block_m, block_n, num_warps, num_stages = dkdv_config
+    v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
+    rope_attention_bwd_dkdv_kernel[(triton.cdiv(most_k, block_n), seqs * hkv)](
+        row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
+        tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, cu_seqlens_q, cu_seqlens_k, *v_geometry,
+        *dk_hat.stride()[:3], *dv.stride()[:3], nq, nk, hkv, hq // hkv, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+    return dq_hat, dv

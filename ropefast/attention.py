@@ -32,6 +32,7 @@ def scaled_rope_attention(
     layout: str = "bshd",
     return_lse: bool = False,
     seq_len: Optional[int] = None,
+    deterministic: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over RoPE-rotated queries and keys with scaled frequencies, in one pass.
 
@@ -65,11 +66,16 @@ def scaled_rope_attention(
             Nk. Taken from the shapes, never from the positions: no host sync.
         return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32
             (differentiable).
+        deterministic: make the backward bitwise repeatable. By default the Hopper path sums
+            dq over key blocks with float32 atomics, whose order varies from run to run (as
+            FlashAttention-3's default); with True it runs the portable backward kernels,
+            where every sum has a fixed order (slower on Hopper, bench/RESULTS.md). Every
+            other path is deterministic either way.
 
     Returns:
         out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,
-        inv_freq and q_temperature (the backward kernels recompute every rotation and are
-        deterministic: no atomics). Positions must satisfy |p| < 2**31.
+        inv_freq and q_temperature (the backward recomputes every rotation). Positions must
+        satisfy |p| < 2**31.
 
     Padding: nothing is masked but what `causal` hides; positions only rotate. Right-padded
     batches are exact for causal attention (real queries see no padded key); left padding,
@@ -115,8 +121,9 @@ def scaled_rope_attention(
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     warn_if_layout_swapped(layout, (nq, nk), (hq, hkv))
     q_positions = check_positions("q_positions", q_positions, batch, nq, q.device)
     k_positions = check_positions("k_positions", k_positions, batch, nk, q.device)
@@ -147,7 +154,8 @@ def scaled_rope_attention(
         # sums it into the caller's shape
         temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
         out, lse = ops.attention_fwd(q, k, v, inv_freq, as_batched(q_positions), as_batched(k_positions),
-                                     temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale)
+                                     temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
+                                     deterministic=deterministic)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

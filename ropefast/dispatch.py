@@ -6,8 +6,9 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
   "hopper"       CUDA float16 / bfloat16 with head dim > 64 on a Hopper GPU (sm_90) with a
                  Triton whose Gluon has what the kernels need (`kernels.hopper.compat`): the
-                 warp-specialized Gluon forward (the backward runs the portable kernels). At
-                 head dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md).
+                 warp-specialized Gluon forward, and at head dim 128 the Gluon backward
+                 (`deterministic=True` keeps the portable backward kernels). At head dim
+                 <= 64 the portable forward is faster on H200 (bench/RESULTS.md).
                  Not for packed documents (varlen): the Gluon kernel has no document
                  bounds, so those take "kernel".
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.

@@ -18,6 +18,7 @@ from .kernels.hopper import compat as hopper_compat
 from .kernels.rope import frequency_grad, rope
 
 if hopper_compat.SUPPORTED:
+    from .kernels.hopper import attention_bwd as hopper_bwd
     from .kernels.hopper.attention_fwd import rope_attention_fwd_hopper
 
 
@@ -27,14 +28,15 @@ if hopper_compat.SUPPORTED:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
                   k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
                   causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
-                  cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor]:
+                  cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                  deterministic: bool = False) -> tuple[Tensor, Tensor]:
     """out (like q) and lse [B, Hq, Nq] float32. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
     (any strides), q_positions [B, Nq] / k_positions [B or 1, Nk] ints or None,
     q_temperature [B, Nq] float32 or None. Varlen (`ropefast.varlen`): B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1] with the longest document's lengths;
     packed documents are the dense op with document bounds, so they share its fake shapes
-    and autograd formula, and run the portable kernels (`dispatch.path(q, varlen=True)`)."""
+    and autograd formula, and run the portable kernels (`dispatch.path(q, varlen=True)`).
+    `deterministic` only reaches the backward (`attention_bwd`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
     varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -50,7 +52,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions
 
 @attention_fwd.register_fake
 def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
-      rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
     batch, nq, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32)
 
@@ -61,14 +63,23 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
                   q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
                   softmax_scale: float, rotary_scale: float, need_dfreq: bool, need_dtemp: bool,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  max_seqlen_k: int = 0, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
-    d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd."""
+    d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd. On
+    the Hopper path the Gluon backward computes the gradients in the rotated frame (dQ^ summed
+    with float32 atomics: not bitwise repeatable) unless `deterministic`, which keeps the
+    portable kernels (every sum in a fixed order)."""
+    head_dim = q.shape[-1]
+    gradient_kernel = None
+    if (not deterministic and dispatch.path(q, varlen=cu_seqlens_q is not None) == "hopper"
+            and hopper_bwd.supports(head_dim)):
+        gradient_kernel = hopper_bwd.rope_attention_bwd_hopper
     dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
         grad_out, q, k, v, out, lse, grad_lse, inv_freq, q_positions, k_positions, q_temperature,
         rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
         rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        gradient_kernel=gradient_kernel)
     dfreq = dfreq if need_dfreq else inv_freq.new_empty(0, dtype=torch.float32)
     dtemp = dtemp.sum(1) if need_dtemp else q.new_empty(0, dtype=torch.float32)  # heads summed: [B, Nq]
     return dq, dk, dv, dfreq, dtemp
@@ -77,7 +88,7 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
 @attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
       interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0):
+      max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
     batch, nq = q.shape[:2]
     dfreq = inv_freq.new_empty(inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
     dtemp = q.new_empty((batch, nq) if need_dtemp else (0,), dtype=torch.float32)
@@ -85,10 +96,11 @@ def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions,
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args, cu_seqlens_q, cu_seqlens_k, max_q, max_k = inputs
+    (q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+     deterministic) = inputs
     ctx.save_for_backward(q, k, v, *output, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q,
                           cu_seqlens_k)
-    ctx.args, ctx.max_seqlens = args, (max_q, max_k)
+    ctx.args, ctx.max_seqlens, ctx.deterministic = args, (max_q, max_k), deterministic
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
@@ -98,9 +110,10 @@ def _attention_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dfreq, dtemp = attention_bwd(
         grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
-        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
+        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
+        ctx.deterministic)
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
-            *[None] * 9)
+            *[None] * 10)
 
 
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)

@@ -13,7 +13,7 @@ NAMES = ("dq", "dk", "dv", "dinv_freq", "dtemperature")
 
 
 def grad_errors(B, Nq, Nk, Hq, Hkv, D, R, dtype, *, interleaved=False, causal=False, layout="bshd",
-                positions=False, temperature=True, rotary_scale=1.2, lse_grad=True, seed=0):
+                positions=False, temperature=True, rotary_scale=1.2, lse_grad=True, deterministic=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape_q, shape_k = ((B, Nq, Hq, D), (B, Nk, Hkv, D)) if layout == "bshd" else ((B, Hq, Nq, D), (B, Hkv, Nk, D))
     q, k, v = (torch.randn(s, generator=gen).to(DEVICE, dtype).requires_grad_() for s in (shape_q, shape_k, shape_k))
@@ -24,7 +24,8 @@ def grad_errors(B, Nq, Nk, Hq, Hkv, D, R, dtype, *, interleaved=False, causal=Fa
         kw["q_positions"] = torch.randint(0, 3000, (B, Nq), generator=gen).to(DEVICE)
         kw["k_positions"] = torch.randint(0, 3000, (Nk,), generator=gen).to(DEVICE)
     temp = (torch.rand(Nq, generator=gen) + 0.5).to(DEVICE).requires_grad_() if temperature else None
-    out, lse = scaled_rope_attention(q, k, v, inv_freq=inv_freq, q_temperature=temp, return_lse=True, **kw)
+    out, lse = scaled_rope_attention(q, k, v, inv_freq=inv_freq, q_temperature=temp, return_lse=True,
+                                     deterministic=deterministic, **kw)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE) * lse_grad
     seen = torch.isfinite(lse)
@@ -107,12 +108,30 @@ GPU_CASES = [
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, interleaved=True)),
     ((1, 512, 512, 8, 2, 256, 256), dict(causal=True)),
     ((2, 1000, 1000, 8, 8, 128, 64), dict(positions=True)),  # rotary_dim = D/2
+    ((1, 700, 300, 4, 2, 128, 96), dict(causal=True)),  # Nq > Nk: rows that see nothing; partial rotary
+    ((1, 300, 1100, 8, 2, 128, 128), dict(causal=True, layout="bhsd")),  # Nq < Nk, partial tiles
+    ((3, 129, 129, 2, 2, 80, 80), dict(causal=True, interleaved=True)),  # D no power of two, one row past a tile
 ]
 
 
 @requires_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
-def test_backward_gpu(case, dtype):
-    errors = grad_errors(*case[0], dtype, **case[1])
+def test_backward_gpu(case, dtype, deterministic):
+    errors = grad_errors(*case[0], dtype, deterministic=deterministic, **case[1])
     assert all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
+
+
+@requires_cuda
+def test_deterministic_backward_is_bitwise_repeatable_on_gpu():
+    # the default Hopper backward sums dq with atomics; deterministic=True must not
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1024, 16, 128, generator=gen).cuda().bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 1024, 4, 128, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(2))
+    f = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=256).inv_freq(device="cuda").requires_grad_()
+    grads = []
+    for _ in range(3):
+        out = scaled_rope_attention(q, k, v, inv_freq=f, causal=True, deterministic=True)
+        grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v, f)))
+    assert all(torch.equal(a, b) for run in grads[1:] for a, b in zip(grads[0], run))

@@ -1,4 +1,4 @@
-"""The Gluon Hopper forward and the decode kernels compiled for sm_90 on any machine
+"""The Gluon Hopper forward and backward and the decode kernels compiled for sm_90 on any machine
 (Triton's bundled ptxas), in every variant the dispatcher can launch: they must compile and
 keep every value in registers (a spill in a consumer warpgroup costs more than the overlap
 gains; decode has no time for local-memory round trips beside its loads)."""
@@ -101,6 +101,61 @@ def test_hopper_forward_compiles_for_sm90_without_spills():
         assert facts["spills"] == 0, (case, facts)
         # warp-specialized: register reallocation, TMA loads and async wgmma are all there
         assert facts["setmaxnreg"] > 0 and facts["tma"] > 0 and facts["wgmma"] > 0, (case, facts)
+
+
+BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from ropefast.kernels.hopper import attention_bwd as hopper_bwd
+    from ropefast.kernels.hopper.attention_fwd import shared_layout
+
+    def compile_bwd(head_dim, causal, dtype):
+        stages, consumer_regs, maxnreg = hopper_bwd.bwd_config(head_dim)
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        def desc(block, dtype=dtype, layout=None):
+            layout = layout or shared_layout(block, torch_dtype)
+            return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+        rows = desc([64], "fp32", hopper_bwd.ROW_STATS_LAYOUT)
+        dq_block = [64, hopper_bwd.DQ_CHUNK.value]
+        args = dict(q_desc=desc([64, head_dim]), k_desc=desc([128, head_dim]), v_desc=desc([1, 128, 1, head_dim]),
+                    do_desc=desc([1, 64, 1, head_dim]), lse2_desc=rows, delta_desc=rows,
+                    dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
+                    DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
+                    DV=(f"*{dtype}", 16), stride_dvb=("i64", 16), stride_dvn=("i32", 16), stride_dvh=("i32", 16),
+                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_bh="i32", HEAD_DIM=[head_dim], D_PAD=[head_dim],
+                    CAUSAL=[causal], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+        source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+
+    results = {}
+    for case in json.loads(sys.argv[1]):
+        ptx = compile_bwd(*case).asm["ptx"]
+        results[repr(case)] = dict(spills=spill_bytes(ptx), wgmma=ptx.count("wgmma.mma_async"),
+                                   setmaxnreg=ptx.count("setmaxnreg"), reduce=ptx.count("cp.reduce.async.bulk"))
+    print(json.dumps(results))
+""")
+
+# (head dim, causal, dtype): the head dims the Gluon backward serves (`attention_bwd.supports`)
+BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16")]
+# ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
+# stores + loads): 76 bytes with Triton 3.6's (the GPU image's), 590-760 with 3.9's; more
+# means a regression.
+BACKWARD_SPILL_BOUND = 1024
+
+
+@pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
+def test_hopper_backward_compiles_for_sm90():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", BACKWARD_COMPILE, json.dumps(BACKWARD_CASES)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton ships no ptxas here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for case, facts in results.items():
+        assert facts["spills"] <= BACKWARD_SPILL_BOUND, (case, facts)
+        # warp-specialized, async wgmma, and dQ^ summed by TMA reduce-adds
+        assert facts["setmaxnreg"] > 0 and facts["wgmma"] > 0 and facts["reduce"] > 0, (case, facts)
 
 
 DECODE_COMPILE = PRELUDE + textwrap.dedent("""

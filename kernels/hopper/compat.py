@@ -6,6 +6,9 @@ Gluon (`triton.experimental.gluon`) is experimental and moves between releases:
   had other signatures). The kernels here need 3.6 or newer (`MIN_TRITON`).
 - The TMA copies are `tma.async_copy_global_to_shared` / `async_copy_shared_to_global` up to
   3.7, `tma.async_load` / `async_store` from 3.8 (the old names are gone in 3.9).
+- The barrier of a warpgroup's threads is `gl.thread_barrier` up to 3.8, `gl.barrier` in 3.9.
+- The TMA reduce-add (`cp.reduce.async.bulk.tensor`) is `tma.async_atomic_add` from 3.8; 3.6
+  and 3.7 build the same operation, without a Python wrapper: `tma_atomic_add` adds one.
 """
 
 import triton
@@ -20,7 +23,23 @@ def triton_version():
 SUPPORTED = triton_version() >= MIN_TRITON
 
 if SUPPORTED:
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+    if hasattr(tma, "async_atomic_add"):
+        tma_atomic_add = tma.async_atomic_add
+    else:
+        from triton._C.libtriton import ir
+        from triton.experimental.gluon.language._core import builtin
+
+        @builtin
+        def tma_atomic_add(tensor_desc, coord, src, _semantic=None):
+            """Add the shared-memory tile src into the tensor at coord (TMA reduce-add)."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)

@@ -1,0 +1,313 @@
+"""Scaled rotary attention backward for Hopper (sm_90), in Gluon: FlashAttention-3's
+structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the rotated Q^
+and K^ that the portable backward's rope passes produce; the rope passes, the frequency and
+temperature gradients and the rotation back are shared with it (`kernels.attention_bwd`).
+
+A program owns BLOCK_N = 128 keys of one (batch, KV head) and loops over the query heads
+that read that KV head and over their 64-query tiles, as three warpgroups
+(`gl.warp_specialize`):
+- a producer (few registers) loads K^ and V once, then streams each step's Q^ and dO tiles
+  through TMA into a ring of STAGES buffers guarded by "ready" / "empty" mbarriers;
+- two consumers own 64 keys each. Per query tile one computes, with async wgmma,
+  S^T = K^ Q^T and dP^T = V dO^T (both 64 x 64), P^T = exp2(S^T - lse2) and
+  dS^T = ln2 P^T (dP^T - delta) in registers, then dV += P^T dO and dK^ += dS^T Q^ from
+  registers, and stores dS^T to shared memory. When both halves are there (an mbarrier),
+  each consumer computes half of dQ^ = dS K^ (64 queries x D/2 features over all 128 keys;
+  at D = 64 the consumers take turns with the whole width), stages it in shared memory and
+  adds it to the float32 dQ^ buffer with TMA reduce-adds (per-thread atomics cost 40% of
+  the kernel's time, bench/RESULTS.md). The order of those sums varies, so this path is not
+  bitwise repeatable; `deterministic=True` takes the portable kernels.
+dK^ (rotated frame) and dV go to memory once, at the end. Only steps that can see a hidden
+pair (the causal diagonal, keys past Nk, a partial last query tile) are masked.
+"""
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
+    warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .attention_fwd import shared_layout
+from .compat import thread_barrier, tma_atomic_add, tma_load
+
+DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
+WG_KEYS = gl.constexpr(64)  # keys of one consumer warpgroup (the wgmma M atom)
+BLOCK_N = gl.constexpr(128)  # two consumer warpgroups per program
+BLOCK_M = gl.constexpr(64)  # queries per step
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL: gl.constexpr):
+    """Program -> (batch, KV head, first key, first query tile, first unmasked query tile,
+    query tiles in all). Causal programs run the first key blocks (the most queries see
+    them) first; the others run the key blocks of one head together (they share Q^, dO in
+    L2)."""
+    n_blocks = gl.cdiv(NK, BLOCK_N)
+    if CAUSAL:
+        bh = gl.program_id(0) % n_bh
+        block = gl.program_id(0) // n_bh
+    else:
+        bh = gl.program_id(0) // n_blocks
+        block = gl.program_id(0) % n_blocks
+    start_n = block * BLOCK_N
+    m_tiles = gl.cdiv(NQ, BLOCK_M)
+    # Causal: query i sees key j iff j <= i + (NK - NQ). Tiles before m_lo see none of these
+    # keys, tiles [m_lo, m_full) some (masked), the rest all of them. A block reaching past
+    # NK, or a partial last query tile (whose rows past NQ read another head's), masks every
+    # step.
+    if CAUSAL:
+        m_lo = gl.minimum(gl.maximum(start_n - (NK - NQ), 0) // BLOCK_M, m_tiles)
+        m_full = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0), BLOCK_M), m_tiles)
+    else:
+        m_lo = 0
+        m_full = 0
+    if (start_n + BLOCK_N > NK) | (NQ % BLOCK_M != 0):
+        m_full = m_tiles
+    return bh // HKV, bh % HKV, start_n, m_lo, m_full, m_tiles
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
+              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, n_bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
+    the ring."""
+    HKV = HQ // GROUP
+    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL)
+    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma_load(k_desc, [(off_b * HKV + off_hk) * NK + start_n, 0], kv_ready, k_smem)
+    tma_load(v_desc, [off_b, start_n, off_hk, 0], kv_ready, v_smem)
+    count = 0  # steps loaded so far: the ring position
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        for m in range(m_lo, m_tiles):
+            stage = count % STAGES
+            # an mbarrier starts as if its phase 1 had completed: the first lap does not block
+            mbarrier.wait(q_empty.index(stage), ((count // STAGES) & 1) ^ 1)
+            ready = q_ready.index(stage)
+            mbarrier.expect(ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes + 2 * lse2_desc.block_type.nbytes)
+            row = (off_b * HQ + off_h) * NQ + m * BLOCK_M
+            tma_load(q_desc, [row, 0], ready, q_smem.index(stage))
+            tma_load(do_desc, [off_b, m * BLOCK_M, off_h, 0], ready, do_smem.index(stage))
+            tma_load(lse2_desc, [row], ready, lse2_smem.index(stage))
+            tma_load(delta_desc, [row], ready, delta_smem.index(stage))
+            count += 1
+
+
+@gluon.jit
+def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
+          dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr,
+          MASKED: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+    """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring)."""
+    dtype: gl.constexpr = k_smem.dtype
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+    stage = count % STAGES
+    mbarrier.wait(q_ready.index(stage), (count // STAGES) & 1)
+    q_tile = q_smem.index(stage)
+    do_tile = do_smem.index(stage).reshape([BLOCK_M, D_PAD])
+    zeros = gl.zeros([WG_KEYS, BLOCK_M], gl.float32, S_L)
+    st_token = warpgroup_mma(k_mine, q_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    dpt_token = warpgroup_mma(v_mine, do_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(1, deps=[st_token])
+    # lse2 and delta are read from shared memory where they are used: held in registers
+    # across the step they would take 32 per thread (each thread holds 16 query columns)
+    pt = gl.exp2(st - gl.expand_dims(lse2_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0))
+    if MASKED:  # also rows past NQ: another head's rows of Q^, lse2 and delta
+        # the tile's own query index i against per-step scalars: comparisons with the
+        # constants i stay immediates (against m * BLOCK_M + i, the compiler keeps 16
+        # 64-bit bounds per thread alive across the loop)
+        i = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, S_L)), 0)
+        visible = gl.expand_dims(keys < NK, 1) & (i < NQ - m * BLOCK_M)
+        if CAUSAL:  # key j visible to query q iff j <= q + NK - NQ
+            visible = visible & (gl.expand_dims(keys - (m * BLOCK_M + NK - NQ), 1) <= i)
+        pt = gl.where(visible, pt, 0.0)
+    dpt = warpgroup_mma_wait(0, deps=[dpt_token])
+    dst = (pt * (dpt - gl.expand_dims(delta_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0)) * LN2).to(dtype)
+    dv_token = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_L), do_tile, dv, is_async=True)
+    dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_tile, dk, is_async=True)
+    # dS^T to shared memory; dQ^ = dS K^ once both warpgroups' halves are there
+    ds_buffer = ds_smem.index(count % 2)
+    ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
+    fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+    thread_barrier()  # every thread of this warpgroup stored before it arrives
+    mbarrier.arrive(ds_ready.index(count % 2), count=1)
+    # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
+    # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
+    dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
+    mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
+    mbarrier.wait(ds_ready.index(count % 2), (count // 2) & 1)
+    if DQ_COLS < D_PAD:
+        k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
+        first_col = CID * DQ_COLS
+        mine = True
+    else:  # narrow head dims: the warpgroups take turns with the whole width
+        k_cols = k_smem
+        first_col = 0
+        mine = count % 2 == CID
+    if mine:
+        dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, DQ_L),
+                                 use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq_token])
+        # into float32 dQ^ through TMA reduce-adds of 128-byte rows: the TMA unit does the
+        # reads and adds (per-thread atomics took 40% of the kernel's time); the buffer has
+        # rows up to a multiple of BLOCK_M, so nothing is masked
+        tma.store_wait(0)  # this warpgroup's previous tile has left the staging buffer
+        staging = dq_smem.index(CID)
+        staging.store(dq)
+        fence_async_shared()
+        for c in gl.static_range(DQ_COLS // DQ_CHUNK):
+            tma_atomic_add(dq_desc, [dq_row + m * BLOCK_M, first_col + c * DQ_CHUNK],
+                           staging.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1))
+    return dk, dv
+
+
+@gluon.jit
+def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
+              ds_ready, dq_desc, DK,
+              stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh,
+              CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
+    NW: gl.constexpr = gl.num_warps()
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D_PAD, 16])
+    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+    DQ_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                   instr_shape=[16, DQ_COLS, 16])
+    HKV = HQ // GROUP
+    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL)
+    keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
+    k_block = k_smem
+    v_block = v_smem.reshape([BLOCK_N, D_PAD])
+    k_mine = k_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
+    v_mine = v_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
+    dk = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
+    dv = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
+    mbarrier.wait(kv_ready, 0)
+    count = 0  # steps consumed so far: the ring position, as the producer's
+    for g in range(GROUP):
+        dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M  # this head's row 0 in dQ^
+        for m in range(m_lo, m_full):
+            dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID, D_PAD, CAUSAL, True, STAGES, S_L,
+                           O_L, DQ_L)
+            count += 1
+        for m in range(m_full, m_tiles):
+            dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID, D_PAD, CAUSAL, False, STAGES, S_L,
+                           O_L, DQ_L)
+            count += 1
+
+    tma.store_wait(0)
+    out_keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, O_L))
+    cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
+    mask = gl.expand_dims(out_keys < NK, 1) & (cols < HEAD_DIM)
+    rows = gl.expand_dims(out_keys.to(gl.int64), 1)
+    dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
+    gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
+    dv_ptr = DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
+    gl.store(dv_ptr + rows * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def rope_attention_bwd_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb,
+    stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+    CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
+    descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
+    key) and delta [B, Hq, Nq] through 1-D descriptors; dq_desc over the float32 dQ^
+    accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
+    Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
+    and dV."""
+    dtype: gl.constexpr = k_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D_PAD], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, D_PAD], do_desc.layout)
+    lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
+    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_desc.layout)  # one per consumer
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_N, BLOCK_M], dtype))
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)  # both consumers stored their half of dS^T
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
+                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, n_bh, CAUSAL, STAGES)),
+        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
+                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ,
+                     NK, HQ, GROUP, n_bh, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
+                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ,
+                     NK, HQ, GROUP, n_bh, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# ---- launcher ----
+
+ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)  # lse2, delta tiles
+
+def bwd_config(head_dim):
+    """(STAGES, consumer registers, maxnreg) per padded head dim (64 and 128; D = 256 runs
+    the portable backward: its dK^ and dV accumulators alone would fill a warpgroup's
+    registers)."""
+    return 2, 240, 168
+
+
+def supports(head_dim):
+    """Whether this kernel covers the head dim: 64 or 128 (the rope passes' Q^ and K^ are
+    head_dim wide, and a TMA tile wider than its rows failed on an H200 at D = 80)."""
+    return head_dim in (64, 128)
+
+
+def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causal, config=None):
+    """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from the
+    rope passes' Q^ and K^ (sequence-major [B, N, H, D] views) and the preprocessed lse2 and
+    delta, dK^ into dk_hat (like k) and returns dQ^ (a float32 [B, Nq, Hq, D] view) and dv
+    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`supports`)."""
+    batch, nq, hq, head_dim = q_rot.shape
+    _, nk, hkv, _ = k_rot.shape
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
+    dq_acc = torch.zeros(batch, hq, triton.cdiv(nq, BLOCK_M.value) * BLOCK_M.value, d_pad, device=q_rot.device,
+                         dtype=torch.float32)
+    dv = torch.empty_like(v)
+    q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
+    v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
+    q_desc = TensorDescriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
+                              shared_layout(q_block, q_rot.dtype))
+    k_desc = TensorDescriptor(k_rot.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
+                              shared_layout(k_block, k_rot.dtype))
+    v_desc = TensorDescriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
+    do_desc = TensorDescriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
+    dq_block = [BLOCK_M.value, DQ_CHUNK.value]
+    dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block,
+                               gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32))
+    row_block = [BLOCK_M.value]
+    lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT) for x in (lse2, delta))
+    n_bh = batch * hkv
+    rope_attention_bwd_hopper_kernel[(triton.cdiv(nk, BLOCK_N.value) * n_bh,)](
+        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv, *dv.stride()[:3],
+        nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
+        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+    )
+    return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
