@@ -1,8 +1,10 @@
 """A whole model (CUDA and transformers only): a Llama-style model of about 1.2B parameters
 with random weights, bf16, one sequence of 8k tokens, timed as a train step (forward with
-the causal-LM loss, then backward) and as a prefill (forward filling the cache, last logit
-only), in tokens/s, with `ropefast.integrations.transformers.patch_model` against the same
-model on transformers' attn_implementation "sdpa" and "flex_attention", in one pytest run.
+the causal-LM loss, then backward), as a prefill (forward filling the cache, last logit
+only) and as one decode step after the 8k prompt (the cache cropped back after each, so
+every step is alike), in tokens/s, with `ropefast.integrations.transformers.patch_model`
+against the same model on transformers' attn_implementation "sdpa" and "flex_attention",
+in one pytest run.
 
 Cases: "llama3.2-1b" is Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads of 64, 8 KV
 heads, intermediate 8192, vocab 128256, llama3 rope x32); "d128-yarn" the same model with
@@ -32,7 +34,7 @@ CASES = {
 }
 IMPLS = ("sdpa", "flex_attention", "ropefast")  # ropefast last: its speedups need the peers
 PARAMS = [pytest.param(case, mode, impl, id=f"{case}-N{SEQ_LEN // 1024}k-{mode}-{impl}")
-          for case in CASES for mode in ("train", "prefill") for impl in IMPLS]
+          for case in CASES for mode in ("train", "prefill", "decode") for impl in IMPLS]
 _TOKENS_PER_S = {}  # (case, mode) -> {impl: tokens/s} measured in this pytest run
 _MODEL = {}  # the last model built: (case, impl) -> model (one at a time: each is 2.5 GB)
 
@@ -62,12 +64,23 @@ def make_step(model, mode, ids):
         def step():
             model.zero_grad(set_to_none=True)
             model(ids, labels=ids, use_cache=False).loss.backward()
-    else:
+    elif mode == "prefill":
         model.eval()
 
         @torch.inference_mode()
         def step():
             model(ids, use_cache=True, logits_to_keep=1)
+    else:
+        model.eval()
+        with torch.inference_mode():
+            out = model(ids, use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        position = torch.full((1, 1), ids.shape[1], device=ids.device)
+
+        @torch.inference_mode()
+        def step():
+            model(token, cache=cache, use_cache=True, position_ids=position, logits_to_keep=1)
+            cache.crop(-1)
     return step
 
 
@@ -87,7 +100,7 @@ def test_model(benchmark, case, mode, impl):
     import triton
 
     ms = triton.testing.do_bench(step, warmup=500, rep=3000, return_mode="median")  # ~10 timed steps
-    tokens_per_s = SEQ_LEN / ms * 1e3
+    tokens_per_s = (1 if mode == "decode" else SEQ_LEN) / ms * 1e3
     peers = _TOKENS_PER_S.setdefault((case, mode), {})
     peers[impl] = tokens_per_s
     info = benchmark.extra_info

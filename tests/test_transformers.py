@@ -98,7 +98,7 @@ def test_cache_holds_unrotated_keys_and_beam_search_equals_eager():
     eager, patched = pair("qwen3-default")
     prompt = tokens(2, 6)
     out = patched(prompt, use_cache=True)
-    layer = out.past_key_values.layers[0]
+    layer = out.cache.layers[0]
     attention = patched.model.layers[0].self_attn
     hidden = patched.model.layers[0].input_layernorm(patched.model.embed_tokens(prompt))
     keys = attention.k_norm(attention.k_proj(hidden).view(2, 6, 2, 16))  # normed, never rotated
