@@ -52,8 +52,9 @@ from ..attention import scaled_rope_attention
 from ..decode import scaled_rope_attention_with_kvcache
 from ..schedules.base import RopeSchedule
 from ..schedules.hf import from_hf_config
+from ..varlen import from_position_ids, scaled_rope_attention_varlen
 
-__all__ = ["patch_model", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "SUPPORTED_MODEL_TYPES", "UnrotatedCacheLayer"]
 
 IMPLEMENTATION = "ropefast"  # the attention implementation name patched models carry
 
@@ -112,7 +113,7 @@ def patch_model(model: nn.Module) -> nn.Module:
         _check_same_rope(schedule, embedding)
 
     AttentionInterface.register(IMPLEMENTATION, _unpatched_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
     plans = _PlanMemo()
     for module in layers:
         module._ropefast = _Layer(family, schedule, plans, _sliding_window(module))
@@ -164,7 +165,7 @@ def _unpatched_attention(module, *args, **kwargs):
                        f"supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
     """The mask the patched layers receive (registered for "ropefast"): the 2-D boolean mask
     over the keys, or None when every token is real (as flash-attn's)."""
@@ -206,7 +207,7 @@ def _attention_forward(self, hidden_states: Tensor, position_embeddings=None, at
                          "4-D masks are not supported)")
     batch, n = hidden_states.shape[:2]
     q, k, v = _project(self, layer.family, hidden_states)
-    kv = None if cache is None else unrotated_layer(cache, self.layer_idx)
+    kv = None if cache is None else _unrotated_layer(cache, self.layer_idx)
     past = 0 if kv is None else kv.length
     if layer.window is not None and past + n > layer.window:
         raise ValueError(f"layer {self.layer_idx} has a sliding window of {layer.window} tokens, and this call "
@@ -237,7 +238,12 @@ class UnrotatedCacheLayer(DynamicLayer):
     """One layer of a DynamicCache as the patched attention keeps it: UNROTATED keys and the
     values in [B, capacity, Hkv, D] buffers (the kvcache op's layout), of which the first
     `length` rows hold tokens; the capacity grows by doubling, so an append copies only the
-    new tokens. Gradients do not flow through the cache into earlier calls."""
+    new tokens. Gradients do not flow through the cache into earlier calls.
+
+    Example:
+        >>> out = patch_model(model)(input_ids, use_cache=True)     # input_ids [B, N]
+        >>> out.cache.layers[0].keys[:, :N]                          # layer 0's keys, never rotated
+    """
 
     def __init__(self):
         super().__init__()
@@ -290,7 +296,7 @@ class UnrotatedCacheLayer(DynamicLayer):
         self.length = 0
 
 
-def unrotated_layer(cache, layer_idx):
+def _unrotated_layer(cache, layer_idx):
     """The cache's layer `layer_idx` as an `UnrotatedCacheLayer`, swapped in while it is empty."""
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         raise ValueError(f"a model patched by ropefast keeps unrotated keys in a DynamicCache (generate()'s "
@@ -380,8 +386,6 @@ def _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_l
 
 
 def _packed_rows(position_ids, flat_positions, needs_seq_len):
-    from ..varlen import from_position_ids
-
     cu_seqlens, max_seqlen = from_position_ids(position_ids)
     seq_len = int(position_ids.max()) + 1 if needs_seq_len else None
     return _Varlen(None, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, flat_positions, flat_positions, seq_len)
@@ -414,8 +418,6 @@ def _unpadded(attention_mask, flat_positions, batch, n, cached, needs_seq_len):
 def _varlen_attention(q, k, v, plan, schedule, softmax_scale):
     """q [B, N, Hq, D], k, v [B, L, Hkv, D] -> [B, N, Hq, D]: the real tokens packed, the
     varlen op, the output scattered back (padded rows 0)."""
-    from ..varlen import scaled_rope_attention_varlen
-
     batch, n, hq, head_dim = q.shape
     q_flat, k_flat, v_flat = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
     if plan.q_indices is not None:
