@@ -18,6 +18,8 @@ import copy
 import pytest
 import torch
 
+from ropefast import dispatch
+
 from .peers import peak_mib
 
 transformers = pytest.importorskip("transformers")
@@ -104,7 +106,11 @@ def test_model(benchmark, case, mode, impl):
     peers = _TOKENS_PER_S.setdefault((case, mode), {})
     peers[impl] = tokens_per_s
     info = benchmark.extra_info
-    info.update(gpu=torch.cuda.get_device_name(), case=case, mode=mode, impl=impl, seq_len=SEQ_LEN, batch=1,
+    path = "torch"
+    if impl == "ropefast":  # the dense op's path at this head dim
+        head_dim = SIZES["hidden_size"] // CASES[case]["num_attention_heads"]
+        path = dispatch.path(torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16))
+    info.update(gpu=torch.cuda.get_device_name(), case=case, mode=mode, impl=impl, path=path, seq_len=SEQ_LEN, batch=1,
                 params_b=sum(p.numel() for p in model.parameters()) / 1e9, median_ms=ms, tokens_per_s=tokens_per_s,
                 peak_mib=peak_mib(step, "cuda"))
     if impl == "ropefast":
