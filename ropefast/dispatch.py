@@ -6,9 +6,10 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
   "hopper"       CUDA float16 / bfloat16 with head dim > 64 on a Hopper GPU (sm_90) with a
                  Triton whose Gluon has what the kernels need (`kernels.hopper.compat`): the
-                 warp-specialized Gluon forward, and at head dim 128 the Gluon backward
-                 (`deterministic=True` keeps the portable backward kernels). At head dim
-                 <= 64 the portable forward is faster on H200 (bench/RESULTS.md).
+                 warp-specialized Gluon forward and, at head dims 64 and 128, the Gluon
+                 backward (`deterministic=True` keeps the portable backward kernels). At head
+                 dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md), the
+                 Gluon backward is not: `backward_path` says which backward runs.
                  Not for packed documents (varlen): the Gluon kernel has no document
                  bounds, so those take "kernel".
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
@@ -38,7 +39,7 @@ import torch
 
 from .kernels.hopper import compat as hopper_compat
 
-__all__ = ["INTERPRETER", "PATHS", "path", "portable_kernels"]
+__all__ = ["INTERPRETER", "PATHS", "backward_path", "path", "portable_kernels"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
 # Up to this head dim the Gluon forward loses to the portable one (softmax-bound tiles; H200,
@@ -93,10 +94,22 @@ def path(x: torch.Tensor, varlen: bool = False) -> str:
         return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"
     if not x.is_cuda:
         return "reference"
-    if (not _portable_only and not varlen and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[-1] > HOPPER_MIN_HEAD_DIM and hopper_compat.SUPPORTED and _is_hopper(x.device)):
+    if x.shape[-1] > HOPPER_MIN_HEAD_DIM and _gluon_serves(x, varlen):
         return "hopper"
     return "kernel"
+
+
+def backward_path(x: torch.Tensor, varlen: bool = False) -> str:
+    """The path of the backward of a call on tensors like x: as `path`, except that the Gluon
+    backward also takes head dims <= 64 (faster than the portable kernels there on H200,
+    bench/RESULTS.md). The head dims it serves are `kernels.hopper.attention_bwd.supports`."""
+    kind = path(x, varlen)
+    return "hopper" if kind == "kernel" and _gluon_serves(x, varlen) else kind
+
+
+def _gluon_serves(x, varlen):
+    return (not _portable_only and not varlen and x.dtype in (torch.float16, torch.bfloat16)
+            and hopper_compat.SUPPORTED and _is_hopper(x.device))
 
 
 @contextlib.contextmanager

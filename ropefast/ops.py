@@ -71,7 +71,7 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
     portable kernels (every sum in a fixed order)."""
     head_dim = q.shape[-1]
     gradient_kernel = None
-    if (not deterministic and dispatch.path(q, varlen=cu_seqlens_q is not None) == "hopper"
+    if (not deterministic and dispatch.backward_path(q, varlen=cu_seqlens_q is not None) == "hopper"
             and hopper_bwd.supports(head_dim)):
         gradient_kernel = hopper_bwd.rope_attention_bwd_hopper
     dq, dk, dv, dfreq, dtemp = rope_attention_bwd(

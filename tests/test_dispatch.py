@@ -96,3 +96,12 @@ def test_changing_triton_interpret_after_import_runs_the_reference_and_warns():
         """, interpret=interpret)
         assert result["path"] == "reference" and result["finite"], result
         assert len(result["warnings"]) == 1 and "TRITON_INTERPRET" in result["warnings"][0], result
+
+
+def test_backward_path_follows_the_forward_off_hopper():
+    # the Gluon backward only adds Hopper GPUs' head dims <= 64; everywhere else the
+    # backward runs where the forward does
+    for dtype in DTYPES.values():
+        x = torch.empty(1, 4, 2, 64, dtype=dtype)
+        assert dispatch.backward_path(x) == dispatch.path(x)
+        assert dispatch.backward_path(x, varlen=True) == dispatch.path(x, varlen=True)

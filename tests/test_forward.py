@@ -131,8 +131,10 @@ def test_hopper_gpus_take_the_gluon_path():
     assert dispatch.path(q) == ("hopper" if hopper else "kernel")
     assert dispatch.path(q.float()) == "kernel"
     assert dispatch.path(q[..., :64]) == "kernel"  # the portable forward is faster there
+    assert dispatch.backward_path(q[..., :64]) == ("hopper" if hopper else "kernel")  # the Gluon backward is not
+    assert dispatch.backward_path(q, varlen=True) == "kernel"
     with dispatch.portable_kernels():
-        assert dispatch.path(q) == "kernel"
+        assert dispatch.path(q) == "kernel" and dispatch.backward_path(q) == "kernel"
 
 
 @requires_cuda

@@ -89,10 +89,12 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
             # an mbarrier starts as if its phase 1 had completed: the first lap does not block
             mbarrier.wait(q_empty.index(stage), ((count // STAGES) & 1) ^ 1)
             ready = q_ready.index(stage)
-            mbarrier.expect(ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes + 2 * lse2_desc.block_type.nbytes)
-            row = (off_b * HQ + off_h) * NQ + m * BLOCK_M
-            tma_load(q_desc, [row, 0], ready, q_smem.index(stage))
+            mbarrier.expect(ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                            + 2 * lse2_desc.block_type.nbytes)
+            tma_load(q_desc, [(off_b * HQ + off_h) * NQ + m * BLOCK_M, 0], ready, q_smem.index(stage))
             tma_load(do_desc, [off_b, m * BLOCK_M, off_h, 0], ready, do_smem.index(stage))
+            # lse2 and delta rows per head padded to whole tiles: a TMA tile starts 16-byte aligned
+            row = (off_b * HQ + off_h) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + m * BLOCK_M
             tma_load(lse2_desc, [row], ready, lse2_smem.index(stage))
             tma_load(delta_desc, [row], ready, delta_smem.index(stage))
             count += 1
@@ -100,8 +102,9 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
 
 @gluon.jit
 def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
-          dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr,
-          MASKED: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+          dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
+          CAUSAL: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr,
+          DQ_L: gl.constexpr):
     """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring)."""
     dtype: gl.constexpr = k_smem.dtype
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
@@ -195,13 +198,13 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M  # this head's row 0 in dQ^
         for m in range(m_lo, m_full):
             dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID, D_PAD, CAUSAL, True, STAGES, S_L,
-                           O_L, DQ_L)
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID,
+                           D_PAD, CAUSAL, True, STAGES, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_full, m_tiles):
             dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID, D_PAD, CAUSAL, False, STAGES, S_L,
-                           O_L, DQ_L)
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID,
+                           D_PAD, CAUSAL, False, STAGES, S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
@@ -217,14 +220,14 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
 
 @gluon.jit
 def rope_attention_bwd_hopper_kernel(
-    q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb,
-    stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV,
+    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
     CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
     descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
-    key) and delta [B, Hq, Nq] through 1-D descriptors; dq_desc over the float32 dQ^
-    accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
+    key) and delta [B, Hq, Nq rounded up to BLOCK_M] through 1-D descriptors; dq_desc over
+    the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
     and dV."""
     dtype: gl.constexpr = k_desc.dtype
@@ -254,11 +257,11 @@ def rope_attention_bwd_hopper_kernel(
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
                      k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, n_bh, CAUSAL, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
-                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ,
-                     NK, HQ, GROUP, n_bh, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
+                     stride_dvh, NQ, NK, HQ, GROUP, n_bh, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
-                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ,
-                     NK, HQ, GROUP, n_bh, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
+                     stride_dvh, NQ, NK, HQ, GROUP, n_bh, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -266,8 +269,9 @@ def rope_attention_bwd_hopper_kernel(
 
 ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)  # lse2, delta tiles
 
+
 def bwd_config(head_dim):
-    """(STAGES, consumer registers, maxnreg) per padded head dim (64 and 128; D = 256 runs
+    """(STAGES, consumer registers, maxnreg) per head dim (64 and 128; D = 256 runs
     the portable backward: its dK^ and dV accumulators alone would fill a warpgroup's
     registers)."""
     return 2, 240, 168
@@ -275,7 +279,7 @@ def bwd_config(head_dim):
 
 def supports(head_dim):
     """Whether this kernel covers the head dim: 64 or 128 (the rope passes' Q^ and K^ are
-    head_dim wide, and a TMA tile wider than its rows failed on an H200 at D = 80)."""
+    head_dim wide; padded widths are untested here)."""
     return head_dim in (64, 128)
 
 
@@ -288,8 +292,8 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     _, nk, hkv, _ = k_rot.shape
     d_pad = max(16, triton.next_power_of_2(head_dim))
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
-    dq_acc = torch.zeros(batch, hq, triton.cdiv(nq, BLOCK_M.value) * BLOCK_M.value, d_pad, device=q_rot.device,
-                         dtype=torch.float32)
+    nq_tiles = triton.cdiv(nq, BLOCK_M.value) * BLOCK_M.value
+    dq_acc = torch.zeros(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
@@ -302,12 +306,15 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
     dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block,
                                gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32))
+    if nq_tiles != nq:  # a TMA tile must start 16-byte aligned: each head's rows padded to whole tiles
+        lse2, delta = (torch.nn.functional.pad(x, (0, nq_tiles - nq)) for x in (lse2, delta))
     row_block = [BLOCK_M.value]
-    lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT) for x in (lse2, delta))
+    lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
+                             for x in (lse2, delta))
     n_bh = batch * hkv
     rope_attention_bwd_hopper_kernel[(triton.cdiv(nk, BLOCK_N.value) * n_bh,)](
-        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv, *dv.stride()[:3],
-        nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
+        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
+        *dv.stride()[:3], nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
