@@ -1,0 +1,66 @@
+"""Forward+backward ratios of the fused op (its default backward, and deterministic=True)
+against `apply_scaled_rope` + cuDNN SDPA and cuDNN SDPA without RoPE, on the suite's D=128
+shapes plus GQA 4:1, D=64 and D=256: one table, JSON to $OUT when set. The numbers behind
+bench/RESULTS.md's backward section:
+
+    PYTHONPATH=. python bench/train_ratios.py [quick]
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from bench.peers import Case, build_ropefast, build_sdpa, build_triton_rope_sdpa, make_inputs, yarn
+from ropefast import scaled_rope_attention
+
+
+def train_ms(fn, q, k, v):
+    """Median ms of one forward and the backward of out with a fixed random gradient."""
+    grad = torch.randn_like(q)
+
+    def step():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+    return triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+
+
+def cases(quick):
+    if quick:
+        return [Case("bf16", 128, 16, 16, 4096, causal) for causal in (False, True)]
+    return ([Case("bf16", 128, 16, 16, n, causal) for n in (1024, 4096, 16384) for causal in (False, True)]
+            + [Case("bf16", 128, 16, 4, 4096, causal) for causal in (False, True)]
+            + [Case("bf16", 64, 32, 32, 4096, causal) for causal in (False, True)]
+            + [Case("bf16", 256, 8, 8, 4096, True)])
+
+
+def main(quick):
+    rows = []
+    for case in cases(quick):
+        q, k, v = make_inputs(case, "cuda", requires_grad=True)
+        sched = yarn(case.head_dim)
+        pipelines = {
+            "cudnn": build_sdpa("cudnn")(case, "cuda"),
+            "rope+cudnn": build_triton_rope_sdpa(case, "cuda"),
+            "fused": build_ropefast(case, "cuda"),
+            "fused_deterministic": lambda q, k, v: scaled_rope_attention(q, k, v, schedule=sched, causal=case.causal,
+                                                                         deterministic=True),
+        }
+        ms = {name: train_ms(fn, q, k, v) for name, fn in pipelines.items()}
+        rows.append(dict(case=case.name, **{name: round(t, 3) for name, t in ms.items()},
+                         tflops_fused=round(case.flops(True) / ms["fused"] / 1e9, 1),
+                         vs_cudnn=round(ms["cudnn"] / ms["fused"], 3),
+                         vs_rope_cudnn=round(ms["rope+cudnn"] / ms["fused"], 3),
+                         deterministic_vs_cudnn=round(ms["cudnn"] / ms["fused_deterministic"], 3)))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "train_ratios.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"{'case':40s} {'fused TF/s':>10s} {'/ cuDNN':>8s} {'/ rope+cuDNN':>12s} {'determ. / cuDNN':>15s}")
+    for r in rows:
+        print(f"{r['case']:40s} {r['tflops_fused']:10.1f} {r['vs_cudnn']:8.3f} {r['vs_rope_cudnn']:12.3f} "
+              f"{r['deterministic_vs_cudnn']:15.3f}")
+
+
+if __name__ == "__main__":
+    main(quick=sys.argv[1:] == ["quick"])
