@@ -24,17 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at
+from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
 LOG2E = 1.4426950408889634
 
 # num_splits heuristic (`decode_splits`). Splits are added until the grid has about
-# PROGRAMS_PER_SM programs per SM (two fit at `decode_config`'s 128 registers, and keep an
-# SM's loads in flight while the other one rotates and runs its softmax); each split keeps
-# at least MIN_KEYS_PER_SPLIT keys of the cache's capacity (a shorter split spends more on
-# its prologue and its combine row than on keys), and at most MAX_SPLITS (the combine holds
-# every split's partial row in one tile). Not yet tuned on a GPU.
-PROGRAMS_PER_SM = 2
+# PROGRAMS_PER_SM programs per SM (several one-warpgroup programs keep an SM's loads in
+# flight while others rotate keys and run their softmax; on an H200 B = 8 with 32k caches
+# read 3.1 TB/s at 10 splits, 2.4 at 5); each split keeps at least MIN_KEYS_PER_SPLIT keys
+# of the cache's capacity (a shorter split spends more on its prologue and its combine row
+# than on keys), and at most MAX_SPLITS (the combine holds every split's partial row in
+# one tile).
+PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # Query rows per program: the GQA group times the new tokens, padded to tl.dot's minimum of
@@ -96,10 +97,13 @@ def decode_attention_kernel(
     PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, HAS_TEMP: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MUFU: tl.constexpr,
 ):
     """One (sequence, KV head, query row block, key split). Keys: the first
     cache_seqlens[b] + N_NEW cache rows (at most `capacity`: lengths the host did not check
-    never reach outside the cache); query t sits at position keys - NQ + t."""
+    never reach outside the cache); query t sits at position keys - NQ + t. MUFU: the keys'
+    angles through the special-function unit (`rotary.sincos_mufu`: every key read is
+    rotated, and the polynomial's instructions would bound the loop, not the loads)."""
     pid_bh, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_b = (pid_bh // HKV).to(tl.int64)
     off_hkv = pid_bh % HKV
@@ -149,7 +153,10 @@ def decode_attention_kernel(
                                             num_pages, PAGED)
         k_rows = page * stride_kb + slot * stride_kn
         k_a, k_b = load_pairs(k_head, k_rows, in_cache, 1, PAIRS, PAIRS_PAD, INTERLEAVED)
-        k_cos, k_sin = sincos_at(offs_n, inc_hi, inc_lo)  # each key at its cache index
+        if MUFU:  # each key at its cache index
+            k_cos, k_sin = sincos_mufu(offs_n, inc_hi, inc_lo)
+        else:
+            k_cos, k_sin = sincos_at(offs_n, inc_hi, inc_lo)
         k_a, k_b = rotate_pairs(k_a, k_b, k_cos, k_sin)
         qk = tl.dot(q_a, tl.trans(k_a.to(K_CACHE.dtype.element_ty)), input_precision=DOT_PRECISION)
         qk = tl.dot(q_b, tl.trans(k_b.to(K_CACHE.dtype.element_ty)), qk, input_precision=DOT_PRECISION)
@@ -216,16 +223,23 @@ def _pad(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def decode_config(is_cuda):
-    """(BLOCK_N, num_warps, num_stages). GPU: 32-key tiles (16 KB of K and V per tile at
-    D = 128, 16-bit), three stages (two tiles' loads in flight through cp.async), eight
-    warps. Chosen from sm_90 compiles with Triton 3.6 (tests/test_hopper_compile.py): at
-    D = 128 every decode variant (GQA 4, 1-4 tokens, dense or paged, split or not) takes 128
-    registers, so two programs share an SM (PROGRAMS_PER_SM); 64-key tiles with two stages
-    took 174-176 on dense causal caches (one program per SM), four warps 147-243. No spills
-    anywhere (64-row prefill blocks: 166, D = 256: 175). Not yet timed on a GPU.
-    Interpreter: small tiles."""
-    return (32, 8, 3) if is_cuda else (16, 4, 1)
+# (BLOCK_N, num_warps, num_stages) on GPUs. Decode (at most 16 query rows per program):
+# 64-key tiles (32 KB of K and V at D = 128, 16-bit), three stages (two tiles' loads in
+# flight through cp.async), four warps: the fastest of six configs on an H200 (`python -m
+# bench.sweep decode`, bench/RESULTS.md), 3.1-4.0 TB/s of K and V at B = 8-32 with 32k
+# caches, where (32, 8, 3) read 1.9-2.5. Taller row blocks (chunked prefill) and D = 256
+# spill with it (88 and 104 bytes, Triton 3.6) and keep (32, 8, 3): 128-175 registers, no
+# spills.
+DECODE_CONFIG = (64, 4, 3)
+PREFILL_CONFIG = (32, 8, 3)
+INTERPRETER_CONFIG = (16, 4, 1)
+
+
+def decode_config(is_cuda, block_m, head_dim_pad):
+    """(BLOCK_N, num_warps, num_stages) for programs of block_m query rows."""
+    if not is_cuda:
+        return INTERPRETER_CONFIG
+    return DECODE_CONFIG if block_m <= 16 and head_dim_pad <= 128 else PREFILL_CONFIG
 
 
 def sm_count(device):
@@ -282,7 +296,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     group = hq // hkv
     block_m = min(_pad(group * nq), MAX_BLOCK_M)
     m_blocks = triton.cdiv(group * nq, block_m)
-    block_n, num_warps, num_stages = config or decode_config(q.is_cuda)
+    block_n, num_warps, num_stages = config or decode_config(q.is_cuda, block_m, _pad(head_dim))
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
         num_splits = decode_splits(batch * hkv * m_blocks, capacity, sm_count(q.device))
@@ -302,7 +316,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
         GROUP=group, HEAD_DIM=head_dim, D_PAD=_pad(head_dim), ROTARY_DIM=rotary_dim, PAIRS=pairs,
         PAIRS_PAD=_pad(pairs), PASS=passthrough, PASS_PAD=_pad(passthrough), INTERLEAVED=interleaved, PAGED=paged,
         CAUSAL=causal, HAS_TEMP=q_temperature is not None, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MUFU=q.is_cuda, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         combine_kernel[(batch * hq * nq,)](

@@ -170,7 +170,8 @@ DECODE_COMPILE = PRELUDE + textwrap.dedent("""
                               options=dict(num_warps=num_warps, num_stages=num_stages))
 
     def compile_decode(dtype, head_dim, rotary_dim, group, nq, interleaved, paged, causal, temperature, splits):
-        block_n, num_warps, num_stages = decode.decode_config(True)
+        block_m = min(pad(group * nq), decode.MAX_BLOCK_M)
+        block_n, num_warps, num_stages = decode.decode_config(True, block_m, pad(head_dim))
         ptr = (f"*{dtype}", 16)
         args = dict(Q=ptr, K_CACHE=ptr, V_CACHE=ptr, CACHE_SEQLENS=("*i32", 16),
                     BLOCK_TABLE=("*i32", 16) if paged else None, INV_FREQ=("*fp32", 16),
@@ -186,8 +187,8 @@ DECODE_COMPILE = PRELUDE + textwrap.dedent("""
                     PAIRS_PAD=[pad(rotary_dim // 2)], PASS=[head_dim - rotary_dim],
                     PASS_PAD=[pad(head_dim - rotary_dim)],
                     INTERLEAVED=[interleaved], PAGED=[paged], CAUSAL=[causal], HAS_TEMP=[temperature],
-                    NUM_SPLITS=[splits], BLOCK_M=[min(pad(group * nq), decode.MAX_BLOCK_M)], BLOCK_N=[block_n],
-                    DOT_PRECISION=["tf32"])
+                    NUM_SPLITS=[splits], BLOCK_M=[block_m], BLOCK_N=[block_n],
+                    DOT_PRECISION=["tf32"], MUFU=[True])
         return build(decode.decode_attention_kernel, args, num_warps, num_stages)
 
     results = {}
