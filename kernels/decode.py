@@ -5,10 +5,11 @@ and the combine of the splits (flash-decoding).
 Why unrotated: a cache of rotated keys freezes each key's angles at the step that wrote it,
 so a schedule whose frequencies depend on the length (dynamic NTK, CLEX) attends with stale
 keys. Here every key is rotated in registers at its cache index, with this call's
-frequencies and the exact angles of rotary.py (fixed-point phases, `sincos_at`): each step
-attends exactly as a full recompute would. Decode reads the whole cache once per step and is
-bandwidth-bound; one angle per key and pair, shared by every query head of the KV head, is
-arithmetic the loads should hide (not yet timed on a GPU).
+frequencies and the exact angles of rotary.py (fixed-point phases): each step attends
+exactly as a full recompute would. Decode reads the whole cache once per step; one angle per
+key and pair, shared by every query head of the KV head, is arithmetic the loads hide once
+the special-function unit evaluates it (`sincos_mufu`; with the polynomial the loop was
+instruction-bound: bench/RESULTS.md).
 
 Work split: one program owns one KV head of one sequence, BLOCK_M query rows of its GQA
 group (row r = token r // GROUP, query head r % GROUP of the KV head: the Hq / Hkv * Nq rows
