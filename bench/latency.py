@@ -52,7 +52,8 @@ def pipelines(n, train):
             return ropefast()
 
     fns = dict(sdpa_cudnn_norope=lambda: sdpa(q, k, v),
-               rope_kernel_sdpa=lambda: sdpa(apply_scaled_rope(q, schedule=yarn), apply_scaled_rope(k, schedule=yarn), v),
+               rope_kernel_sdpa=lambda: sdpa(apply_scaled_rope(q, schedule=yarn), apply_scaled_rope(k, schedule=yarn),
+                                             v),
                ropefast=ropefast, ropefast_portable=portable)
     if train:
         return {name: (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad)) for name, fn in fns.items()}, ropefast

@@ -156,7 +156,8 @@ def test_varlen(benchmark, dtype, mode, impl):
     info = benchmark.extra_info
     info.update(device="cuda", gpu=torch.cuda.get_device_name(), case=f"varlen-{dtype}-D{HEAD_DIM}-H{HEADS}-"
                 f"gqa{HEADS // KV_HEADS}-T{TOKENS}", dtype=dtype, head_dim=HEAD_DIM, heads=HEADS, kv_heads=KV_HEADS,
-                tokens=TOKENS, n=TOKENS, batch=1, documents=lengths, causal=True, mode=mode, impl=impl, path=_path(impl, dtype),
+                tokens=TOKENS, n=TOKENS, batch=1, documents=lengths, causal=True, mode=mode, impl=impl,
+                path=_path(impl, dtype),
                 median_ms=ms, tflops=tflops, peak_mib=peak_mib(step, "cuda"))
     if impl == "ropefast_varlen":
         info["tflops_ratio"] = {other: tflops / value for other, value in timed.items() if other != impl}

@@ -26,12 +26,14 @@ a float32 buffer with a TMA bulk reduce (5 matmuls instead of 7, as FlashAttenti
 elementwise work (that needs warp specialization, which Triton does not do on Hopper).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds, sequence_major,
-                            sequences, tile_descriptor, tma_readable)
+from .attention_fwd import (_dot_pad, gpu_capability, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
+                            sequence_major, sequences, tile_descriptor, tma_readable)
 from .rope import frequency_grad, rope
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
@@ -216,17 +218,34 @@ def rope_attention_bwd_dq_kernel(
              mask=(offs_m < seq_nq)[:, None] & (d < HEAD_DIM)[None, :])
 
 
-def bwd_config(head_dim_pad, is_cuda):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel and of the dQ kernel,
-    from the H100 sweeps in bench/RESULTS.md: one warpgroup and under ~110 KB of shared
-    memory per program, so that two programs share an SM."""
-    if not is_cuda:
-        return (32, 32, 4, 1), (32, 32, 4, 1)
-    if head_dim_pad <= 64:
-        return (32, 64, 4, 2), (64, 64, 4, 3)
-    if head_dim_pad <= 128:
-        return (64, 64, 4, 2), (64, 64, 4, 3)
-    return (32, 64, 8, 2), (64, 32, 4, 2)  # D = 256: the dQ config +15-17% over (64, 64, 8, 2)
+class BwdConfig(NamedTuple):
+    """Launch configuration of one backward kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# sm_90, per padded head dim: (dK/dV kernel, dQ kernel), from the H100 sweeps in
+# bench/RESULTS.md (`python -m bench.sweep bwd`): one warpgroup and under ~110 KB of shared
+# memory per program, so that two programs share an SM. D = 256: the dQ config +15-17% over
+# (64, 64, 8, 2). Other GPUs take this table (`attention_fwd.FWD_CONFIGS`).
+SM90_BWD_CONFIGS = {
+    64: (BwdConfig(32, 64, 4, 2), BwdConfig(64, 64, 4, 3)),
+    128: (BwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3)),
+    256: (BwdConfig(32, 64, 8, 2), BwdConfig(64, 32, 4, 2)),
+}
+BWD_CONFIGS = {(9, 0): SM90_BWD_CONFIGS}
+INTERPRETER_BWD_CONFIGS = (BwdConfig(32, 32, 4, 1), BwdConfig(32, 32, 4, 1))
+
+
+def bwd_config(head_dim_pad, capability):
+    """(dK/dV config, dQ config) for a padded head dim (16-256) on a GPU of `capability`
+    (None: the interpreter)."""
+    if capability is None:
+        return INTERPRETER_BWD_CONFIGS
+    return BWD_CONFIGS.get(capability, SM90_BWD_CONFIGS)[max(64, head_dim_pad)]
 
 
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
@@ -243,7 +262,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
-    dkdv_config, dq_config = config or bwd_config(d_pad, q.is_cuda)
+    dkdv_config, dq_config = config or bwd_config(d_pad, gpu_capability(q))
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 

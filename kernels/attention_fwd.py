@@ -23,6 +23,8 @@ partitions in the compiled IR), so within a program the softmax of one tile neve
 the dots of the next; small programs, several per SM (`fwd_config`), overlap across programs.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -145,26 +147,57 @@ def _dot_pad(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def fwd_config(head_dim_pad, causal, is_cuda):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, V_FIRST) per padded head dim, from the H100
-    sweeps in bench/RESULTS.md. Non-causal D <= 128 runs one warpgroup per program with one
-    unbuffered tile at a time (K, then V in the same buffer): 50 KB of shared memory, so
-    three programs share an SM and one's softmax runs beside another's dots (Triton 3.6 syncs
-    a program's warps every K/V tile, so the two warpgroups of a 128-row program never
-    overlap): +10-12% at N <= 4k over (128, 128, 8, 3). Causal rows keep the 128-row tiles,
-    with V's load issued first (+2-10%); the small config loses there. V_FIRST on the small
-    config would need a second buffer (two programs per SM) and loses 20%. D = 256 (one
-    program per SM whatever the config: 64 KB of Q^ tile) runs best on 64-key tiles with two
-    stages: +11-17% over (128, 32, 8, 3). Tuned on H100 only: other GPUs get the same table
-    (for sm_80 and sm_89 it compiles, with descriptor loads lowered to plain loads, but
-    spills)."""
-    if not is_cuda:  # the interpreter: small tiles; both load orders run in the tests
-        return 32, 32, 4, 1, causal
-    if head_dim_pad <= 64:
-        return 64, 128, 4, 2, False
-    if head_dim_pad <= 128:
-        return (128, 128, 8, 3, True) if causal else (64, 128, 4, 1, False)
-    return 128, 64, 8, 2, False
+class FwdConfig(NamedTuple):
+    """Launch configuration of `rope_attention_fwd_kernel`."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    v_first: bool  # V's load issued before the QK^T dot (`_fwd_tile`)
+
+
+# sm_90, per (padded head dim, causal), from the H100 sweeps in bench/RESULTS.md (`python -m
+# bench.sweep fwd`). Non-causal D <= 128 runs one warpgroup per program with one unbuffered
+# tile at a time (K, then V in the same buffer): 50 KB of shared memory, so three programs
+# share an SM and one's softmax runs beside another's dots (Triton 3.6 syncs a program's
+# warps every K/V tile, so the two warpgroups of a 128-row program never overlap): +10-12% at
+# N <= 4k over (128, 128, 8, 3). Causal rows keep the 128-row tiles, with V's load issued
+# first (+2-10%); the small config loses there. V first on the small config would need a
+# second buffer (two programs per SM) and loses 20%. D = 256 (one program per SM whatever the
+# config: 64 KB of Q^ tile) runs best on 64-key tiles with two stages: +11-17% over
+# (128, 32, 8, 3).
+SM90_FWD_CONFIGS = {
+    (64, False): FwdConfig(64, 128, 4, 2, False), (64, True): FwdConfig(64, 128, 4, 2, False),
+    (128, False): FwdConfig(64, 128, 4, 1, False), (128, True): FwdConfig(128, 128, 8, 3, True),
+    (256, False): FwdConfig(128, 64, 8, 2, False), (256, True): FwdConfig(128, 64, 8, 2, False),
+}
+# Tuned on sm_90 only: other GPUs take its table (for sm_80 and sm_89 it compiles, with
+# descriptor loads lowered to plain loads, but spills).
+FWD_CONFIGS = {(9, 0): SM90_FWD_CONFIGS}
+# The interpreter: small tiles; both load orders run in the tests.
+INTERPRETER_FWD_CONFIGS = {causal: FwdConfig(32, 32, 4, 1, causal) for causal in (False, True)}
+
+
+def fwd_config(head_dim_pad, causal, capability):
+    """The `FwdConfig` for a padded head dim (16-256) on a GPU of `capability` ((major,
+    minor); None: the interpreter)."""
+    if capability is None:
+        return INTERPRETER_FWD_CONFIGS[causal]
+    return FWD_CONFIGS.get(capability, SM90_FWD_CONFIGS)[(max(64, head_dim_pad), causal)]
+
+
+def gpu_capability(x):
+    """(major, minor) of x's CUDA device, None for CPU tensors (the interpreter); cached."""
+    if not x.is_cuda:
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(index)
+    return _capability[index]
+
+
+_capability = {}
 
 
 def tile_descriptor(x, block_rows, d_pad):
@@ -254,7 +287,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
-    block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, q.is_cuda)
+    block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, gpu_capability(q))
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     out = torch.empty_like(q)

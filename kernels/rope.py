@@ -21,7 +21,8 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_
 
 @triton.jit
 def rope_kernel(X, OUT, POS, INV_FREQ, ROW_SCALE, stride_xb, stride_xn, stride_xh, stride_ob, stride_on, stride_oh,
-                stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale, pass_scale, HEADS_PER_PROGRAM,
+                stride_pos_b, stride_pos_n, stride_row_b, stride_row_n, N, H, offset, scale, pass_scale,
+                HEADS_PER_PROGRAM,
                 PAIRS: tl.constexpr, PAIRS_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                 ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
                 HAS_ROW_SCALE: tl.constexpr, INVERSE: tl.constexpr, SLOT_HALF: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -85,9 +86,10 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x; may be x itself: each program loads its
     rows before storing them) and returns it; slot_half > 0 writes the Hopper attention
-    kernel's feature order, 2 slot_half features wide (the module docstring). config: (rows, heads per program, warps), for
-    sweeps; the default (16, 4, 4) comes from the H100 sweep in bench/RESULTS.md (2.3-2.4 TB/s
-    at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128)."""
+    kernel's feature order, 2 slot_half features wide (the module docstring). config: (rows,
+    heads per program, warps), for sweeps; the default (16, 4, 4) comes from the H100 sweep in
+    bench/RESULTS.md (2.3-2.4 TB/s at D = 64, 128, 256 whatever the split; wider row blocks
+    fall off at D >= 128)."""
     batch, n, heads, head_dim = x.shape
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim

@@ -380,7 +380,8 @@ def test_rotary_angle_distribution_threshold_and_interpolated_dims():
     assert torch.equal(argmin, torch.where(gain > 0, s, 1.0).double())
     t = gain[gain > 0].median().item()
     lam = schedules.RotaryAngleDistribution(d, threshold=t, **kwargs).scaling_factors()
-    assert torch.equal(lam, torch.where(gain > t, s, 1.0).double()) and 0 < int((lam > 1).sum()) < int((argmin > 1).sum())
+    assert torch.equal(lam, torch.where(gain > t, s, 1.0).double())
+    assert 0 < int((lam > 1).sum()) < int((argmin > 1).sum())
     for n_hat in (0, 4, 10, 16):
         lam = schedules.RotaryAngleDistribution(d, interpolated_dims=n_hat, **kwargs).scaling_factors()
         assert int((lam == s).sum()) == n_hat // 2 and int((lam == 1).sum()) == d // 2 - n_hat // 2
@@ -425,6 +426,7 @@ def test_rotary_angle_distribution_reproduces_the_papers_table_3(s):
     # the headline: up to 72% (8k) and 32% (16k) less disturbance than PI
     assert round(100 * (1 - got["ours"] / got["PI"])) == {2.0: 72, 4.0: 32}[s]
     # the paper's experiments: n^ = 80 interpolated features at 8k, 64 at 16k
-    paper = schedules.RotaryAngleDistribution(d, factor=s, original_max_position_embeddings=L, interpolated_dims="paper")
+    paper = schedules.RotaryAngleDistribution(d, factor=s, original_max_position_embeddings=L,
+                                              interpolated_dims="paper")
     assert 2 * int((paper.scaling_factors() > 1).sum()) == {2.0: 80, 4.0: 64}[s]
     assert 2 * int((ours.scaling_factors() > 1).sum()) == {2.0: 92, 4.0: 84}[s]

@@ -74,14 +74,14 @@ COMPILE = textwrap.dedent("""
                                                                                    CU_SEQLENS_K=(None,))
 
     for causal, varlen in ((True, False), (False, False), (True, True)):  # two block configs, and packed documents
-        config = attention_fwd.fwd_config(D, causal, True)
+        config = attention_fwd.fwd_config(D, causal, (9, 0))
         bm, bn, v_first = config[0], config[1], config[4]
         build(attention_fwd.rope_attention_fwd_kernel,
               dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([1, bn, 1, D]), O="*bf16", LSE="*fp32",
                    **cu_seqlens(varlen), **{n: "i32" for n in "stride_ob stride_on stride_oh NQ NK HQ GROUP".split()},
                    **dict(common, CAUSAL=(causal,)), VARLEN=(varlen,), BLOCK_M=(bm,), BLOCK_N=(bn,),
                    V_FIRST=(v_first,), DOT_PRECISION=("tf32",)), config)
-    dkdv, dq = attention_bwd.bwd_config(D, True)
+    dkdv, dq = attention_bwd.bwd_config(D, (9, 0))
     for varlen in (False, True):
         for kernel, config, names in (
                 (attention_bwd.rope_attention_bwd_dkdv_kernel, dkdv, "DK DV CU v_row_b v_row_h v_col_h stride_dkb "

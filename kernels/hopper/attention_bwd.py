@@ -21,14 +21,14 @@ dK^ (rotated frame) and dV go to memory once, at the end. Only steps that can se
 pair (the causal diagonal, keys past Nk, a partial last query tile) are masked.
 """
 
-import functools
+from typing import NamedTuple
 
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
-    warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .attention_fwd import shared_layout
@@ -270,11 +270,23 @@ def rope_attention_bwd_hopper_kernel(
 ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)  # lse2, delta tiles
 
 
+class HopperBwdConfig(NamedTuple):
+    """Launch configuration of `rope_attention_bwd_hopper_kernel`."""
+
+    stages: int
+    consumer_regs: int
+    maxnreg: int
+
+
+# Per head dim (64 and 128; D = 256 runs the portable backward: its dK^ and dV accumulators
+# alone would fill a warpgroup's registers). Three stages ran 8-9% slower than two at
+# D = 128 (bench/RESULTS.md).
+HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168), 128: HopperBwdConfig(2, 240, 168)}
+
+
 def bwd_config(head_dim):
-    """(STAGES, consumer registers, maxnreg) per head dim (64 and 128; D = 256 runs
-    the portable backward: its dK^ and dV accumulators alone would fill a warpgroup's
-    registers)."""
-    return 2, 240, 168
+    """The `HopperBwdConfig` for head dim 64 or 128 (`supports`)."""
+    return HOPPER_BWD_CONFIGS[head_dim]
 
 
 def supports(head_dim):

@@ -32,6 +32,7 @@ error below 1e-6 on that range, against 0.03 rad for float32 p * f at p = 2**20)
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -407,12 +408,24 @@ def rope_attention_fwd_hopper_kernel(
 
 # ---- launcher ----
 
-def fwd_config(head_dim_pad):
-    """(BLOCK_N, STAGES, consumer registers, maxnreg) per padded head dim. 12 warps at 168
+class HopperFwdConfig(NamedTuple):
+    """Launch configuration of `rope_attention_fwd_hopper_kernel`: 12 warps at `maxnreg`
     registers fill the register file; the producer gives its share to the consumers."""
-    if head_dim_pad <= 128:
-        return 128, 2, 240, 168
-    return 64, 2, 240, 168
+
+    block_n: int
+    stages: int
+    consumer_regs: int
+    maxnreg: int
+
+
+# per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`)
+HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(128, 2, 240, 168), 128: HopperFwdConfig(128, 2, 240, 168),
+                      256: HopperFwdConfig(64, 2, 240, 168)}
+
+
+def fwd_config(head_dim_pad):
+    """The `HopperFwdConfig` for a padded head dim (16-256)."""
+    return HOPPER_FWD_CONFIGS[max(64, head_dim_pad)]
 
 
 @functools.cache
@@ -422,7 +435,8 @@ def multiprocessors(device):
 
 @functools.cache
 def _shared_layout(block, torch_dtype):
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16)
+    dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def shared_layout(block, torch_dtype):

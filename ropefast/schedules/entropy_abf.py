@@ -49,7 +49,8 @@ class EntropyABF(RopeSchedule):
 
     def at_layer(self, layer_idx):
         """The same schedule for layer `layer_idx`."""
-        return EntropyABF(self.rotary_dim, self.base, original_max_position_embeddings=self.original_max_position_embeddings,
+        return EntropyABF(self.rotary_dim, self.base,
+                          original_max_position_embeddings=self.original_max_position_embeddings,
                           skip_layers=self.skip_layers, layer_idx=layer_idx, interleaved=self.interleaved)
 
     def q_temperature(self, q_positions):
