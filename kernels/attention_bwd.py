@@ -272,9 +272,10 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=64)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
-    # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read by the one
-    # program that writes it, after the dQ kernel) unless the frequency gradient still needs
-    # K^; Q^ and dQ^ are freed before dk is allocated.
+    # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
+    # program that writes it, before it writes: after the dQ kernel here, at the start of the
+    # Gluon kernel's program) unless the frequency gradient still needs K^; Q^ and dQ^ are
+    # freed before dk is allocated.
     dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     if gradient_kernel is not None:
         dq_hat, dv = gradient_kernel(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal=causal)

@@ -66,11 +66,11 @@ def scaled_rope_attention(
             Nk. Taken from the shapes, never from the positions: no host sync.
         return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32
             (differentiable).
-        deterministic: make the backward bitwise repeatable. By default the Hopper path sums
-            dq over key blocks with float32 atomics, whose order varies from run to run (as
-            FlashAttention-3's default); with True it runs the portable backward kernels,
-            where every sum has a fixed order (slower on Hopper, bench/RESULTS.md). Every
-            other path is deterministic either way.
+        deterministic: make the backward bitwise repeatable. By default the Hopper backward
+            sums dq over key blocks with float32 TMA reduce-adds, whose order varies from run
+            to run (as FlashAttention-3's default); with True it runs the portable backward
+            kernels, where every sum has a fixed order (on an H200 0.84-0.97x the default's
+            speed from N = 4k, bench/RESULTS.md). Every other path is deterministic either way.
 
     Returns:
         out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,

@@ -45,6 +45,9 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 # Up to this head dim the Gluon forward loses to the portable one (softmax-bound tiles; H200,
 # bench/RESULTS.md), so it takes larger ones only.
 HOPPER_MIN_HEAD_DIM = 64
+# The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): the rope passes' Q^
+# and K^ are head_dim wide and its dK^ and dV accumulators fill the registers at D = 128.
+HOPPER_BACKWARD_HEAD_DIMS = (64, 128)
 
 
 def _interpret_env():
@@ -99,12 +102,21 @@ def path(x: torch.Tensor, varlen: bool = False) -> str:
     return "kernel"
 
 
-def backward_path(x: torch.Tensor, varlen: bool = False) -> str:
-    """The path of the backward of a call on tensors like x: as `path`, except that the Gluon
-    backward also takes head dims <= 64 (faster than the portable kernels there on H200,
-    bench/RESULTS.md). The head dims it serves are `kernels.hopper.attention_bwd.supports`."""
+def backward_path(x: torch.Tensor, varlen: bool = False, deterministic: bool = False) -> str:
+    """The path of the backward of a call on tensors like x: "hopper" where the Gluon backward
+    serves (its head dims, HOPPER_BACKWARD_HEAD_DIMS, D = 64 included, where it beats the
+    portable kernels on H200 although the portable forward runs there; bench/RESULTS.md), and
+    not for `deterministic` calls; otherwise the forward's path, with "kernel" for "hopper".
+
+        >>> dispatch.backward_path(torch.empty(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16))
+        'hopper'   # on an H100 / H200
+    """
     kind = path(x, varlen)
-    return "hopper" if kind == "kernel" and _gluon_serves(x, varlen) else kind
+    if kind not in ("hopper", "kernel"):  # the interpreter or the reference: the forward's
+        return kind
+    if not deterministic and x.shape[-1] in HOPPER_BACKWARD_HEAD_DIMS and _gluon_serves(x, varlen):
+        return "hopper"
+    return "kernel"
 
 
 def _gluon_serves(x, varlen):

@@ -69,10 +69,8 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
     the Hopper path the Gluon backward computes the gradients in the rotated frame (dQ^ summed
     with float32 atomics: not bitwise repeatable) unless `deterministic`, which keeps the
     portable kernels (every sum in a fixed order)."""
-    head_dim = q.shape[-1]
     gradient_kernel = None
-    if (not deterministic and dispatch.backward_path(q, varlen=cu_seqlens_q is not None) == "hopper"
-            and hopper_bwd.supports(head_dim)):
+    if dispatch.backward_path(q, varlen=cu_seqlens_q is not None, deterministic=deterministic) == "hopper":
         gradient_kernel = hopper_bwd.rope_attention_bwd_hopper
     dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
         grad_out, q, k, v, out, lse, grad_lse, inv_freq, q_positions, k_positions, q_temperature,

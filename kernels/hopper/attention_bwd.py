@@ -285,21 +285,15 @@ HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168), 128: HopperBwdConfig(2, 
 
 
 def bwd_config(head_dim):
-    """The `HopperBwdConfig` for head dim 64 or 128 (`supports`)."""
+    """The `HopperBwdConfig` for head dim 64 or 128."""
     return HOPPER_BWD_CONFIGS[head_dim]
-
-
-def supports(head_dim):
-    """Whether this kernel covers the head dim: 64 or 128 (the rope passes' Q^ and K^ are
-    head_dim wide; padded widths are untested here)."""
-    return head_dim in (64, 128)
 
 
 def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causal, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from the
     rope passes' Q^ and K^ (sequence-major [B, N, H, D] views) and the preprocessed lse2 and
     delta, dK^ into dk_hat (like k) and returns dQ^ (a float32 [B, Nq, Hq, D] view) and dv
-    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`supports`)."""
+    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`)."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
     d_pad = max(16, triton.next_power_of_2(head_dim))

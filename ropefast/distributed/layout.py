@@ -1,4 +1,4 @@
-"""The load-balanced sequence layout of context parallelism, and the helpers that shard a
+"""The load-balanced sequence layout of context parallelism, and the functions that shard a
 batch that way and gather it back.
 
 The sequence is cut into 2P equal chunks; rank r of P holds chunks r and 2P-1-r, in that

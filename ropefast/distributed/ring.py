@@ -51,6 +51,7 @@ def ring_scaled_rope_attention(
     layout: str = "bshd",
     return_lse: bool = False,
     seq_len: Optional[int] = None,
+    deterministic: bool = False,
     check_shapes: bool = True,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """`scaled_rope_attention` over a sequence split across the ranks of `group` (context
@@ -71,6 +72,8 @@ def ring_scaled_rope_attention(
             return_lse: as `scaled_rope_attention`. q_temperature: this rank's [N/P] or
             [B, N/P]; a schedule's temperature is computed from the global positions.
         seq_len: the length a length-dependent schedule sees; default the global N.
+        deterministic: every block's backward on the bitwise-repeatable kernels (as
+            `scaled_rope_attention`'s; the ring itself sums in a fixed order).
         check_shapes: compare every rank's shapes first (one small all_gather and a host
             sync per call), so a mismatch raises ValueError on every rank instead of hanging
             or computing garbage. Pass False in a loop whose shapes are known to agree.
@@ -100,7 +103,8 @@ def ring_scaled_rope_attention(
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     check_layout(layout)
-    for name, flag in (("causal", causal), ("return_lse", return_lse), ("check_shapes", check_shapes)):
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic),
+                       ("check_shapes", check_shapes)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if layout == "bhsd":  # below here everything is a [B, N, H, D] view
@@ -147,7 +151,7 @@ def ring_scaled_rope_attention(
 
     out, lse = _RingAttention.apply(q, k, v, inv_freq, q_positions.expand(batch, n_local), k_positions,
                                     q_temperature, group, path, rotary_dim, interleaved, causal, softmax_scale,
-                                    rotary_scale)
+                                    rotary_scale, deterministic)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -207,7 +211,7 @@ def _attend(path, q, k, v, q_positions, k_positions, q_temperature, rotary, caus
 
 
 def _attend_backward(path, grad_out, grad_lse, q, k, v, out, lse, q_positions, k_positions, q_temperature, rotary,
-                     causal, need_dfreq, need_dtemp):
+                     causal, need_dfreq, need_dtemp, deterministic):
     """One block's (dq, dk, dv, d inv_freq, d temperature [B, Nq]) given the merged out and lse."""
     if path == "reference":
         return scaled_rope_attention_reference_bwd(grad_out, grad_lse, q, k, v, out, lse, q_positions=q_positions,
@@ -215,7 +219,8 @@ def _attend_backward(path, grad_out, grad_lse, q, k, v, out, lse, q_positions, k
                                                    causal=causal, **rotary)
     return ops.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, rotary["inv_freq"], q_positions, k_positions,
                              q_temperature, rotary["rotary_dim"], rotary["interleaved"], causal,
-                             rotary["softmax_scale"], rotary["rotary_scale"], need_dfreq, need_dtemp)
+                             rotary["softmax_scale"], rotary["rotary_scale"], need_dfreq, need_dtemp,
+                             deterministic=deterministic)
 
 
 def _merge(out, lse, block_out, block_lse, rows):
@@ -242,7 +247,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, inv_freq, q_positions, k_positions, q_temperature, group, path, rotary_dim,
-                interleaved, causal, softmax_scale, rotary_scale):
+                interleaved, causal, softmax_scale, rotary_scale, deterministic):
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         if world_size > 1:  # sent and received whole
             k, v = k.contiguous(), v.contiguous()
@@ -264,7 +269,7 @@ class _RingAttention(torch.autograd.Function):
                 keys = next_keys
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature)
-        ctx.group, ctx.path, ctx.scalars, ctx.causal = group, path, scalars, causal
+        ctx.group, ctx.path, ctx.scalars, ctx.causal, ctx.deterministic = group, path, scalars, causal, deterministic
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -289,7 +294,7 @@ class _RingAttention(torch.autograd.Function):
             block_dq, block_dk, block_dv, block_dfreq, block_dtemp = _attend_backward(
                 path, grad_out[:, rows], rows_lse, q[:, rows], keys[0][:, cols], keys[1][:, cols], out[:, rows],
                 lse[:, :, rows].contiguous(), q_positions[:, rows], keys[2][:, cols], temperature, rotary,
-                block_causal, need_dfreq, need_dtemp)
+                block_causal, need_dfreq, need_dtemp, ctx.deterministic)
             if step == 0:  # every query row, every key row
                 dq, dk, dv = _wide(block_dq), _wide(block_dk), _wide(block_dv)
                 dtemp = block_dtemp if need_dtemp else None
@@ -313,4 +318,4 @@ class _RingAttention(torch.autograd.Function):
             dk, dv = travelling
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dfreq.to(inv_freq.dtype) if need_dfreq else None,
                 None, None, dtemp.to(q_temperature.dtype) if need_dtemp else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)

@@ -336,14 +336,16 @@ class _Plan(NamedTuple):
 class _PlanMemo:
     """The last forward's plan: every layer of one forward gets the same mask and position
     tensors, so the first layer decides (with whatever host syncs that takes) and the others
-    reuse it. Holding the key tensors keeps their identities unique while they are compared."""
+    reuse it. Holding the key tensors keeps their identities unique while they are compared;
+    their version counters catch a buffer refilled in place between two forwards."""
 
     def __init__(self):
         self._key, self._plan = None, None
 
     def get(self, attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
         tensors = (attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-        key = (tensors, (batch, n, past, device))
+        versions = tuple(None if t is None else t._version for t in tensors)
+        key = (tensors, (batch, n, past, device, versions))
         if self._key is None or any(a is not b for a, b in zip(tensors, self._key[0])) or key[1] != self._key[1]:
             self._plan = _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
             self._key = key
