@@ -86,7 +86,7 @@ def dcis(evaluate, schedule: DCIS, *, candidates: int = 10, initial_range=(-5.0,
     For d = 128: 126 group searches x 10 = 1,260 evaluations.
 
     Returns the final factors, as the released search does (`SearchResult`; the best seen
-    is `best_schedule`). Before this returned the best seen, with the kept factors clamped.
+    is `best_schedule`).
 
     Example:
         >>> start = DCIS(16, factor=4.0, original_max_position_embeddings=64)
@@ -156,8 +156,6 @@ def evolutionary(evaluate, schedule: DCIS, *, generations: int = 40, population:
     value that would break the order is not taken). The answer is the best individual of the
     last generation (the parents survive, so it is the best seen for a deterministic
     objective). `max_evaluations` stops the search early; the answer is then the best seen.
-    (Before: a LongRoPE-style search seeded with PI, NTK, YaRN and the start, Gaussian
-    mutation, no re-evaluation, 2,000 evaluations.)
 
     Example:
         >>> start = DCIS(16, factor=4.0, original_max_position_embeddings=64)

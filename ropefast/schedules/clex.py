@@ -31,7 +31,6 @@ class CLEX(nn.Module, RopeSchedule):
     is clamped to t (a shorter last step when h does not divide t - 1). It is written out
     here so the GPU image needs no extra package; autograd through the steps gives the exact
     gradient of the discrete solution, which is what the released training differentiates.
-    (Before: the classic 1/6 rule, also of order 4, with a different step error.)
 
     Use: one module shared by all layers, trained with the model (its parameters get
     gradients through `scaled_rope_attention`'s inv_freq gradient).
@@ -125,7 +124,7 @@ class CLEX(nn.Module, RopeSchedule):
     def training_positions(self, n, generator=None):
         """n sorted distinct integer positions for this step's t: 0 and L t - 1 always (as the
         released code pins them), and n - 2 drawn uniformly without replacement from
-        [1, L t - 2]. (Before, all n were drawn from [0, L t) and n = 1 was allowed.)
+        [1, L t - 2].
 
         Example:
             >>> clex = CLEX(16, original_max_position_embeddings=8, max_factor=4).train()
