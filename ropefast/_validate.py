@@ -177,9 +177,11 @@ def check_cu_seqlens(name, cu_seqlens, device):
 
 
 def check_max_seqlen(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int (a Python int: the kernels' grid, never read off the "
-                         f"device), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int (the kernels' grid, never read off the device), got "
+                        f"{type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def check_cu_seqlens_values(name, cu_seqlens, total, max_seqlen, max_name):

@@ -7,6 +7,8 @@ keys, its partner many), and every block of the ring is full, causal-diagonal, o
 (`ring.py`). Global positions follow from the layout, so rotation stays exact on any rank.
 """
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -23,13 +25,15 @@ def _group_rank_size(group):
 def _check_dim(x, dim, name="x"):
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, "
-                         f"got {dim!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [-{x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, got {dim}")
     return dim % x.dim()
 
 
-def context_parallel_positions(local_len: int, rank: int, world_size: int, device=None) -> Tensor:
+def context_parallel_positions(local_len: int, rank: int, world_size: int,
+                               device: Optional[torch.device] = None) -> Tensor:
     """Global positions [local_len] (int64) of the tokens rank `rank` of `world_size` holds:
     chunks rank and 2 * world_size - 1 - rank, each local_len / 2 long (one rank: arange).
 
@@ -46,7 +50,8 @@ def context_parallel_positions(local_len: int, rank: int, world_size: int, devic
     return torch.cat((first, first + (2 * world_size - 1 - 2 * rank) * chunk))
 
 
-def shard_for_context_parallel(x: Tensor, group=None, dim: int = 1) -> tuple[Tensor, Tensor]:
+def shard_for_context_parallel(x: Tensor, group: Optional[dist.ProcessGroup] = None,
+                               dim: int = 1) -> tuple[Tensor, Tensor]:
     """This rank's load-balanced shard of the whole sequence x (along `dim`, default 1:
     [B, N, ...]) and its global positions [N / P] int64 on x's device. N must be a multiple
     of 2P. The shard is a new tensor (two chunks concatenated); call it on q, k, v, labels,
@@ -68,7 +73,7 @@ def shard_for_context_parallel(x: Tensor, group=None, dim: int = 1) -> tuple[Ten
     return shard, context_parallel_positions(length // world_size, rank, world_size, x.device)
 
 
-def gather_from_context_parallel(x: Tensor, group=None, dim: int = 1) -> Tensor:
+def gather_from_context_parallel(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
     """The whole sequence from every rank's load-balanced shard x (along `dim`), in order:
     the inverse of `shard_for_context_parallel`, on every rank. One all_gather; every rank's
     shard must have x's shape. Not differentiable (for outputs, logging and tests).
