@@ -36,6 +36,28 @@ def check_head_tensor(name, x, ndim=4):
                          "call .contiguous() first")
 
 
+def check_qkv(q, k, v, names=("q", "k", "v"), ndim=4):
+    """q, k, v (or q and a cache's keys and values): `check_head_tensor` each, one dtype, one
+    device, k and v of one shape. The shapes' other agreements are each op's."""
+    for name, x in zip(names, (q, k, v)):
+        check_head_tensor(name, x, ndim=ndim)
+    joined = ", ".join(names)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{joined} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{joined} must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{names[1]} and {names[2]} must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+
+
+def check_flags(**flags):
+    """Each keyword a bool (TypeError naming it otherwise)."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
 def check_layout(layout):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")

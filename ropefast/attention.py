@@ -6,7 +6,7 @@ from typing import Optional, Union
 from torch import Tensor
 
 from . import dispatch, ops
-from ._validate import (as_batched, check_head_tensor, check_layout, check_positions, check_positive, check_tensor,
+from ._validate import (as_batched, check_flags, check_layout, check_positions, check_positive, check_qkv, check_tensor,
                         other_layout, resolve_rotary, warn_if_layout_swapped)
 from .reference import default_positions, scaled_rope_attention_reference
 from .schedules.base import RopeSchedule
@@ -96,15 +96,8 @@ def scaled_rope_attention(
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
         >>> out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_head_tensor(name, x)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v)
     check_layout(layout)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must agree with q in batch and head dim ({layout}), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
@@ -120,11 +113,7 @@ def scaled_rope_attention(
                          f"layout={layout!r}{hint}")
     if nq == 0 or nk == 0 or batch == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_flags(causal=causal, return_lse=return_lse, deterministic=deterministic)
     warn_if_layout_swapped(layout, (nq, nk), (hq, hkv))
     q_positions = check_positions("q_positions", q_positions, batch, nq, q.device)
     k_positions = check_positions("k_positions", k_positions, batch, nk, q.device)

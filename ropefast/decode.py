@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from ._validate import (as_batched, check_head_tensor, check_int32, check_positive, check_q_temperature,
-                        resolve_rotary)
+from ._validate import (as_batched, check_flags, check_head_tensor, check_int32, check_positive, check_q_temperature,
+                        check_qkv, resolve_rotary)
 from .kernels.decode import MAX_SPLITS, append_kv, decode_attention
 from .reference import scaled_rope_attention_with_kvcache_reference
 from .schedules.base import RopeSchedule
@@ -93,10 +93,7 @@ def scaled_rope_attention_with_kvcache(
         >>> lens += 16
     """
     capacity, n_new = check_cache_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_flags(causal=causal, return_lse=return_lse)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
         raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
@@ -141,16 +138,7 @@ def scaled_rope_attention_with_kvcache(
 def check_cache_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     """The tensors' shapes, dtypes and devices; returns (rows a sequence's cache can hold,
     new tokens appended by this call)."""
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_head_tensor(name, x)
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if k_cache.device != q.device or v_cache.device != q.device:
-        raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
-                         f"{v_cache.device}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
     (batch, nq, hq, head_dim), (_, cache_rows, hkv, _) = q.shape, k_cache.shape
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache must have q's head dim {head_dim}, got {tuple(k_cache.shape)}")

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops
-from ._validate import (as_batched, check_cu_seqlens, check_cu_seqlens_values, check_head_tensor, check_max_seqlen,
-                        check_positions, check_positive, check_q_temperature, check_tensor, resolve_rotary)
+from ._validate import (as_batched, check_cu_seqlens, check_cu_seqlens_values, check_flags, check_max_seqlen,
+                        check_positions, check_positive, check_q_temperature, check_qkv, check_tensor, resolve_rotary)
 from .reference import scaled_rope_attention_varlen_reference
 from .schedules.base import RopeSchedule
 
@@ -149,14 +149,7 @@ def scaled_rope_attention_varlen(
         >>> out = scaled_rope_attention_varlen(q, k, v, cu, cu, 200, 200, schedule=schedules.DefaultRope(64),
         ...                                    causal=True)
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_head_tensor(name, x, ndim=3)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_qkv(q, k, v, ndim=3)
     (total_q, hq, head_dim), (total_k, hkv, _) = q.shape, k.shape
     if k.shape[2] != head_dim:
         raise ValueError(f"k must agree with q in head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -175,10 +168,7 @@ def scaled_rope_attention_varlen(
     if not torch.compiler.is_compiling() and (not q.is_cuda or os.environ.get(CHECK_VALUES_ENV, "0") not in ("", "0")):
         check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
         check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_flags(causal=causal, return_lse=return_lse)
     q_positions = as_batched(check_positions("q_positions", q_positions, 1, total_q, q.device))
     k_positions = as_batched(check_positions("k_positions", k_positions, 1, total_k, q.device))
     if q_positions is None or k_positions is None:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import dispatch, ops
-from .._validate import (FLOAT_DTYPES, as_batched, check_head_tensor, check_layout, check_positions, check_positive,
-                         check_q_temperature, resolve_rotary)
+from .._validate import (FLOAT_DTYPES, as_batched, check_flags, check_layout, check_positions, check_positive,
+                         check_q_temperature, check_qkv, resolve_rotary)
 from ..reference import scaled_rope_attention_reference, scaled_rope_attention_reference_bwd
 from ..schedules.base import RopeSchedule
 from .layout import _group_rank_size, context_parallel_positions
@@ -96,17 +96,9 @@ def ring_scaled_rope_attention(
         >>> out_local = ring_scaled_rope_attention(q_local, k_local, v_local, schedule=yarn, causal=True)
         >>> out = gather_from_context_parallel(out_local)     # == scaled_rope_attention(q, k, v, ...)
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_head_tensor(name, x)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv(q, k, v)
     check_layout(layout)
-    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic),
-                       ("check_shapes", check_shapes)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_flags(causal=causal, return_lse=return_lse, deterministic=deterministic, check_shapes=check_shapes)
     if layout == "bhsd":  # below here everything is a [B, N, H, D] view
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     (batch, n_local, hq, head_dim), (_, _, hkv, _) = q.shape, k.shape
