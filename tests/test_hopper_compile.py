@@ -47,6 +47,19 @@ PRELUDE = textwrap.dedent("""
         return sum(int(a) + int(b) for a, b in found)
 """)
 
+
+def compile_in_subprocess(script, cases):
+    """Run a compile script on the cases in a fresh process without TRITON_INTERPRET (so
+    the kernels build for a GPU); its per-case facts, or a skip where Triton ships no ptxas."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], env=env, capture_output=True,
+                            text=True, timeout=900)
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton ships no ptxas here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 COMPILE = PRELUDE + textwrap.dedent("""
     from triton.experimental.gluon._runtime import GluonASTSource
     from ropefast.kernels.hopper import attention_fwd as hopper
@@ -90,13 +103,7 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
 def test_hopper_forward_compiles_for_sm90_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(CASES)], env=env, capture_output=True,
-                            text=True, timeout=900)
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton ships no ptxas here")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = compile_in_subprocess(COMPILE, CASES)
     for case, facts in results.items():
         assert facts["spills"] == 0, (case, facts)
         # warp-specialized: register reallocation, TMA loads and async wgmma are all there
@@ -145,13 +152,7 @@ BACKWARD_SPILL_BOUND = 1024
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
 def test_hopper_backward_compiles_for_sm90():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", BACKWARD_COMPILE, json.dumps(BACKWARD_CASES)], env=env,
-                            capture_output=True, text=True, timeout=900)
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton ships no ptxas here")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = compile_in_subprocess(BACKWARD_COMPILE, BACKWARD_CASES)
     for case, facts in results.items():
         assert facts["spills"] <= BACKWARD_SPILL_BOUND, (case, facts)
         # warp-specialized, async wgmma, and dQ^ summed by TMA reduce-adds
@@ -224,12 +225,6 @@ DECODE_CASES = [("bf16", 128, 128, 4, 1, False, False, True, False, 1),
 
 
 def test_decode_kernels_compile_for_sm90_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", DECODE_COMPILE, json.dumps(DECODE_CASES)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton ships no ptxas here")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = compile_in_subprocess(DECODE_COMPILE, DECODE_CASES)
     for case, facts in results.items():
         assert facts["spills"] == 0 and facts["mma"] > 0, (case, facts)
