@@ -30,7 +30,10 @@ from .peers import median_ms, yarn
 from .test_latency import graphed
 
 HQ, HKV, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 256
-CASES = [(batch, length) for length in (4096, 32768) for batch in (1, 8, 32)]
+# B in {1, 8, 32, 64} x cache {4k, 32k, 128k} up to 2M cached tokens: B = 32 and 64 at 128k
+# would hold 17-34 GB of K and V per pipeline, with two pipelines' caches alive at once.
+CASES = [(batch, length) for length in (4096, 32768, 131072) for batch in (1, 8, 32, 64)
+         if batch * length <= 64 * 32768]
 PIPELINES = ("eager_rope+sdpa", "triton_rope+sdpa", "flash_attn", "ropefast_paged", "ropefast")  # ropefast last
 PARAMS = [pytest.param(batch, length, impl, graph, id=f"B{batch}-len{length // 1024}k-{impl}-{graph}")
           for batch, length in CASES for graph in ("eager", "cuda_graph") for impl in PIPELINES]
