@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attention_fwd import shared_layout
+from .attention_fwd import mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -177,12 +177,10 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
               STAGES: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
     NW: gl.constexpr = gl.num_warps()
-    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D_PAD, 16])
+    S_L: gl.constexpr = mma_layout(BLOCK_M, NW)
+    O_L: gl.constexpr = mma_layout(D_PAD, NW)
     DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
-    DQ_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                   instr_shape=[16, DQ_COLS, 16])
+    DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
     off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL)
     keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))

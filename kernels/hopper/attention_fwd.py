@@ -65,6 +65,13 @@ def _pair_layout(half, interleaved, num_warps):
 
 
 @gluon.constexpr_function
+def mma_layout(columns, num_warps):
+    """The register layout of a wgmma accumulator of 64 rows and `columns` columns, one
+    warpgroup (Hopper's MMA v3)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+
+
+@gluon.constexpr_function
 def _row_layout(half, num_warps):
     """[64, 2 half] layout of interleaved rows that reshapes to `_pair_layout` for free."""
     vec = min(8, half)
@@ -255,9 +262,8 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
               STAGES: gl.constexpr):
     """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile."""
     NW: gl.constexpr = gl.num_warps()
-    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])
-    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D_PAD, 16])
+    S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
+    O_L: gl.constexpr = mma_layout(D_PAD, NW)
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)  # P stays in registers
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
     dtype: gl.constexpr = Q.dtype.element_ty
