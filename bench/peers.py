@@ -214,6 +214,15 @@ CPU_PIPELINES = {
 
 # ---- timing ----
 
+def step(fn, q, k, v, mode):
+    """What one timed call runs: the forward (mode "fwd"), or forward and backward with a
+    fixed random output gradient ("train")."""
+    if mode == "fwd":
+        return lambda: fn(q, k, v)
+    grad = torch.randn_like(q)
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+
+
 def median_ms(fn, device):
     """Median time of fn in ms: CUDA events through triton's do_bench (which also flushes L2
     between runs), or a host clock on the CPU."""

@@ -27,6 +27,7 @@ import torch
 from ropefast import dispatch
 
 from .peers import CPU_PIPELINES, DTYPES, GPU_PIPELINES, cpu_cases, gpu_cases, make_inputs, median_ms, peak_mib
+from .peers import step as timed_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES, PIPELINES = (gpu_cases(), GPU_PIPELINES) if DEVICE == "cuda" else (cpu_cases(), CPU_PIPELINES)
@@ -49,18 +50,11 @@ PARAMS = [pytest.param(case, mode, impl, id=f"{DEVICE}-{case.name}-{mode}-{_labe
 _TFLOPS = {}  # (case, mode) -> {impl: TF/s} measured in this pytest run
 
 
-def _step(fn, q, k, v, mode):
-    if mode == "fwd":
-        return lambda: fn(q, k, v)
-    grad = torch.randn_like(q)
-    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
-
-
 @pytest.mark.parametrize("case,mode,impl", PARAMS)
 def test_attention(benchmark, case, mode, impl):
     q, k, v = make_inputs(case, DEVICE, requires_grad=mode == "train")
     try:
-        step = _step(PIPELINES[impl](case, DEVICE), q, k, v, mode)
+        step = timed_step(PIPELINES[impl](case, DEVICE), q, k, v, mode)
         step()  # compile / warm up; a backend that cannot take the case says so here
     except RuntimeError as err:
         if impl.startswith("ropefast"):  # only a peer may lack support for a case; ropefast must run all

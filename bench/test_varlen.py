@@ -27,6 +27,7 @@ from ropefast import apply_scaled_rope, dispatch, scaled_rope_attention, scaled_
 from ropefast.varlen import document_positions
 
 from .peers import DTYPES, _compiled_flex, log_uniform_lengths, median_ms, peak_mib, yarn
+from .peers import step as timed_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen benchmark needs a CUDA GPU")
 
@@ -134,14 +135,7 @@ def test_varlen(benchmark, dtype, mode, impl):
     q, k, v = (x.requires_grad_(mode == "train") for x in (q, k, v))
     build, lengths = PIPELINES[impl]
     fn = build("cuda")
-    if mode == "fwd":
-        def step():
-            return fn(q, k, v)
-    else:
-        grad = torch.randn_like(q)
-
-        def step():
-            return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+    step = timed_step(fn, q, k, v, mode)
     try:
         step()  # compile / warm up
     except RuntimeError as err:

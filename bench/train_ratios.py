@@ -10,20 +10,15 @@ import json
 import os
 import sys
 
-import torch
 import triton
 
-from bench.peers import Case, build_ropefast, build_sdpa, build_triton_rope_sdpa, make_inputs, yarn
+from bench.peers import Case, build_ropefast, build_sdpa, build_triton_rope_sdpa, make_inputs, step, yarn
 from ropefast import scaled_rope_attention
 
 
 def train_ms(fn, q, k, v):
     """Median ms of one forward and the backward of out with a fixed random gradient."""
-    grad = torch.randn_like(q)
-
-    def step():
-        torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
-    return triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+    return triton.testing.do_bench(step(fn, q, k, v, "train"), warmup=10, rep=60, return_mode="median")
 
 
 def cases(quick):
