@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .launch import launch
 from .rope import rope
 
 LOG2E = 1.4426950408889634
@@ -293,7 +294,8 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     seqs, most_q, _ = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    rope_attention_fwd_kernel[(triton.cdiv(most_q, block_m), seqs * hq)](
+    launch(
+        rope_attention_fwd_kernel, (triton.cdiv(most_q, block_m), seqs * hq),
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0],
         tile_descriptor(v, block_n, d_pad), out, lse, cu_seqlens_q, cu_seqlens_k, *out.stride()[:3], nq, nk, hq,
         hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, BLOCK_M=block_m,

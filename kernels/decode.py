@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
 LOG2E = 1.4426950408889634
@@ -276,7 +277,8 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     batch, n_new, heads, head_dim = k_new.shape
     block_n = 16
     paged = block_table is not None
-    append_kernel[(triton.cdiv(n_new, block_n), batch)](
+    launch(
+        append_kernel, (triton.cdiv(n_new, block_n), batch),
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0) if paged else 0,
         n_new, heads, *_cache_geometry(k_cache, block_table),
@@ -309,7 +311,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
         o_part = torch.empty(num_splits, batch * hq * nq, head_dim, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(num_splits, batch * hq * nq, device=q.device, dtype=torch.float32)
     temp_strides = (0, 0) if q_temperature is None else q_temperature.stride()
-    decode_attention_kernel[(batch * hkv, m_blocks, num_splits)](
+    launch(
+        decode_attention_kernel, (batch * hkv, m_blocks, num_splits),
         q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, q_temperature, out, lse, o_part, lse_part,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         block_table.stride(0) if paged else 0, *temp_strides, nq, n_new, hkv, page_size, num_pages, capacity,
@@ -321,7 +324,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
         num_stages=num_stages,
     )
     if num_splits > 1:
-        combine_kernel[(batch * hq * nq,)](
+        launch(
+            combine_kernel, (batch * hq * nq,),
             o_part, lse_part, out, lse, *out.stride()[:3], batch * hq * nq, hq, nq,
             HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,

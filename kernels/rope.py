@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
 
 
@@ -96,7 +97,8 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
     block_n, heads_per_program, num_warps = config or (16, 4, 4)
     grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
-    rope_kernel[grid](
+    launch(
+        rope_kernel, grid,
         x, out, positions, inv_freq, row_scale, *x.stride()[:3], *out.stride()[:3],
         *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale, pass_scale, heads_per_program,
         PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,

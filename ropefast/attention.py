@@ -143,9 +143,9 @@ def scaled_rope_attention(
         # the temperature as [B, Nq]: its gradient comes back per batch row, and autograd
         # sums it into the caller's shape
         temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
-        out, lse = ops.attention_fwd(q, k, v, inv_freq, as_batched(q_positions), as_batched(k_positions),
-                                     temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
-                                     deterministic=deterministic)
+        out, lse = ops.attention(q, k, v, inv_freq, as_batched(q_positions), as_batched(k_positions), temperature,
+                                 rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
+                                 deterministic=deterministic)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -3,7 +3,12 @@ fake implementations (shapes only) and autograd formulas, so torch.compile trace
 without graph breaks and CUDA graphs capture them. The API (attention.py, rope.py) has
 validated every argument, resolved the schedule and turned the layout into [B, N, H, D]
 views: these take tensors and plain numbers only, and pick the kernels by `dispatch.path`
-when they run. The reference path (plain PyTorch) does not come through here."""
+when they run. The reference path (plain PyTorch) does not come through here.
+
+The API calls `attention` and `rotary`: the custom ops while torch.compile traces, and in
+eager the same implementations and autograd formulas as `torch.autograd.Function`s. The
+dispatcher's boxing of a custom op's arguments and its Python wrappers cost about 80 us a
+call on an H100 host, three times the whole of a cuDNN SDPA call (bench/RESULTS.md)."""
 
 from typing import Optional
 
@@ -22,10 +27,14 @@ if hopper_compat.SUPPORTED:
     from .kernels.hopper.attention_fwd import rope_attention_fwd_hopper
 
 
+def _needs_grad(*tensors):
+    """Whether autograd records a call on these (None allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # ---- scaled rotary attention ----
 
-@torch.library.custom_op("ropefast::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
                   k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
                   causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
                   cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
@@ -50,6 +59,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions
                    **varlen)
 
 
+attention_fwd = torch.library.custom_op("ropefast::attention_fwd", _attention_fwd, mutates_args=())
+
+
 @attention_fwd.register_fake
 def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
       rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
@@ -57,8 +69,7 @@ def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, in
     return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32)
 
 
-@torch.library.custom_op("ropefast::attention_bwd", mutates_args=())
-def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                   lse: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
                   q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
                   softmax_scale: float, rotary_scale: float, need_dfreq: bool, need_dtemp: bool,
@@ -83,6 +94,9 @@ def attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Te
     return dq, dk, dv, dfreq, dtemp
 
 
+attention_bwd = torch.library.custom_op("ropefast::attention_bwd", _attention_bwd, mutates_args=())
+
+
 @attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
       interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -101,12 +115,12 @@ def _attention_setup(ctx, inputs, output):
     ctx.args, ctx.max_seqlens, ctx.deterministic = args, (max_q, max_k), deterministic
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_backward(ctx, grad_out, grad_lse, gradients=attention_bwd):
     q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dfreq, dtemp = attention_bwd(
+    dq, dk, dv, dfreq, dtemp = gradients(
         grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
         k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
         ctx.deterministic)
@@ -117,14 +131,43 @@ def _attention_backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
 
 
+class _Attention(torch.autograd.Function):
+    """`ropefast::attention_fwd` and its autograd formula without the dispatcher (eager)."""
+
+    forward = staticmethod(_attention_fwd)
+    setup_context = staticmethod(_attention_setup)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_backward(ctx, grad_out, grad_lse, gradients=_attention_bwd)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
+              k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
+              causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
+              cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+              deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
+    autograd.Function in eager (module docstring)."""
+    args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
+            softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    if torch.compiler.is_compiling():
+        return attention_fwd(*args)
+    if _needs_grad(q, k, v, inv_freq, q_temperature):
+        return _Attention.apply(*args)
+    return _attention_fwd(*args)
+
+
 # ---- the standalone rope pass ----
 
-@torch.library.custom_op("ropefast::rope", mutates_args=())
-def rope_fwd(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,
+def _rope_fwd(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,
              rotary_scale: float) -> Tensor:
     """x [B, N, H, D] rotated at positions [B or 1, N] (None: arange(N)), amplitude
     rotary_scale on the rotated features."""
     return rope(x, inv_freq, positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, scale=rotary_scale)
+
+
+rope_fwd = torch.library.custom_op("ropefast::rope", _rope_fwd, mutates_args=())
 
 
 @rope_fwd.register_fake
@@ -132,8 +175,7 @@ def _(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("ropefast::rope_bwd", mutates_args=())
-def rope_bwd(grad: Tensor, out: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int,
+def _rope_bwd(grad: Tensor, out: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int,
              interleaved: bool, rotary_scale: float, need_dfreq: bool) -> tuple[Tensor, Tensor]:
     """dx = m R^T grad (the pass-through features pass the gradient on) and d inv_freq
     (float32 [R/2], or empty unless need_dfreq) from the rotated output."""
@@ -148,6 +190,9 @@ def rope_bwd(grad: Tensor, out: Tensor, inv_freq: Tensor, positions: Optional[Te
     return dx, dfreq
 
 
+rope_bwd = torch.library.custom_op("ropefast::rope_bwd", _rope_bwd, mutates_args=())
+
+
 @rope_bwd.register_fake
 def _(grad, out, inv_freq, positions, rotary_dim, interleaved, rotary_scale, need_dfreq):
     return torch.empty_like(grad, memory_format=torch.contiguous_format), inv_freq.new_empty(
@@ -160,11 +205,32 @@ def _rope_setup(ctx, inputs, output):
     ctx.args = (rotary_dim, interleaved, rotary_scale)
 
 
-def _rope_backward(ctx, grad):
+def _rope_backward(ctx, grad, gradients=rope_bwd):
     inv_freq, positions, out = ctx.saved_tensors
     need_dfreq = ctx.needs_input_grad[1]
-    dx, dfreq = rope_bwd(grad, out, inv_freq, positions, *ctx.args, need_dfreq)
+    dx, dfreq = gradients(grad, out, inv_freq, positions, *ctx.args, need_dfreq)
     return dx, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, None, None
 
 
 torch.library.register_autograd("ropefast::rope", _rope_backward, setup_context=_rope_setup)
+
+
+class _Rope(torch.autograd.Function):
+    """`ropefast::rope` and its autograd formula without the dispatcher (eager)."""
+
+    forward = staticmethod(_rope_fwd)
+    setup_context = staticmethod(_rope_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rope_backward(ctx, grad, gradients=_rope_bwd)
+
+
+def rotary(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,
+           rotary_scale: float) -> Tensor:
+    """`rope_fwd`, differentiable: the custom op under torch.compile, the autograd.Function in
+    eager (module docstring)."""
+    args = (x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
+    if torch.compiler.is_compiling():
+        return rope_fwd(*args)
+    return _Rope.apply(*args) if _needs_grad(x, inv_freq) else _rope_fwd(*args)

@@ -48,7 +48,7 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     positions = as_batched(positions)
 
     if dispatch.path(x) != "reference":
-        out = ops.rope_fwd(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
+        out = ops.rotary(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
     else:
         positions = default_positions(1, n, 0, x.device) if positions is None else positions
         out = rotate(x, positions.expand(batch, n), inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,

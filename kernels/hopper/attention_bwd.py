@@ -31,6 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..launch import launch
 from .attention_fwd import mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
@@ -316,7 +317,8 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
     n_bh = batch * hkv
-    rope_attention_bwd_hopper_kernel[(triton.cdiv(nk, BLOCK_N.value) * n_bh,)](
+    launch(
+        rope_attention_bwd_hopper_kernel, (triton.cdiv(nk, BLOCK_N.value) * n_bh,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
         *dv.stride()[:3], nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,

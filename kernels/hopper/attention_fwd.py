@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..attention_fwd import LOG2E
+from ..launch import launch
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
 
@@ -485,7 +486,8 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     # next item's first tiles during the last one's epilogue). Causal items differ in length:
     # one program each, longest first, and the hardware hands out the next as SMs free up.
     n_items = triton.cdiv(nq, BLOCK_M.value) * batch * hq
-    rope_attention_fwd_hopper_kernel[(n_items if causal else min(n_items, multiprocessors(q.device)),)](
+    launch(
+        rope_attention_fwd_hopper_kernel, (n_items if causal else min(n_items, multiprocessors(q.device)),),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
         q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items, nk - nq,
         softmax_scale * LOG2E, rotary_scale**2,
