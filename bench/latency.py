@@ -3,8 +3,10 @@
 Wall time per call of ropefast and its peers on short sequences, where the host, not the
 GPU, sets the pace: 200 calls after a warm-up, one synchronization at the end (what a model
 that calls attention in every layer sees). B=1, Hq=32, Hkv=8, D=128, causal, YaRN; N = 128
-and 512. --breakdown times the layers of ropefast's forward one by one (public op, custom
-op, launcher, key rope pass alone); --profile prints cProfile's top entries.
+and 512. Beside it, `apply_scaled_rope` on q against one eager elementwise op on the same
+tensor (`q * 2.0`), at N = 128, 512 and 16k. --breakdown times the layers of ropefast's
+forward one by one (public op, custom op, its eager route, launcher, key rope pass alone);
+--profile prints cProfile's top entries.
 """
 
 import cProfile
@@ -60,6 +62,13 @@ def pipelines(n, train):
     return fns, ropefast
 
 
+def rotations(n):
+    """`apply_scaled_rope` of q [1, n, 32, 128] bf16 and one eager elementwise op on q."""
+    q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
+    return dict(elementwise=lambda: q * 2.0, apply_scaled_rope=lambda: apply_scaled_rope(q, schedule=yarn))
+
+
 def breakdown(n=128):
     from ropefast import ops
     from ropefast.kernels.hopper.attention_fwd import rope_attention_fwd_hopper
@@ -73,6 +82,7 @@ def breakdown(n=128):
     layers = dict(
         public_op=lambda: scaled_rope_attention(q, k, v, schedule=yarn, causal=True),
         custom_op=lambda: ops.attention_fwd(*args),
+        eager_op=lambda: ops.attention(*args),
         launcher=lambda: rope_attention_fwd_hopper(*args[:7], rotary_dim=128, interleaved=False, causal=True,
                                                    softmax_scale=128**-0.5, rotary_scale=scale),
         key_pass=lambda: rope(k, inv_freq, None, 0, rotary_dim=128, interleaved=False),
@@ -92,6 +102,10 @@ def main():
                 fns, _ = pipelines(n, train)
                 print(f"| {n} | {'fwd+bwd' if train else 'fwd'} | "
                       + " | ".join(f"{wall_us(fn):.0f} us" for fn in fns.values()) + " |")
+        print("\n| N | one elementwise op | apply_scaled_rope | ratio |\n| --- | --- | --- | --- |")
+        for n in (128, 512, 16384):
+            elementwise, rope = (wall_us(fn) for fn in rotations(n).values())
+            print(f"| {n} | {elementwise:.0f} us | {rope:.0f} us | {rope / elementwise:.2f} |")
         if "--breakdown" in sys.argv:
             breakdown()
         if "--profile" in sys.argv:

@@ -16,7 +16,9 @@ Pipelines, each a whole decode step (rotation, cache write, attention):
 All compute the same function of the same data (the peers' caches hold the same
 keys, rotated) at the same position. `extra_info`: median ms, decode tokens/s
 (B per step time), achieved bandwidth (GB/s of K and V cache read: 2 * B * len * Hkv * D * 2
-bytes per step) and, on ropefast's tests (last of each case), its speedup over every peer.
+bytes per step) and, on ropefast's tests (last of each case), its speedup over every peer
+and its bandwidth as a fraction of the card's copy bandwidth (`copy_gbps`: bytes read and
+written per second by a device-to-device copy of 2 GiB, measured once per run).
 Run: `pytest bench/test_decode.py --benchmark-only [--benchmark-json decode.json]`.
 """
 
@@ -38,6 +40,17 @@ PIPELINES = ("eager_rope+sdpa", "triton_rope+sdpa", "flash_attn", "ropefast_page
 PARAMS = [pytest.param(batch, length, impl, graph, id=f"B{batch}-len{length // 1024}k-{impl}-{graph}")
           for batch, length in CASES for graph in ("eager", "cuda_graph") for impl in PIPELINES]
 _MS = {}  # (batch, length, graph) -> {impl: ms} measured in this pytest run
+_COPY_GBPS = []  # the card's copy bandwidth, measured once per run
+
+
+def copy_gbps():
+    """GB/s read plus written by `copy_` of a 2 GiB bf16 tensor into another (the memory
+    system's practical rate, the bar for a bandwidth-bound kernel)."""
+    if not _COPY_GBPS:
+        src = torch.empty(2**30, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        _COPY_GBPS.append(2 * src.numel() * 2 / median_ms(lambda: dst.copy_(src), "cuda") / 1e6)
+    return _COPY_GBPS[0]
 
 
 def _rotate_half(x):
@@ -122,6 +135,7 @@ def test_decode(benchmark, batch, length, impl, graph):
                 median_ms=ms, tokens_per_s=batch / ms * 1e3, gbps=cache_bytes / ms / 1e6)
     if impl == "ropefast":
         info["speedup"] = {peer: value / ms for peer, value in peers.items() if peer != impl}
+        info.update(copy_gbps=copy_gbps(), of_copy=info["gbps"] / copy_gbps())
     benchmark.group = f"decode B{batch} len{length // 1024}k {graph}"
 
     def synced():
