@@ -30,14 +30,15 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos
 
 LOG2E = 1.4426950408889634
 
-# num_splits heuristic (`decode_splits`). Splits are added until the grid has about
-# PROGRAMS_PER_SM programs per SM (several one-warpgroup programs keep an SM's loads in
-# flight while others rotate keys and run their softmax; on an H200 B = 8 with 32k caches
-# read 3.1 TB/s at 10 splits, 2.4 at 5); each split keeps at least MIN_KEYS_PER_SPLIT keys
+# num_splits heuristic (`decode_splits`). Splits are added while the grid still fits in one
+# wave of PROGRAMS_PER_SM programs per SM (two of DECODE_CONFIG's fit: 3 stages of 64-key K and
+# V tiles are 96 KB of shared memory each): a second, partial wave leaves SMs idle while it
+# runs (H100, B = 8 with 32k caches: 2.48 TB/s at 9 splits, 2.2 waves; 2.86 at 4 splits, one
+# wave; bench/RESULTS.md). Each split keeps at least MIN_KEYS_PER_SPLIT keys
 # of the cache's capacity (a shorter split spends more on its prologue and its combine row
 # than on keys), and at most MAX_SPLITS (the combine holds every split's partial row in
 # one tile).
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # Query rows per program: the GQA group times the new tokens, padded to tl.dot's minimum of
@@ -255,11 +256,12 @@ def sm_count(device):
 
 
 def decode_splits(programs, capacity, sms):
-    """How many key splits per (sequence, KV head, row block): enough for PROGRAMS_PER_SM
-    programs on each of `sms` SMs, at most one per MIN_KEYS_PER_SPLIT keys of the cache's
-    `capacity` (the host does not know the lengths without a sync; each program splits its
-    real length evenly) and at most MAX_SPLITS. `programs` = B * Hkv * row blocks."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, programs)
+    """How many key splits per (sequence, KV head, row block): as many as keep the grid within
+    PROGRAMS_PER_SM programs on each of `sms` SMs (at least one), at most one per
+    MIN_KEYS_PER_SPLIT keys of the cache's `capacity` (the host does not know the lengths
+    without a sync; each program splits its real length evenly) and at most MAX_SPLITS.
+    `programs` = B * Hkv * row blocks."""
+    wanted = PROGRAMS_PER_SM * sms // programs
     return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
