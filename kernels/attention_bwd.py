@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .attention_fwd import (_dot_pad, gpu_capability, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
                             sequence_major, sequences, tile_descriptor, tma_readable)
-from .launch import launch
+from .launch import cdiv, launch
 from .rope import frequency_grad, rope
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
@@ -269,7 +269,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
 
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     launch(
-        bwd_preprocess_kernel, (triton.cdiv(nq, 64), batch * hq),
+        bwd_preprocess_kernel, (cdiv(nq, 64), batch * hq),
         out, do, lse, dlse, delta, lse2, *out.stride()[:3], *do.stride()[:3], nq, hq,
         HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=64)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
@@ -322,7 +322,7 @@ def _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_con
     block_m, block_n, num_warps, num_stages = dq_config
     v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
     launch(
-        rope_attention_bwd_dq_kernel, (triton.cdiv(most_q, block_m), seqs * hq),
+        rope_attention_bwd_dq_kernel, (cdiv(most_q, block_m), seqs * hq),
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
         tile_descriptor(do, block_m, d_pad), lse2, delta, dq_hat, cu_seqlens_q, cu_seqlens_k, *v_geometry,
         *dq_hat.stride()[:3], nq, nk, hq, hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -330,7 +330,7 @@ def _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_con
     block_m, block_n, num_warps, num_stages = dkdv_config
     v_desc, *v_geometry = row_tiles(v_rows, block_n, d_pad)
     launch(
-        rope_attention_bwd_dkdv_kernel, (triton.cdiv(most_k, block_n), seqs * hkv),
+        rope_attention_bwd_dkdv_kernel, (cdiv(most_k, block_n), seqs * hkv),
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0], v_desc,
         tile_descriptor(do, block_m, d_pad), lse2, delta, dk_hat, dv, cu_seqlens_q, cu_seqlens_k, *v_geometry,
         *dk_hat.stride()[:3], *dv.stride()[:3], nq, nk, hkv, hq // hkv, BLOCK_M=block_m,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .rope import rope
 
 LOG2E = 1.4426950408889634
@@ -145,7 +145,7 @@ def rope_attention_fwd_kernel(
 
 def _dot_pad(n):
     """Power-of-two tile width >= 16 (tl.dot's smallest reduction size)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 class FwdConfig(NamedTuple):
@@ -295,7 +295,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     seqs, most_q, _ = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     launch(
-        rope_attention_fwd_kernel, (triton.cdiv(most_q, block_m), seqs * hq),
+        rope_attention_fwd_kernel, (cdiv(most_q, block_m), seqs * hq),
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0],
         tile_descriptor(v, block_n, d_pad), out, lse, cu_seqlens_q, cu_seqlens_k, *out.stride()[:3], nq, nk, hq,
         hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, BLOCK_M=block_m,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
 LOG2E = 1.4426950408889634
@@ -223,7 +223,7 @@ def combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_on, stride_oh, RO
 
 def _pad(n):
     """Power-of-two width >= 16 (tl.dot's smallest operand size)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 # (BLOCK_N, num_warps, num_stages) on GPUs. Decode (at most 16 query rows per program):
@@ -280,11 +280,11 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     block_n = 16
     paged = block_table is not None
     launch(
-        append_kernel, (triton.cdiv(n_new, block_n), batch),
+        append_kernel, (cdiv(n_new, block_n), batch),
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0) if paged else 0,
         n_new, heads, *_cache_geometry(k_cache, block_table),
-        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), PAGED=paged, BLOCK_N=block_n, num_warps=4,
+        HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), PAGED=paged, BLOCK_N=block_n, num_warps=4,
     )
 
 
@@ -300,7 +300,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     hkv = k_cache.shape[2]
     group = hq // hkv
     block_m = min(_pad(group * nq), MAX_BLOCK_M)
-    m_blocks = triton.cdiv(group * nq, block_m)
+    m_blocks = cdiv(group * nq, block_m)
     block_n, num_warps, num_stages = config or decode_config(q.is_cuda, block_m, _pad(head_dim))
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
@@ -329,7 +329,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
         launch(
             combine_kernel, (batch * hq * nq,),
             o_part, lse_part, out, lse, *out.stride()[:3], batch * hq * nq, hq, nq,
-            HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_power_of_2(num_splits), num_warps=4,
         )
     return out, lse

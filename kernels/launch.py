@@ -9,6 +9,8 @@ each TMA descriptor's dtype, block, layout and padding; the keyword arguments, c
 and launch options) and, on a key it has seen, launches the compiled kernel directly, as
 Triton's own `run` does after its lookup. The first call of a key, every call under the
 interpreter and every call of a Triton without this launch API go through `kernel[grid]`.
+`cdiv` and `next_power_of_2` are the host's: `triton.cdiv` and `triton.next_power_of_2` are
+constexpr functions, a few microseconds a call outside a kernel.
 """
 
 import torch
@@ -20,16 +22,29 @@ _LAUNCH_API = hasattr(triton, "knobs") and hasattr(triton.compiler.CompiledKerne
 _compiled = {}  # (kernel, device, argument keys, keyword items) -> (compiled kernel, trailing arguments)
 
 
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (as `triton.next_power_of_2`, 0 for n = 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _arg_key(arg):
-    """What Triton's specialization reads from one runtime argument."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
+    """What Triton's specialization reads from one runtime argument (the common types first:
+    this runs for every argument of every launch)."""
+    kind = type(arg)
+    if kind is int:
         return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
-    if isinstance(arg, float):
+    if kind is torch.Tensor or isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if kind is float:
         return float
+    if arg is None or kind is bool:
+        return arg
+    if isinstance(arg, int):  # other int types, as Triton reads them
+        return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     if hasattr(arg, "block_shape"):  # a host TMA descriptor (tl or Gluon)
         return arg.base.dtype, tuple(arg.block_shape), getattr(arg, "layout", None), arg.padding
     return arg

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
 
 
@@ -96,13 +96,13 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
     block_n, heads_per_program, num_warps = config or (16, 4, 4)
-    grid = (triton.cdiv(n, block_n), batch, triton.cdiv(heads, heads_per_program))
+    grid = (cdiv(n, block_n), batch, cdiv(heads, heads_per_program))
     launch(
         rope_kernel, grid,
         x, out, positions, inv_freq, row_scale, *x.stride()[:3], *out.stride()[:3],
         *row_strides(positions), *row_strides(row_scale), n, heads, offset, scale, pass_scale, heads_per_program,
-        PAIRS=pairs, PAIRS_PAD=triton.next_power_of_2(pairs), PASS=passthrough,
-        PASS_PAD=triton.next_power_of_2(max(slots, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
+        PAIRS=pairs, PAIRS_PAD=next_power_of_2(pairs), PASS=passthrough,
+        PASS_PAD=next_power_of_2(max(slots, 1)), ROTARY_DIM=rotary_dim, INTERLEAVED=interleaved,
         HAS_POS=positions is not None, HAS_ROW_SCALE=row_scale is not None, INVERSE=inverse, SLOT_HALF=slot_half,
         BLOCK_N=block_n,
         num_warps=num_warps,

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..launch import launch
+from ..launch import cdiv, launch, next_power_of_2
 from .attention_fwd import mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
@@ -295,9 +295,9 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`)."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
-    nq_tiles = triton.cdiv(nq, BLOCK_M.value) * BLOCK_M.value
+    nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
     dq_acc = torch.zeros(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
@@ -318,7 +318,7 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
                              for x in (lse2, delta))
     n_bh = batch * hkv
     launch(
-        rope_attention_bwd_hopper_kernel, (triton.cdiv(nk, BLOCK_N.value) * n_bh,),
+        rope_attention_bwd_hopper_kernel, (cdiv(nk, BLOCK_N.value) * n_bh,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
         *dv.stride()[:3], nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,

@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..attention_fwd import LOG2E
-from ..launch import launch
+from ..launch import cdiv, launch, next_power_of_2
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
 
@@ -465,7 +465,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     k, v 16-bit); returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     block_n, stages, consumer_regs, maxnreg = config or fwd_config(d_pad)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
     width = d_pad if slot_half else head_dim
@@ -485,7 +485,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     # Non-causal items are equal: one program per SM runs them in turn (its producer loads the
     # next item's first tiles during the last one's epilogue). Causal items differ in length:
     # one program each, longest first, and the hardware hands out the next as SMs free up.
-    n_items = triton.cdiv(nq, BLOCK_M.value) * batch * hq
+    n_items = cdiv(nq, BLOCK_M.value) * batch * hq
     launch(
         rope_attention_fwd_hopper_kernel, (n_items if causal else min(n_items, multiprocessors(q.device)),),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
