@@ -337,13 +337,17 @@ class _PlanMemo:
     """The last forward's plan: every layer of one forward gets the same mask and position
     tensors, so the first layer decides (with whatever host syncs that takes) and the others
     reuse it. Holding the key tensors keeps their identities unique while they are compared;
-    their version counters catch a buffer refilled in place between two forwards."""
+    their version counters catch a buffer refilled in place between two forwards. Inference
+    tensors (`torch.inference_mode`) have no version counter: with one among them every layer
+    makes its own plan."""
 
     def __init__(self):
         self._key, self._plan = None, None
 
     def get(self, attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
         tensors = (attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+        if any(t is not None and t.is_inference() for t in tensors):
+            return _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
         versions = tuple(None if t is None else t._version for t in tensors)
         key = (tensors, (batch, n, past, device, versions))
         if self._key is None or any(a is not b for a, b in zip(tensors, self._key[0])) or key[1] != self._key[1]:
