@@ -114,12 +114,13 @@ def patch_model(model: nn.Module) -> nn.Module:
 
     AttentionInterface.register(IMPLEMENTATION, _unpatched_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
-    plans = _PlanMemo()
+    plans = _PlanMemo(counts_forwards=bool(rotary))
     for module in layers:
         module._ropefast = _Layer(family, schedule, plans, _sliding_window(module))
         module.forward = types.MethodType(_attention_forward, module)
     for embedding in rotary:  # its cos/sin would go unused (and dynamic types read lengths on the host)
         embedding.forward = types.MethodType(_no_position_embeddings, embedding)
+        embedding.register_forward_pre_hook(lambda module, args: plans.new_forward())
     model.config._attn_implementation = IMPLEMENTATION
     return model
 
@@ -338,19 +339,25 @@ class _PlanMemo:
     tensors, so the first layer decides (with whatever host syncs that takes) and the others
     reuse it. Holding the key tensors keeps their identities unique while they are compared;
     their version counters catch a buffer refilled in place between two forwards. Inference
-    tensors (`torch.inference_mode`) have no version counter: with one among them every layer
-    makes its own plan."""
+    tensors (`torch.inference_mode`) have no version counter: for them the key counts model
+    forwards instead (`new_forward`, called by the rotary embedding module, which runs once
+    per forward before the layers); without that signal each layer makes its own plan."""
 
-    def __init__(self):
+    def __init__(self, counts_forwards):
         self._key, self._plan = None, None
+        self._counts_forwards, self._forwards = counts_forwards, 0
+
+    def new_forward(self):
+        self._forwards += 1
 
     def get(self, attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
         tensors = (attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-        if any(t is not None and t.is_inference() for t in tensors):
-            return _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
-        versions = tuple(None if t is None else t._version for t in tensors)
+        versions = tuple(None if t is None else ("forward", self._forwards) if t.is_inference() else t._version
+                         for t in tensors)
         key = (tensors, (batch, n, past, device, versions))
-        if self._key is None or any(a is not b for a, b in zip(tensors, self._key[0])) or key[1] != self._key[1]:
+        fresh = not self._counts_forwards and any(t is not None and t.is_inference() for t in tensors)
+        if (fresh or self._key is None or any(a is not b for a, b in zip(tensors, self._key[0]))
+                or key[1] != self._key[1]):
             self._plan = _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
             self._key = key
         return self._plan
