@@ -129,7 +129,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
                     DV=(f"*{dtype}", 16), stride_dvb=("i64", 16), stride_dvn=("i32", 16), stride_dvh=("i32", 16),
-                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_bh="i32", HEAD_DIM=[head_dim], D_PAD=[head_dim],
+                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", HEAD_DIM=[head_dim], D_PAD=[head_dim],
                     CAUSAL=[causal], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))

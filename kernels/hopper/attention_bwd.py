@@ -43,18 +43,16 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL: gl.constexpr):
+def _program_item(NQ, NK, HKV, GROUP, CAUSAL: gl.constexpr):
     """Program -> (batch, KV head, first key, first query tile, first unmasked query tile,
-    query tiles in all). Causal programs run the first key blocks (the most queries see
-    them) first; the others run the key blocks of one head together (they share Q^, dO in
-    L2)."""
+    query tiles in all). The key blocks of one head run together: they stream the same Q^
+    and dO, which then come from L2. (Causal programs ordered by key block instead, the
+    longest first across all heads, streamed every head's Q^ and dO at once: on an H100 the
+    causal backward at N = 4k took 0.84x the full one's time; bench/RESULTS.md.) Within a
+    head, causal blocks come longest first."""
     n_blocks = gl.cdiv(NK, BLOCK_N)
-    if CAUSAL:
-        bh = gl.program_id(0) % n_bh
-        block = gl.program_id(0) // n_bh
-    else:
-        bh = gl.program_id(0) // n_blocks
-        block = gl.program_id(0) % n_blocks
+    bh = gl.program_id(0) // n_blocks
+    block = gl.program_id(0) % n_blocks
     start_n = block * BLOCK_N
     m_tiles = gl.cdiv(NQ, BLOCK_M)
     # Causal: query i sees key j iff j <= i + (NK - NQ). Tiles before m_lo see none of these
@@ -74,11 +72,11 @@ def _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL: gl.constexpr):
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
-              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, n_bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
     the ring."""
     HKV = HQ // GROUP
-    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL)
+    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, CAUSAL)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma_load(k_desc, [(off_b * HKV + off_hk) * NK + start_n, 0], kv_ready, k_smem)
     tma_load(v_desc, [off_b, start_n, off_hk, 0], kv_ready, v_smem)
@@ -173,7 +171,7 @@ def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
               ds_ready, dq_desc, DK,
-              stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh,
+              stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP,
               CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr,
               STAGES: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
@@ -183,7 +181,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
-    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, n_bh, CAUSAL)
+    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, CAUSAL)
     keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
     k_block = k_smem
     v_block = v_smem.reshape([BLOCK_N, D_PAD])
@@ -220,7 +218,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
 @gluon.jit
 def rope_attention_bwd_hopper_kernel(
     q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV,
-    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, n_bh, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
     CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
@@ -254,13 +252,13 @@ def rope_attention_bwd_hopper_kernel(
 
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
-                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, n_bh, CAUSAL, STAGES)),
+                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CAUSAL, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, n_bh, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     stride_dvh, NQ, NK, HQ, GROUP, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, n_bh, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     stride_dvh, NQ, NK, HQ, GROUP, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -320,7 +318,7 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     launch(
         rope_attention_bwd_hopper_kernel, (cdiv(nk, BLOCK_N.value) * n_bh,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
-        *dv.stride()[:3], nq, nk, hq, hq // hkv, n_bh, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
+        *dv.stride()[:3], nq, nk, hq, hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
