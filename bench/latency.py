@@ -2,8 +2,8 @@
 
 Wall time per call of ropefast and its peers on short sequences, where the host, not the
 GPU, sets the pace: 200 calls after a warm-up, one synchronization at the end (what a model
-that calls attention in every layer sees). B=1, Hq=32, Hkv=8, D=128, causal, YaRN; N = 128
-and 512. Beside it, `apply_scaled_rope` on q against one eager elementwise op on the same
+that calls attention in every layer sees), the median of five such rounds. B=1, Hq=32,
+Hkv=8, D=128, causal, YaRN; N = 128 and 512. Beside it, `apply_scaled_rope` on q against one eager elementwise op on the same
 tensor (`q * 2.0`), at N = 128, 512 and 16k. --breakdown times the layers of ropefast's
 forward one by one (public op, custom op, its eager route, launcher, key rope pass alone);
 --profile prints cProfile's top entries.
@@ -11,6 +11,7 @@ forward one by one (public op, custom op, its eager route, launcher, key rope pa
 
 import cProfile
 import pstats
+import statistics
 import sys
 import time
 
@@ -22,15 +23,20 @@ from ropefast import apply_scaled_rope, dispatch, scaled_rope_attention, schedul
 CALLS = 200
 
 
-def wall_us(fn, calls=CALLS):
+def wall_us(fn, calls=CALLS, rounds=5):
+    """Microseconds per call: the median over `rounds` rounds of `calls` calls, each round
+    synchronized once (a machine's host noise moved single rounds by 1.5x)."""
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
 
 
 def pipelines(n, train):
