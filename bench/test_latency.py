@@ -1,6 +1,7 @@
 """Latency of one call on short sequences, where the host sets the pace (CUDA only):
 microseconds per call of ropefast and its peers at N = 128 and 512 (B=1, Hq=32, Hkv=8,
-D=128, causal, YaRN), eager (the median of five rounds of 200 calls, one synchronization each) and replayed from a CUDA graph.
+D=128, causal, YaRN), eager (the median of five rounds of 200 calls, one synchronization
+each) and replayed from a CUDA graph.
 And `apply_scaled_rope` against one eager elementwise op on the same tensor, N = 128, 512
 and 16k. `extra_info` carries us_per_call; `python -m bench.latency` prints the same tables
 by hand."""
