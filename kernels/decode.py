@@ -31,14 +31,14 @@ from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos
 LOG2E = 1.4426950408889634
 
 # num_splits heuristic (`decode_splits`). Splits are added while the grid still fits in one
-# wave of PROGRAMS_PER_SM programs per SM (two of DECODE_CONFIG's fit: 3 stages of 64-key K and
-# V tiles are 96 KB of shared memory each): a second, partial wave leaves SMs idle while it
-# runs (H100, B = 8 with 32k caches: 2.48 TB/s at 9 splits, 2.2 waves; 2.86 at 4 splits, one
-# wave; bench/RESULTS.md). Each split keeps at least MIN_KEYS_PER_SPLIT keys
-# of the cache's capacity (a shorter split spends more on its prologue and its combine row
-# than on keys), and at most MAX_SPLITS (the combine holds every split's partial row in
-# one tile).
-PROGRAMS_PER_SM = 2
+# wave of PROGRAMS_PER_SM programs per SM (one of DECODE_CONFIG's fits: 3 stages of 128-key K
+# and V tiles are 192 KB of shared memory): a second, partial wave leaves SMs idle while it
+# runs (H100, B = 8 with 32k caches and 64-key tiles, two programs an SM: 2.48 TB/s at 9
+# splits, 2.2 waves; 2.86 at 4, one wave; bench/RESULTS.md). Each split keeps at least
+# MIN_KEYS_PER_SPLIT keys of the cache's capacity (a shorter split spends more on its
+# prologue and its combine row than on keys), and at most MAX_SPLITS (the combine holds
+# every split's partial row in one tile).
+PROGRAMS_PER_SM = 1
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # Query rows per program: the GQA group times the new tokens, padded to tl.dot's minimum of
@@ -227,13 +227,13 @@ def _pad(n):
 
 
 # (BLOCK_N, num_warps, num_stages) on GPUs. Decode (at most 16 query rows per program):
-# 64-key tiles (32 KB of K and V at D = 128, 16-bit), three stages (two tiles' loads in
-# flight through cp.async), four warps: the fastest of six configs on an H200 (`python -m
-# bench.sweep decode`, bench/RESULTS.md), 3.1-4.0 TB/s of K and V at B = 8-32 with 32k
-# caches, where (32, 8, 3) read 1.9-2.5. Taller row blocks (chunked prefill) and D = 256
-# spill with it (88 and 104 bytes, Triton 3.6) and keep (32, 8, 3): 128-175 registers, no
-# spills.
-DECODE_CONFIG = (64, 4, 3)
+# 128-key tiles (64 KB of K and V at D = 128, 16-bit), three stages (two tiles' loads in
+# flight through cp.async), four warps (250 registers, no spills, Triton 3.6): on an H100
+# 3.04-3.11 TB/s of K and V where B x len >= 256k against 2.99-3.05 with 64-key tiles (copy:
+# 3.02), and on an H200 (64, 4, 3) beat four other configs (`python -m bench.sweep decode`,
+# bench/RESULTS.md). Taller row blocks (chunked prefill) and D = 256 spill with large tiles
+# (88 and 104 bytes at (64, 4, 3)) and keep (32, 8, 3): 128-175 registers, no spills.
+DECODE_CONFIG = (128, 4, 3)
 PREFILL_CONFIG = (32, 8, 3)
 INTERPRETER_CONFIG = (16, 4, 1)
 

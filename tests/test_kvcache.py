@@ -236,12 +236,12 @@ def test_float64_runs_the_reference_exactly():
 
 
 def test_num_splits_heuristic():
-    assert decode_splits(programs=64, capacity=32768, sms=132) == 4  # B = 8, Hkv = 8: one wave of 2 per SM
+    assert decode_splits(programs=64, capacity=32768, sms=132) == 2  # B = 8, Hkv = 8: one wave, one per SM
     assert decode_splits(programs=8, capacity=1024, sms=132) == 4  # at least 256 keys a split
     assert decode_splits(programs=1024, capacity=32768, sms=132) == 1  # a large batch fills it already
-    assert decode_splits(programs=8, capacity=32768, sms=132) == 33  # B = 1
-    assert decode_splits(programs=2, capacity=65536, sms=132) == 64  # at most MAX_SPLITS
-    assert decode_splits(programs=300, capacity=32768, sms=132) == 1  # more than a wave: no split
+    assert decode_splits(programs=8, capacity=32768, sms=132) == 16  # B = 1
+    assert decode_splits(programs=1, capacity=65536, sms=132) == 64  # at most MAX_SPLITS
+    assert decode_splits(programs=200, capacity=32768, sms=132) == 1  # more than a wave: no split
 
 
 def _bad(**changes):
