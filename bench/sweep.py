@@ -6,7 +6,7 @@ passes included) per (BLOCK_M, BLOCK_N, warps, stages, V first); bwd: the backwa
 dK/dV and dQ config, varying one kernel's config at a time; hopper: the Gluon forward per
 (BLOCK_N, stages, consumer registers, maxnreg) beside cuDNN SDPA (no RoPE) and
 `apply_scaled_rope` + cuDNN, in alternating rounds, with the share of its time the key rope
-pass takes; decode: the decode kernel per (BLOCK_N, warps, stages) and key splits (Nq=1,
+pass takes; decode: the decode kernel per `DecodeConfig` and key splits (Nq=1,
 Hq=32, Hkv=8, D=128, dense cache), with the read rate of K and V. bf16, 16k tokens (not
 decode); markdown on stdout.
 The speed claims of the project come from the suite (pytest bench/), not from here.
@@ -133,8 +133,8 @@ def sweep_hopper(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
                          f"{key_pass_ms / ms:.1%}")
 
 
-def sweep_decode(configs=((32, 8, 3), (32, 4, 3), (64, 8, 2), (64, 4, 3), (128, 8, 2), (16, 4, 4)),
-                 shapes=((1, 32768), (8, 4096), (8, 32768), (32, 32768))):
+def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 3, 1), (128, 8, 3, 1)),
+                 shapes=((1, 32768), (8, 4096), (8, 32768), (32, 32768), (8, 131072))):
     from ropefast.kernels import decode
 
     inv_freq = yarn(128).inv_freq(device="cuda")
@@ -144,13 +144,13 @@ def sweep_decode(configs=((32, 8, 3), (32, 4, 3), (64, 8, 2), (64, 4, 3), (128, 
         q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, length, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         lengths = torch.full((batch,), length - 1, device="cuda", dtype=torch.int32)
-        chosen = decode.decode_splits(batch * 8, length, decode.sm_count(q.device))
-        for cfg in configs:
+        for cfg in map(decode.DecodeConfig._make, configs):
+            chosen = decode.decode_splits(batch * 8, length, decode.sm_count(q.device), cfg.programs_per_sm)
             for splits in sorted({1, chosen, 2 * chosen, max(1, chosen // 2)}):
                 ms = _ms(lambda: decode.decode_attention(
                     q, k, v, lengths, None, inv_freq, None, n_new=1, rotary_dim=128, interleaved=False, causal=True,
                     softmax_scale=128**-0.5, rotary_scale=1.0, num_splits=splits, config=cfg))
-                _row(batch, length, cfg, f"{splits}{' (default)' if splits == chosen else ''}", f"{ms * 1e3:.0f}",
+                _row(batch, length, tuple(cfg), f"{splits}{' (default)' if splits == chosen else ''}", f"{ms * 1e3:.0f}",
                      f"{2 * batch * length * 8 * 128 * 2 / ms / 1e6:.0f}")
 
 

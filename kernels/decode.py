@@ -21,24 +21,26 @@ cache by row index, a paged one through block_table; no TMA, so the kernels run 
 Triton's interpreter and on any GPU.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from .attention_fwd import gpu_capability
 from .launch import cdiv, launch, next_power_of_2
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
 LOG2E = 1.4426950408889634
 
 # num_splits heuristic (`decode_splits`). Splits are added while the grid still fits in one
-# wave of PROGRAMS_PER_SM programs per SM (one of DECODE_CONFIG's fits: 3 stages of 128-key K
-# and V tiles are 192 KB of shared memory): a second, partial wave leaves SMs idle while it
-# runs (H100, B = 8 with 32k caches and 64-key tiles, two programs an SM: 2.48 TB/s at 9
-# splits, 2.2 waves; 2.86 at 4, one wave; bench/RESULTS.md). Each split keeps at least
+# wave of the config's `programs_per_sm` programs per SM (as many as its pipelined K and V
+# tiles fit an SM's shared memory): a second, partial wave leaves SMs idle while it runs
+# (H100, B = 8 with 32k caches and 64-key tiles, two programs an SM: 2.48 TB/s at 9 splits,
+# 2.2 waves; 2.86 at 4, one wave; bench/RESULTS.md). Each split keeps at least
 # MIN_KEYS_PER_SPLIT keys of the cache's capacity (a shorter split spends more on its
 # prologue and its combine row than on keys), and at most MAX_SPLITS (the combine holds
 # every split's partial row in one tile).
-PROGRAMS_PER_SM = 1
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # Query rows per program: the GQA group times the new tokens, padded to tl.dot's minimum of
@@ -226,23 +228,42 @@ def _pad(n):
     return max(16, next_power_of_2(n))
 
 
-# (BLOCK_N, num_warps, num_stages) on GPUs. Decode (at most 16 query rows per program):
-# 128-key tiles (64 KB of K and V at D = 128, 16-bit), three stages (two tiles' loads in
-# flight through cp.async), four warps (250 registers, no spills, Triton 3.6): on an H100
-# 3.04-3.11 TB/s of K and V where B x len >= 256k against 2.99-3.05 with 64-key tiles (copy:
-# 3.02), and on an H200 (64, 4, 3) beat four other configs (`python -m bench.sweep decode`,
-# bench/RESULTS.md). Taller row blocks (chunked prefill) and D = 256 spill with large tiles
-# (88 and 104 bytes at (64, 4, 3)) and keep (32, 8, 3): 128-175 registers, no spills.
-DECODE_CONFIG = (128, 4, 3)
-PREFILL_CONFIG = (32, 8, 3)
-INTERPRETER_CONFIG = (16, 4, 1)
+class DecodeConfig(NamedTuple):
+    """Launch configuration of `decode_attention_kernel`, and how many of its programs an SM
+    holds at once (the shared memory of its pipelined K and V tiles): `decode_splits` sizes
+    the grid to one wave of them."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
 
 
-def decode_config(is_cuda, block_m, head_dim_pad):
-    """(BLOCK_N, num_warps, num_stages) for programs of block_m query rows."""
-    if not is_cuda:
+# Decode (at most 16 query rows per program) over a dense cache on sm_90: 128-key tiles (64
+# KB of K and V at D = 128, 16-bit), three stages (two tiles' loads in flight through
+# cp.async, 192 KB: one program an SM), four warps (250 registers, no spills, Triton 3.6). On
+# an H100, where B x len >= 256k, 3.04-3.11 TB/s of K and V against 2.99-3.05 with 64-key tiles
+# (copy: 3.02; `python -m bench.sweep decode`, bench/RESULTS.md).
+SM90_DENSE_DECODE_CONFIG = DecodeConfig(128, 4, 3, 1)
+# Decode elsewhere: paged caches (whose page lookups want two programs an SM to hide their
+# latency: 1.3-1.4x the dense time with these tiles on an H100, 1.8x with 128-key ones) and
+# GPUs with less shared memory. 64-key tiles (96 KB in three stages) beat four other configs
+# on an H200: 3.1-4.0 TB/s at B = 8-32 with 32k caches, where (32, 8, 3) read 1.9-2.5.
+DECODE_CONFIG = DecodeConfig(64, 4, 3, 2)
+# Taller row blocks (chunked prefill) and D = 256 spill with 64-key tiles (88 and 104 bytes,
+# Triton 3.6) and keep (32, 8, 3): 128-175 registers, no spills.
+PREFILL_CONFIG = DecodeConfig(32, 8, 3, 2)
+INTERPRETER_CONFIG = DecodeConfig(16, 4, 1, 1)
+
+
+def decode_config(capability, block_m, head_dim_pad, paged):
+    """The `DecodeConfig` for programs of block_m query rows on a GPU of `capability` (None:
+    the interpreter)."""
+    if capability is None:
         return INTERPRETER_CONFIG
-    return DECODE_CONFIG if block_m <= 16 and head_dim_pad <= 128 else PREFILL_CONFIG
+    if block_m > 16 or head_dim_pad > 128:
+        return PREFILL_CONFIG
+    return SM90_DENSE_DECODE_CONFIG if capability == (9, 0) and not paged else DECODE_CONFIG
 
 
 def sm_count(device):
@@ -255,13 +276,13 @@ def sm_count(device):
     return _sm_count[index]
 
 
-def decode_splits(programs, capacity, sms):
+def decode_splits(programs, capacity, sms, programs_per_sm):
     """How many key splits per (sequence, KV head, row block): as many as keep the grid within
-    PROGRAMS_PER_SM programs on each of `sms` SMs (at least one), at most one per
+    programs_per_sm programs on each of `sms` SMs (at least one), at most one per
     MIN_KEYS_PER_SPLIT keys of the cache's `capacity` (the host does not know the lengths
     without a sync; each program splits its real length evenly) and at most MAX_SPLITS.
     `programs` = B * Hkv * row blocks."""
-    wanted = PROGRAMS_PER_SM * sms // programs
+    wanted = programs_per_sm * sms // programs
     return max(1, min(wanted, capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
@@ -294,17 +315,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     cache_seqlens[b] + n_new rows of the caches (dense or paged, see `append_kv`), keys
     rotated at their cache index, query t at cache_seqlens[b] + n_new - Nq + t.
     q_temperature [B, Nq] float32 (any strides) or None. num_splits None: `decode_splits`.
-    config: (BLOCK_N, num_warps, num_stages), default `decode_config`."""
+    config: a `DecodeConfig`, default `decode_config`."""
     batch, nq, hq, head_dim = q.shape
     paged = block_table is not None
     hkv = k_cache.shape[2]
     group = hq // hkv
     block_m = min(_pad(group * nq), MAX_BLOCK_M)
     m_blocks = cdiv(group * nq, block_m)
-    block_n, num_warps, num_stages = config or decode_config(q.is_cuda, block_m, _pad(head_dim))
+    block_n, num_warps, num_stages, programs_per_sm = config or decode_config(gpu_capability(q), block_m,
+                                                                               _pad(head_dim), paged)
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
-        num_splits = decode_splits(batch * hkv * m_blocks, capacity, sm_count(q.device))
+        num_splits = decode_splits(batch * hkv * m_blocks, capacity, sm_count(q.device), programs_per_sm)
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)

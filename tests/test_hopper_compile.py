@@ -172,7 +172,7 @@ DECODE_COMPILE = PRELUDE + textwrap.dedent("""
 
     def compile_decode(dtype, head_dim, rotary_dim, group, nq, interleaved, paged, causal, temperature, splits):
         block_m = min(pad(group * nq), decode.MAX_BLOCK_M)
-        block_n, num_warps, num_stages = decode.decode_config(True, block_m, pad(head_dim))
+        block_n, num_warps, num_stages, _ = decode.decode_config((9, 0), block_m, pad(head_dim), paged)
         ptr = (f"*{dtype}", 16)
         args = dict(Q=ptr, K_CACHE=ptr, V_CACHE=ptr, CACHE_SEQLENS=("*i32", 16),
                     BLOCK_TABLE=("*i32", 16) if paged else None, INV_FREQ=("*fp32", 16),

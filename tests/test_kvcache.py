@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ropefast import dispatch, scaled_rope_attention_with_kvcache, schedules
-from ropefast.kernels.decode import decode_splits
+from ropefast.kernels.decode import INTERPRETER_CONFIG, decode_config, decode_splits
 from ropefast.reference import rotate, scaled_rope_attention_reference
 
 from conftest import DEVICE, TOLERANCE, rel_err, requires_cuda, requires_kernel
@@ -236,12 +236,20 @@ def test_float64_runs_the_reference_exactly():
 
 
 def test_num_splits_heuristic():
-    assert decode_splits(programs=64, capacity=32768, sms=132) == 2  # B = 8, Hkv = 8: one wave, one per SM
-    assert decode_splits(programs=8, capacity=1024, sms=132) == 4  # at least 256 keys a split
-    assert decode_splits(programs=1024, capacity=32768, sms=132) == 1  # a large batch fills it already
-    assert decode_splits(programs=8, capacity=32768, sms=132) == 16  # B = 1
-    assert decode_splits(programs=1, capacity=65536, sms=132) == 64  # at most MAX_SPLITS
-    assert decode_splits(programs=200, capacity=32768, sms=132) == 1  # more than a wave: no split
+    assert decode_splits(programs=64, capacity=32768, sms=132, programs_per_sm=1) == 2  # B = 8, Hkv = 8: one wave
+    assert decode_splits(programs=64, capacity=32768, sms=132, programs_per_sm=2) == 4
+    assert decode_splits(programs=8, capacity=1024, sms=132, programs_per_sm=1) == 4  # at least 256 keys a split
+    assert decode_splits(programs=1024, capacity=32768, sms=132, programs_per_sm=2) == 1  # a large batch fills it
+    assert decode_splits(programs=8, capacity=32768, sms=132, programs_per_sm=1) == 16  # B = 1
+    assert decode_splits(programs=1, capacity=65536, sms=132, programs_per_sm=1) == 64  # at most MAX_SPLITS
+    assert decode_splits(programs=200, capacity=32768, sms=132, programs_per_sm=1) == 1  # past a wave: no split
+
+
+def test_decode_configs_by_gpu_and_cache():
+    assert decode_config(None, 16, 128, paged=False) == INTERPRETER_CONFIG
+    assert decode_config((9, 0), 16, 128, paged=False).block_n == 128  # one program an SM
+    assert decode_config((9, 0), 16, 128, paged=True) == decode_config((8, 0), 16, 128, paged=False)
+    assert decode_config((9, 0), 64, 128, paged=False) == decode_config((9, 0), 16, 256, paged=False)  # prefill
 
 
 def _bad(**changes):
