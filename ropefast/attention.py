@@ -69,8 +69,9 @@ def scaled_rope_attention(
         deterministic: make the backward bitwise repeatable. By default the Hopper backward
             sums dq over key blocks with float32 TMA reduce-adds, whose order varies from run
             to run (as FlashAttention-3's default); with True it runs the portable backward
-            kernels, where every sum has a fixed order (on an H200 0.84-0.97x the default's
-            speed from N = 4k, bench/RESULTS.md). Every other path is deterministic either way.
+            kernels, where every sum has a fixed order (0.84-0.97x the default's speed from
+            N = 4k on an H200, 0.82-0.95x on an H100; bench/RESULTS.md). Every other path is
+            deterministic either way.
 
     Returns:
         out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,
