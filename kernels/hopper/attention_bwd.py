@@ -265,6 +265,7 @@ def rope_attention_bwd_hopper_kernel(
 # ---- launcher ----
 
 ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)  # lse2, delta tiles
+DQ_LAYOUT = gl.NVMMASharedLayout.get_default_for([BLOCK_M.value, DQ_CHUNK.value], gl.float32)  # dQ^ reduce tiles
 
 
 class HopperBwdConfig(NamedTuple):
@@ -307,8 +308,7 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     v_desc = TensorDescriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = TensorDescriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
-    dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block,
-                               gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32))
+    dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block, DQ_LAYOUT)
     if nq_tiles != nq:  # a TMA tile must start 16-byte aligned: each head's rows padded to whole tiles
         lse2, delta = (torch.nn.functional.pad(x, (0, nq_tiles - nq)) for x in (lse2, delta))
     row_block = [BLOCK_M.value]
