@@ -27,9 +27,36 @@ if hopper_compat.SUPPORTED:
     from .kernels.hopper.attention_fwd import rope_attention_fwd_hopper
 
 
-def _needs_grad(*tensors):
-    """Whether autograd records a call on these (None allowed)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _eager(implementation, setup_context, backward, gradients):
+    """The autograd.Function of a custom op's eager calls: `implementation`, and the op's
+    autograd formula with `gradients` (the backward's implementation) in place of the backward
+    op. The forward takes ctx itself: with a separate setup_context, `apply` binds its
+    arguments through `inspect.signature` on every call (tens of microseconds)."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = implementation(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads, gradients=gradients)
+
+    Eager.implementation = staticmethod(implementation)
+    return Eager
+
+
+def _call(op, eager, args, differentiable):
+    """op(*args) while torch.compile traces; in eager `eager.apply` when autograd records the
+    call (a tensor among `differentiable`, None allowed, requires grad), the bare
+    implementation otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return eager.apply(*args)
+    return eager.implementation(*args)
 
 
 # ---- scaled rotary attention ----
@@ -131,20 +158,7 @@ def _attention_backward(ctx, grad_out, grad_lse, gradients=attention_bwd):
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
 
 
-class _Attention(torch.autograd.Function):
-    """`ropefast::attention_fwd` and its autograd formula without the dispatcher (eager). The
-    forward takes ctx itself: with a separate setup_context, `apply` binds the arguments
-    through `inspect.signature` on every call (tens of microseconds)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _attention_fwd(*inputs)
-        _attention_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _attention_backward(ctx, grad_out, grad_lse, gradients=_attention_bwd)
+_EAGER_ATTENTION = _eager(_attention_fwd, _attention_setup, _attention_backward, _attention_bwd)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
@@ -156,11 +170,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
     autograd.Function in eager (module docstring)."""
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
             softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
-    if torch.compiler.is_compiling():
-        return attention_fwd(*args)
-    if _needs_grad(q, k, v, inv_freq, q_temperature):
-        return _Attention.apply(*args)
-    return _attention_fwd(*args)
+    return _call(attention_fwd, _EAGER_ATTENTION, args, (q, k, v, inv_freq, q_temperature))
 
 
 # ---- the standalone rope pass ----
@@ -220,19 +230,7 @@ def _rope_backward(ctx, grad, gradients=rope_bwd):
 torch.library.register_autograd("ropefast::rope", _rope_backward, setup_context=_rope_setup)
 
 
-class _Rope(torch.autograd.Function):
-    """`ropefast::rope` and its autograd formula without the dispatcher (eager; ctx as in
-    `_Attention`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _rope_fwd(*inputs)
-        _rope_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _rope_backward(ctx, grad, gradients=_rope_bwd)
+_EAGER_ROPE = _eager(_rope_fwd, _rope_setup, _rope_backward, _rope_bwd)
 
 
 def rotary(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,
@@ -240,6 +238,4 @@ def rotary(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim:
     """`rope_fwd`, differentiable: the custom op under torch.compile, the autograd.Function in
     eager (module docstring)."""
     args = (x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
-    if torch.compiler.is_compiling():
-        return rope_fwd(*args)
-    return _Rope.apply(*args) if _needs_grad(x, inv_freq) else _rope_fwd(*args)
+    return _call(rope_fwd, _EAGER_ROPE, args, (x, inv_freq))
