@@ -35,7 +35,7 @@ def _arg_key(arg):
     """What Triton's specialization reads from one runtime argument (the common types first:
     this runs for every argument of every launch)."""
     kind = type(arg)
-    if kind is int:
+    if kind is int or (kind is not bool and isinstance(arg, int)):
         return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     if kind is torch.Tensor or isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
@@ -43,8 +43,6 @@ def _arg_key(arg):
         return float
     if arg is None or kind is bool:
         return arg
-    if isinstance(arg, int):  # other int types, as Triton reads them
-        return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     if hasattr(arg, "block_shape"):  # a host TMA descriptor (tl or Gluon)
         return arg.base.dtype, tuple(arg.block_shape), getattr(arg, "layout", None), arg.padding
     return arg
