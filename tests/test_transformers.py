@@ -86,8 +86,9 @@ def test_logits_and_gradients(case):
 
 
 def test_inference_mode_forwards_equal_eager():
-    """Inference tensors carry no version counter: a position buffer refilled in place
-    between two forwards under torch.inference_mode still gets a new plan."""
+    """Inference tensors carry no version counter (the plan memo keys them on the model's
+    forwards): two forwards under torch.inference_mode, the position buffer refilled in place
+    between them, each equal eager."""
     eager, patched = pair("llama-yarn")
     ids = tokens(2, 12)
     with torch.inference_mode():

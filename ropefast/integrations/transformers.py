@@ -352,12 +352,10 @@ class _PlanMemo:
 
     def get(self, attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device):
         tensors = (attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-        versions = tuple(None if t is None else ("forward", self._forwards) if t.is_inference() else t._version
-                         for t in tensors)
+        stamp = ("forward", self._forwards) if self._counts_forwards else object()  # object(): equal to no key
+        versions = tuple(None if t is None else stamp if t.is_inference() else t._version for t in tensors)
         key = (tensors, (batch, n, past, device, versions))
-        fresh = not self._counts_forwards and any(t is not None and t.is_inference() for t in tensors)
-        if (fresh or self._key is None or any(a is not b for a, b in zip(tensors, self._key[0]))
-                or key[1] != self._key[1]):
+        if self._key is None or any(a is not b for a, b in zip(tensors, self._key[0])) or key[1] != self._key[1]:
             self._plan = _make_plan(attention_mask, position_ids, kwargs, batch, n, past, needs_seq_len, device)
             self._key = key
         return self._plan
