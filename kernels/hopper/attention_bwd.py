@@ -24,7 +24,6 @@ pair (the causal diagonal, keys past Nk, a partial last query tile) are masked.
 from typing import NamedTuple
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
