@@ -9,10 +9,9 @@ the new q and k, SDPA over a pre-rotated cache of random keys of the same size).
 import gc
 
 import torch
-import torch.nn.functional as F
 
 from bench.peers import median_ms, yarn
-from bench.test_decode import HEAD_DIM, HKV, HQ, _rotate_half, copy_gbps
+from bench.test_decode import HEAD_DIM, HKV, HQ, copy_gbps, sdpa_step
 from ropefast import scaled_rope_attention_with_kvcache
 
 BATCH, LENGTH = 64, 131072
@@ -34,20 +33,7 @@ def main():
     torch.cuda.empty_cache()
 
     k_cache, v_cache = (torch.randn(BATCH, HKV, LENGTH, HEAD_DIM, **bf16) for _ in range(2))
-    inv_freq, m = sched.inv_freq(device="cuda"), sched.rotary_scale()
-    cache_position = position[:1].long()
-
-    def rotate(x):
-        emb = (cache_position[:, None].float() * inv_freq).repeat(1, 2)
-        cos, sin = ((emb.cos() * m).to(x.dtype)[:, None], (emb.sin() * m).to(x.dtype)[:, None])
-        return x * cos + _rotate_half(x) * sin
-
-    def pipeline():
-        q_rot, k_rot = rotate(q), rotate(k_new)
-        k_cache.index_copy_(2, cache_position, k_rot.transpose(1, 2))
-        v_cache.index_copy_(2, cache_position, v_new.transpose(1, 2))
-        return F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_cache, v_cache, enable_gqa=True)
-
+    pipeline = sdpa_step("eager_rope+sdpa", sched, q, k_new, v_new, k_cache, v_cache, position, LENGTH)
     theirs = median_ms(pipeline, "cuda")
     copy = copy_gbps()
     print(f"copy {copy:.0f} GB/s; ropefast {ours * 1e3:.0f} us, {cache_bytes / ours / 1e6:.0f} GB/s "

@@ -3,10 +3,10 @@
 Wall time per call of ropefast and its peers on short sequences, where the host, not the
 GPU, sets the pace: 200 calls after a warm-up, one synchronization at the end (what a model
 that calls attention in every layer sees), the median of five such rounds. B=1, Hq=32,
-Hkv=8, D=128, causal, YaRN; N = 128 and 512. Beside it, `apply_scaled_rope` on q against one eager elementwise op on the same
-tensor (`q * 2.0`), at N = 128, 512 and 16k. --breakdown times the layers of ropefast's
-forward one by one (public op, custom op, its eager route, launcher, key rope pass alone);
---profile prints cProfile's top entries.
+Hkv=8, D=128, causal, YaRN; N = 128 and 512. Beside it, `apply_scaled_rope` on q against one
+eager elementwise op on the same tensor (`q * 2.0`), at N = 128, 512 and 16k. --breakdown
+times the layers of ropefast's forward one by one (public op, custom op, its eager route,
+launcher, key rope pass alone); --profile prints cProfile's top entries.
 """
 
 import cProfile

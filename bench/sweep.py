@@ -150,7 +150,8 @@ def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 
                 ms = _ms(lambda: decode.decode_attention(
                     q, k, v, lengths, None, inv_freq, None, n_new=1, rotary_dim=128, interleaved=False, causal=True,
                     softmax_scale=128**-0.5, rotary_scale=1.0, num_splits=splits, config=cfg))
-                _row(batch, length, tuple(cfg), f"{splits}{' (default)' if splits == chosen else ''}", f"{ms * 1e3:.0f}",
+                default = " (default)" if splits == chosen else ""
+                _row(batch, length, tuple(cfg), f"{splits}{default}", f"{ms * 1e3:.0f}",
                      f"{2 * batch * length * 8 * 128 * 2 / ms / 1e6:.0f}")
 
 

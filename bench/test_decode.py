@@ -94,7 +94,16 @@ def build(impl, batch, length):
                                                           rotary_interleaved=False)
     # HF: a [B, Hkv, max_len, D] cache of rotated keys, SDPA over the filled part
     k_cache, v_cache = rotated_keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
-    cache_position = position[:1].long()  # one position for the batch, as HF's StaticCache takes it
+    return sdpa_step(impl, sched, q, k_new, v_new, k_cache, v_cache, position, length)
+
+
+def sdpa_step(impl, sched, q, k_new, v_new, k_cache, v_cache, position, length):
+    """A step of the pipelines users run today ("eager_rope+sdpa", "triton_rope+sdpa") over
+    pre-rotated caches [B, Hkv, max_len, D]: q and the new key rotated at position[0] (one
+    position for the batch, as HF's StaticCache takes it), k and v written there, SDPA over
+    the first `length` rows."""
+    inv_freq, m = sched.inv_freq(device="cuda"), sched.rotary_scale()
+    cache_position = position[:1].long()
 
     def rotate(x):
         if impl == "triton_rope+sdpa":
