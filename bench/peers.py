@@ -114,16 +114,6 @@ def build_ropefast(case, device):
     return lambda q, k, v: scaled_rope_attention(q, k, v, schedule=sched, causal=case.causal)
 
 
-def build_ropefast_portable(case, device):
-    """ropefast on its portable `tl.*` kernels, where the default path is the Hopper one."""
-    fn = build_ropefast(case, device)
-
-    def portable(q, k, v):
-        with dispatch.portable_kernels():
-            return fn(q, k, v)
-    return portable
-
-
 def build_sdpa(backend):
     def build(case, device):
         return lambda q, k, v: _sdpa(q, k, v, case.causal, backend)
@@ -202,7 +192,7 @@ GPU_PIPELINES = {
     "eager_rope+cudnn": build_eager_rope_sdpa,
     "triton_rope+cudnn": build_triton_rope_sdpa,
     "triton_rope+flex_temperature": build_flex,
-    "ropefast_portable": build_ropefast_portable,
+    "ropefast_portable": build_ropefast,  # `step(..., portable=True)`
     "ropefast": build_ropefast,  # last: its ratios use the peers timed just before it
 }
 CPU_PIPELINES = {
@@ -214,13 +204,21 @@ CPU_PIPELINES = {
 
 # ---- timing ----
 
-def step(fn, q, k, v, mode):
+def step(fn, q, k, v, mode, portable=False):
     """What one timed call runs: the forward (mode "fwd"), or forward and backward with a
-    fixed random output gradient ("train")."""
-    if mode == "fwd":
-        return lambda: fn(q, k, v)
-    grad = torch.randn_like(q)
-    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+    fixed random output gradient ("train"); `portable`: within `dispatch.portable_kernels`,
+    the backward included (autograd reads the dispatcher when it runs it)."""
+    grad = None if mode == "fwd" else torch.randn_like(q)
+
+    def run():
+        return fn(q, k, v) if grad is None else torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+    if not portable:
+        return run
+
+    def run_portable():
+        with dispatch.portable_kernels():
+            return run()
+    return run_portable
 
 
 def median_ms(fn, device):

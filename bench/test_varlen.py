@@ -7,7 +7,7 @@ for the same result, on 16k tokens packed from documents of log-uniform lengths 
   flex_document_mask           `apply_scaled_rope`, then compiled FlexAttention with a
                                document-causal block mask (built once, outside the timed step)
   ropefast_dense_16k(_portable)  the dense causal op on one 16k sequence: the TF/s yardstick
-  ropefast_varlen              the varlen op (the portable kernels on every GPU)
+  ropefast_varlen(_portable)   the varlen op (the portable kernels: `dispatch.portable_kernels`)
 
 TF/s count the useful FLOPs: per document 4 Hq L^2 D / 2 (causal), 3.5x for forward +
 backward (gradients of q, k, v), as bench/peers.py counts. ropefast_varlen runs last; its
@@ -47,22 +47,17 @@ def _bounds(device):
     return cu, max(LENGTHS)
 
 
-def build_ropefast_varlen(device):
+def build_varlen(device):
     sched = yarn(HEAD_DIM)
     cu, longest = _bounds(device)
     return lambda q, k, v: scaled_rope_attention_varlen(q, k, v, cu, cu, longest, longest, schedule=sched,
                                                         causal=True)
 
 
-def build_dense(portable):
-    def build(device):
-        sched = yarn(HEAD_DIM)
-
-        def dense(q, k, v):  # one causal sequence of every token
-            with dispatch.portable_kernels() if portable else contextlib.nullcontext():
-                return scaled_rope_attention(q[None], k[None], v[None], schedule=sched, causal=True)[0]
-        return dense
-    return build
+def build_dense(device):
+    sched = yarn(HEAD_DIM)
+    # one causal sequence of every token
+    return lambda q, k, v: scaled_rope_attention(q[None], k[None], v[None], schedule=sched, causal=True)[0]
 
 
 def build_sdpa_loop(device):
@@ -106,17 +101,16 @@ def build_flex_document_mask(device):
 PIPELINES = {
     "sdpa_loop": (build_sdpa_loop, LENGTHS),
     "flex_document_mask": (build_flex_document_mask, LENGTHS),
-    "ropefast_dense_16k": (build_dense(False), [TOKENS]),
-    "ropefast_dense_16k_portable": (build_dense(True), [TOKENS]),
-    "ropefast_varlen": (build_ropefast_varlen, LENGTHS),  # last: its ratios use the pipelines timed before it
+    "ropefast_dense_16k": (build_dense, [TOKENS]),
+    "ropefast_dense_16k_portable": (build_dense, [TOKENS]),  # *_portable: forward and backward
+    "ropefast_varlen_portable": (build_varlen, LENGTHS),
+    "ropefast_varlen": (build_varlen, LENGTHS),  # last: its ratios use the pipelines timed before it
 }
 
 
 def _path(impl, dtype):
     like = torch.empty(1, HEAD_DIM, dtype=DTYPES[dtype], device="cuda")
-    if impl == "ropefast_varlen":
-        return dispatch.path(like, varlen=True)
-    if impl.startswith("ropefast_dense"):
+    if impl.startswith("ropefast"):
         with dispatch.portable_kernels() if impl.endswith("portable") else contextlib.nullcontext():
             return dispatch.path(like)
     return "torch"
@@ -135,7 +129,7 @@ def test_varlen(benchmark, dtype, mode, impl):
     q, k, v = (x.requires_grad_(mode == "train") for x in (q, k, v))
     build, lengths = PIPELINES[impl]
     fn = build("cuda")
-    step = timed_step(fn, q, k, v, mode)
+    step = timed_step(fn, q, k, v, mode, portable=impl.endswith("portable"))
     try:
         step()  # compile / warm up
     except RuntimeError as err:

@@ -259,7 +259,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     float32 (per head; the caller sums) or None. gradient_kernel replaces the two kernels
     here between the rope passes (the Hopper backward,
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, Q^, K^, v, lse2, delta,
-    dK^ buffer, causal) -> (dQ^ as a [B, Nq, Hq, D] view, dv)."""
+    dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k) -> (dQ^ as a [B, Nq, Hq, D] view, dv)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
@@ -280,7 +280,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     # freed before dk is allocated.
     dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     if gradient_kernel is not None:
-        dq_hat, dv = gradient_kernel(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal=causal)
+        dq_hat, dv = gradient_kernel(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal=causal,
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     else:
         dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,
                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

@@ -10,8 +10,7 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  backward (`deterministic=True` keeps the portable backward kernels). At head
                  dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md), the
                  Gluon backward is not: `backward_path` says which backward runs.
-                 Not for packed documents (varlen): the Gluon kernel has no document
-                 bounds, so those take "kernel".
+                 Packed documents (varlen) too: the Gluon kernels take document bounds.
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
                  interpreter on the CPU (slow; for tests).
@@ -88,21 +87,21 @@ def _is_hopper(device):
     return _capability[index] == (9, 0)
 
 
-def path(x: torch.Tensor, varlen: bool = False) -> str:
+def path(x: torch.Tensor) -> str:
     """The path ("hopper", "kernel", "interpreter" or "reference") a call on tensors like x
-    takes; `varlen`: a call on packed documents (`scaled_rope_attention_varlen`)."""
+    takes, on packed documents (`scaled_rope_attention_varlen`) too."""
     if x.dtype == torch.float64 or _env_changed():
         return "reference"
     if INTERPRETER:
         return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"
     if not x.is_cuda:
         return "reference"
-    if x.shape[-1] > HOPPER_MIN_HEAD_DIM and _gluon_serves(x, varlen):
+    if x.shape[-1] > HOPPER_MIN_HEAD_DIM and _gluon_serves(x):
         return "hopper"
     return "kernel"
 
 
-def backward_path(x: torch.Tensor, varlen: bool = False, deterministic: bool = False) -> str:
+def backward_path(x: torch.Tensor, deterministic: bool = False) -> str:
     """The path of the backward of a call on tensors like x: "hopper" where the Gluon backward
     serves (its head dims, HOPPER_BACKWARD_HEAD_DIMS, D = 64 included, where it beats the
     portable kernels on H200 although the portable forward runs there; bench/RESULTS.md), and
@@ -111,16 +110,16 @@ def backward_path(x: torch.Tensor, varlen: bool = False, deterministic: bool = F
         >>> dispatch.backward_path(torch.empty(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16))
         'hopper'   # on an H100 / H200
     """
-    kind = path(x, varlen)
+    kind = path(x)
     if kind not in ("hopper", "kernel"):  # the interpreter or the reference: the forward's
         return kind
-    if not deterministic and x.shape[-1] in HOPPER_BACKWARD_HEAD_DIMS and _gluon_serves(x, varlen):
+    if not deterministic and x.shape[-1] in HOPPER_BACKWARD_HEAD_DIMS and _gluon_serves(x):
         return "hopper"
     return "kernel"
 
 
-def _gluon_serves(x, varlen):
-    return (not _portable_only and not varlen and x.dtype in (torch.float16, torch.bfloat16)
+def _gluon_serves(x):
+    return (not _portable_only and x.dtype in (torch.float16, torch.bfloat16)
             and hopper_compat.SUPPORTED and _is_hopper(x.device))
 
 

@@ -71,19 +71,15 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     q_temperature [B, Nq] float32 or None. Varlen (`ropefast.varlen`): B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1] with the longest document's lengths;
     packed documents are the dense op with document bounds, so they share its fake shapes
-    and autograd formula, and run the portable kernels (`dispatch.path(q, varlen=True)`).
+    and autograd formula (`dispatch.path` says which kernels run).
     `deterministic` only reaches the backward (`attention_bwd`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
-    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                  max_seqlen_k=max_seqlen_k)
-    if dispatch.path(q, varlen=cu_seqlens_q is not None) == "hopper":
-        forward, varlen = rope_attention_fwd_hopper, {}
-    else:
-        forward = rope_attention_fwd
+    forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
     return forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                    interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
-                   **varlen)
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k)
 
 
 attention_fwd = torch.library.custom_op("ropefast::attention_fwd", _attention_fwd, mutates_args=())
@@ -108,7 +104,7 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
     with float32 atomics: not bitwise repeatable) unless `deterministic`, which keeps the
     portable kernels (every sum in a fixed order)."""
     gradient_kernel = None
-    if dispatch.backward_path(q, varlen=cu_seqlens_q is not None, deterministic=deterministic) == "hopper":
+    if dispatch.backward_path(q, deterministic=deterministic) == "hopper":
         gradient_kernel = hopper_bwd.rope_attention_bwd_hopper
     dq, dk, dv, dfreq, dtemp = rope_attention_bwd(
         grad_out, q, k, v, out, lse, grad_lse, inv_freq, q_positions, k_positions, q_temperature,

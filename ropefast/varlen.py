@@ -3,7 +3,8 @@ packed into one row ([total_tokens, H, D] with cu_seqlens offsets, as flash-attn
 `flash_attn_varlen_func`), and `from_position_ids` finds those documents in positions that
 restart, as HF's flash path does. The kernels are the dense op's with document bounds (their
 `VARLEN` flag): one launch per pass over every document, no padding, and no host sync, since
-positions are computed on the device from cu_seqlens and the grid from the max_seqlen ints.
+positions are computed on the device from cu_seqlens and the grids from ints the host holds
+(max_seqlen, or the token and document counts).
 """
 
 import os
@@ -102,6 +103,7 @@ def scaled_rope_attention_varlen(
     q_temperature: Optional[Tensor] = None,
     return_lse: bool = False,
     seq_len: Optional[int] = None,
+    deterministic: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """`scaled_rope_attention` on packed documents: each document's queries attend to its
     own keys only, as `scaled_rope_attention` would on that document alone.
@@ -112,8 +114,8 @@ def scaled_rope_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 [documents + 1] on q's device: document i is rows
             cu_seqlens[i] to cu_seqlens[i + 1] (0 first, the token count last, never
             decreasing; a document may be empty). Both count the same documents.
-        max_seqlen_q, max_seqlen_k: Python ints, at least the longest document (the kernels'
-            grid; a smaller value leaves the tail of longer documents unwritten).
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest document (the portable
+            kernels' grid; a smaller value may leave the tail of longer documents unwritten).
         q_positions, k_positions: integer [total] (or [1, total]) per token; default: each
             document's keys at 0..len_k - 1 and its queries at len_k - len_q + 0..len_q - 1
             (`document_positions`: the dense default per document), computed on the device.
@@ -123,12 +125,12 @@ def scaled_rope_attention_varlen(
         seq_len: the length a length-dependent schedule (dynamic NTK, CLEX) sees; default
             max_seqlen_k (an int the caller holds: no host sync).
         schedule, inv_freq, rotary_dim, interleaved, softmax_scale, rotary_scale,
-        return_lse: as `scaled_rope_attention`.
+        return_lse, deterministic: as `scaled_rope_attention`.
 
     Returns:
         out [total_q, Hq, D] (q's dtype), or (out, lse) with lse [Hq, total_q] float32 (as
         flash-attn's varlen lse; -inf for a query that sees no key). Differentiable in q,
-        k, v, inv_freq and q_temperature, deterministically.
+        k, v, inv_freq and q_temperature.
 
     cu_seqlens values are checked (starts at 0, never decreases, ends at the token count,
     no document past max_seqlen) on CPU tensors, and on CUDA tensors only when the
@@ -138,10 +140,11 @@ def scaled_rope_attention_varlen(
     them into the packed row). Shapes, dtypes, devices and document counts are always
     checked. Under torch.compile no values are read.
 
-    Dispatch (`ropefast.dispatch.path(q, varlen=True)`): CUDA tensors run the portable
-    Triton kernels on every GPU (the Hopper Gluon forward has no document bounds yet), the
-    interpreter and the reference (a loop over documents) as the dense op. The kernel path
-    is the `ropefast::attention_fwd` op with cu_seqlens arguments.
+    Dispatch as the dense op (`ropefast.dispatch`): the Gluon kernels on Hopper, the portable
+    Triton kernels on other GPUs, the interpreter, or the reference (a loop over documents).
+    The kernels take every document in one launch: their work items map to documents by a
+    binary search over cu_seqlens on the device. The kernel path is the
+    `ropefast::attention_fwd` op with cu_seqlens arguments.
 
     Example:
         >>> cu = torch.tensor([0, 100, 300], dtype=torch.int32)            # two documents
@@ -168,7 +171,7 @@ def scaled_rope_attention_varlen(
     if not torch.compiler.is_compiling() and (not q.is_cuda or os.environ.get(CHECK_VALUES_ENV, "0") not in ("", "0")):
         check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
         check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
-    check_flags(causal=causal, return_lse=return_lse)
+    check_flags(causal=causal, return_lse=return_lse, deterministic=deterministic)
     q_positions = as_batched(check_positions("q_positions", q_positions, 1, total_q, q.device))
     k_positions = as_batched(check_positions("k_positions", k_positions, 1, total_k, q.device))
     if q_positions is None or k_positions is None:
@@ -184,7 +187,7 @@ def scaled_rope_attention_varlen(
     softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
     check_q_temperature(q_temperature, 1, total_q, q.device)  # one per query token
 
-    if dispatch.path(q, varlen=True) == "reference":
+    if dispatch.path(q) == "reference":
         out, lse = scaled_rope_attention_varlen_reference(
             q, k, v, cu_seqlens_q, cu_seqlens_k, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
             q_positions=q_positions[0], k_positions=k_positions[0], causal=causal, softmax_scale=softmax_scale,
@@ -195,6 +198,6 @@ def scaled_rope_attention_varlen(
         temperature = None if q_temperature is None else as_batched(q_temperature.float())
         out, lse = ops.attention(q[None], k[None], v[None], inv_freq, q_positions, k_positions, temperature,
                                  rotary_dim, interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

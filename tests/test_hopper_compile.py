@@ -64,7 +64,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
     from triton.experimental.gluon._runtime import GluonASTSource
     from ropefast.kernels.hopper import attention_fwd as hopper
 
-    def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype):
+    def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype, varlen=False):
         d_pad = max(16, triton.next_power_of_2(head_dim))
         block_n, stages, consumer_regs, maxnreg = hopper.fwd_config(d_pad)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -73,13 +73,16 @@ COMPILE = PRELUDE + textwrap.dedent("""
         # the launch's specialization: 16-byte aligned pointers and row strides
         args = dict(Q=(f"*{dtype}", 16), stride_qb=("i64", 16), stride_qn=("i32", 16), stride_qh=("i32", 16),
                     k_desc=desc([1, block_n, d_pad]), v_desc=desc([1, block_n, 1, d_pad]),
-                    o_desc=desc([1, 64, 1, d_pad]), LSE=("*fp32", 16), INV_FREQ=("*fp32", 16),
+                    o_desc=desc([1, 64, 1, d_pad]), O=(f"*{dtype}", 16), stride_ob=("i64", 16),
+                    stride_on=("i32", 16), stride_oh=("i32", 16), LSE=("*fp32", 16), INV_FREQ=("*fp32", 16),
                     Q_POS=("*i64", 16) if positions else None, stride_pos_b="i32", stride_pos_n="i32",
                     TEMP=("*fp32", 16) if temperature else None, stride_temp_b="i32", stride_temp_n="i32",
-                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_items="i32", q_pos_offset="i32", row_scale="fp32",
+                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_items="i32",
+                    CU_SEQLENS_Q=("*i32", 16) if varlen else None, CU_SEQLENS_K=("*i32", 16) if varlen else None,
+                    n_docs="i32", search_steps="i32", q_pos_offset="i32", row_scale="fp32",
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
-                    BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+                    VARLEN=[varlen], BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -92,13 +95,16 @@ COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype): the configs of
+# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen]): the configs of
 # fwd_config and each way the queries load (halves, interleaved, slot order).
 CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, False, False, "bf16"),
          (128, 128, False, False, False, False, "bf16"), (128, 128, True, False, False, False, "bf16"),
          (256, 256, False, False, False, False, "bf16"), (256, 256, True, False, False, False, "bf16"),
          (80, 48, True, True, True, True, "bf16"), (128, 64, True, False, True, True, "fp16"),
-         (40, 24, False, False, False, False, "fp16")]
+         (40, 24, False, False, False, False, "fp16"),
+         # packed documents (always with positions): Llama-style, and D = 256 with everything on
+         (128, 128, True, False, True, False, "bf16", True), (128, 128, False, False, True, True, "fp16", True),
+         (256, 128, True, True, True, True, "bf16", True)]
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
@@ -116,7 +122,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.hopper import attention_bwd as hopper_bwd
     from ropefast.kernels.hopper.attention_fwd import shared_layout
 
-    def compile_bwd(head_dim, causal, dtype):
+    def compile_bwd(head_dim, causal, dtype, varlen=False):
         stages, consumer_regs, maxnreg = hopper_bwd.bwd_config(head_dim)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         def desc(block, dtype=dtype, layout=None):
@@ -129,8 +135,10 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
                     DV=(f"*{dtype}", 16), stride_dvb=("i64", 16), stride_dvn=("i32", 16), stride_dvh=("i32", 16),
-                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", HEAD_DIM=[head_dim], D_PAD=[head_dim],
-                    CAUSAL=[causal], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", CU_SEQLENS_Q=("*i32", 16) if varlen else None,
+                    CU_SEQLENS_K=("*i32", 16) if varlen else None, n_docs="i32", search_steps="i32",
+                    HEAD_DIM=[head_dim], D_PAD=[head_dim], CAUSAL=[causal], VARLEN=[varlen], STAGES=[stages],
+                    CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -142,8 +150,9 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, causal, dtype): the head dims the Gluon backward serves (`attention_bwd.supports`)
-BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16")]
+# (head dim, causal, dtype[, varlen]): the head dims the Gluon backward serves (`attention_bwd.supports`)
+BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
+                  (128, True, "bf16", True), (64, False, "fp16", True)]  # and packed documents
 # ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
 # stores + loads): 76 bytes with Triton 3.6's (the GPU image's), 590-760 with 3.9's; more
 # means a regression.

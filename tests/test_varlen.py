@@ -1,14 +1,17 @@
 """Packed documents (`scaled_rope_attention_varlen`) against the float64 reference run on
 each document alone: output, lse and gradients (q, k, v, inv_freq, temperature); no
 attention across documents; `from_position_ids`; the argument errors. CPU: the Triton
-interpreter, fp32/fp16, small documents; GPU: bf16/fp16 on the issue's shape (16k tokens of
+interpreter, fp32/fp16, small documents; GPU: bf16/fp16 on small documents through both kernel
+paths (the Gluon one on Hopper, the portable one), and on the issue's shape (16k tokens of
 log-uniform documents, Hq 32, Hkv 8, D 128)."""
+
+import contextlib
 
 import pytest
 import torch
 
 from bench.peers import log_uniform_lengths
-from ropefast import ops, scaled_rope_attention, scaled_rope_attention_varlen, schedules
+from ropefast import dispatch, ops, scaled_rope_attention, scaled_rope_attention_varlen, schedules
 from ropefast.reference import scaled_rope_attention_reference, scaled_rope_attention_varlen_reference
 from ropefast.varlen import CHECK_VALUES_ENV, document_positions, from_position_ids
 
@@ -82,13 +85,15 @@ def test_varlen_matches_reference_per_document(case, dtype):
 @requires_kernel
 def test_documents_do_not_see_each_other():
     # Changing every other document's q, k, v and output gradient leaves document 1's output
-    # and gradients bit for bit as they were.
+    # and gradients bit for bit as they were (on a GPU: bf16, D = 128, the Gluon kernels on
+    # Hopper; the last query tile of document 0 adds exact zeros to document 1's dq rows).
+    head_dim, dtype = (128, torch.bfloat16) if DEVICE == "cuda" else (32, torch.float32)
     lengths = (5, 17, 40)
     cu = cu_seqlens(lengths)
     doc = slice(5, 22)
-    inv_freq = schedules.DefaultRope(32).inv_freq(device=DEVICE)
+    inv_freq = schedules.DefaultRope(head_dim).inv_freq(device=DEVICE)
     gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(62, h, 32, generator=gen).to(DEVICE) for h in (2, 1, 1, 2)]  # q, k, v, dout
+    base = [torch.randn(62, h, head_dim, generator=gen).to(DEVICE, dtype) for h in (2, 1, 1, 2)]  # q, k, v, dout
 
     def doc_results(tensors):
         q, k, v = (t.clone().requires_grad_() for t in tensors[:3])
@@ -102,6 +107,51 @@ def test_documents_do_not_see_each_other():
     changed = [torch.where(others[:, None, None], t * 3 + 1, t) for t in base]
     for got, expect in zip(doc_results(changed), before):
         assert torch.equal(got, expect)
+
+
+# (query lengths, key lengths, Hq, Hkv, D, R) on a GPU, where the Gluon kernels (Hopper) and the
+# portable ones both run: tiles that straddle documents, an empty document and one of a
+# single token, documents with more queries than keys (rows that see no key), the head dims
+# of the Gluon backward (64, 128) and beyond it (80, 256: the portable backward).
+GPU_CASES = [
+    (((100, 300, 1, 700), (100, 300, 1, 700), 8, 2, 128, 128), dict(causal=True)),
+    (((100, 0, 257, 64), (100, 0, 257, 64), 4, 4, 128, 64), dict()),
+    (((130, 50, 300), (90, 200, 333), 4, 1, 64, 64), dict(causal=True, positions=True)),
+    (((77, 200), (77, 200), 2, 1, 80, 48), dict(causal=True, interleaved=True)),
+    (((129, 64), (129, 64), 2, 2, 256, 256), dict(causal=True)),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", ["default", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c[0][2:])) + "-" + "-".join(c[1]))
+def test_varlen_gpu_matches_reference(case, dtype, path):
+    with dispatch.portable_kernels() if path == "portable" else contextlib.nullcontext():
+        errors = varlen_errors(*case[0], dtype, device="cuda", **case[1])
+    for name, err in errors.items():
+        bound = TOLERANCE[dtype] * (2 if dtype == torch.float16 and name[0] == "d" else 1)
+        assert err < bound, (name, err, errors)
+
+
+@requires_cuda
+def test_varlen_deterministic_backward_is_bitwise_repeatable():
+    lengths = (300, 1, 700, 129)
+    cu = cu_seqlens(lengths, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, dout = (torch.randn(sum(lengths), h, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                     for h in (8, 2, 2, 8))
+    inv_freq = schedules.DefaultRope(128).inv_freq(device="cuda")
+
+    def grads():
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = scaled_rope_attention_varlen(*inputs, cu, cu, 700, 700, inv_freq=inv_freq, causal=True,
+                                           deterministic=True)
+        return torch.autograd.grad(out, inputs, dout)
+
+    first = grads()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(grads(), first))
 
 
 @requires_kernel

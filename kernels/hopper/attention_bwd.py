@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import cdiv, launch, next_power_of_2
-from .attention_fwd import mma_layout, shared_layout
+from .attention_fwd import document_bounds, document_of_tile, mma_layout, shared_layout, tile_base
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -42,43 +42,78 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _program_item(NQ, NK, HKV, GROUP, CAUSAL: gl.constexpr):
-    """Program -> (batch, KV head, first key, first query tile, first unmasked query tile,
-    query tiles in all). The key blocks of one head run together: they stream the same Q^
+def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr,
+                  VARLEN: gl.constexpr):
+    """Program -> (batch row, KV head, row of its sequence's first query tile, rows of that
+    tile before the sequence, query count, first key row, key count, first key of the block
+    within the sequence, first query tile, first unmasked query tile, query tiles in all). A
+    sequence is a batch row, or (VARLEN) a document of the one packed row: programs are (KV
+    head, block index) with the block indices of the forward's `tile_base` over
+    cu_seqlens_k, and a gap between documents is a program of no keys. A document's query
+    tiles start at a multiple of BLOCK_M in the packed row (its first one may begin in the
+    document before: those rows are masked), since TMA reads the 1-D lse2 and delta tiles
+    from 16-byte aligned starts only. The key blocks of one head run together: they stream the same Q^
     and dO, which then come from L2. (Causal programs ordered by key block instead, the
     longest first across all heads, streamed every head's Q^ and dO at once: on an H100 the
     causal backward at N = 4k took 0.84x the full one's time; bench/RESULTS.md.) Within a
     head, causal blocks come longest first."""
-    n_blocks = gl.cdiv(NK, BLOCK_N)
-    bh = gl.program_id(0) // n_blocks
-    block = gl.program_id(0) % n_blocks
+    if VARLEN:
+        blocks_per_head = gl.cdiv(NK, BLOCK_N) + n_docs
+        off_b = 0
+        off_hk = gl.program_id(0) // blocks_per_head
+        t = gl.program_id(0) % blocks_per_head
+        doc = document_of_tile(CU_SEQLENS_K, t, NK, n_docs, search_steps, BLOCK_N)
+        q_begin, nq = document_bounds(CU_SEQLENS_Q, doc, NQ)
+        k_begin, nk = document_bounds(CU_SEQLENS_K, doc, NK)
+        block = t - tile_base(CU_SEQLENS_K, doc, NK, BLOCK_N)
+        valid = (block >= 0) & (block < gl.cdiv(nk, BLOCK_N))
+        nq = gl.where(valid, nq, 0)
+        nk = gl.where(valid, nk, 0)
+        block = gl.where(valid, block, 0)
+        shift = gl.where(nq > 0, q_begin % BLOCK_M, 0)
+    else:
+        n_blocks = gl.cdiv(NK, BLOCK_N)
+        bh = gl.program_id(0) // n_blocks
+        block = gl.program_id(0) % n_blocks
+        off_b = bh // HKV
+        off_hk = bh % HKV
+        q_begin = 0
+        k_begin = 0
+        nq = NQ
+        nk = NK
+        shift = 0
     start_n = block * BLOCK_N
-    m_tiles = gl.cdiv(NQ, BLOCK_M)
-    # Causal: query i sees key j iff j <= i + (NK - NQ). Tiles before m_lo see none of these
-    # keys, tiles [m_lo, m_full) some (masked), the rest all of them. A block reaching past
-    # NK, or a partial last query tile (whose rows past NQ read another head's), masks every
-    # step.
+    m_tiles = gl.cdiv(shift + nq, BLOCK_M)
+    # Causal: query i sees key j iff j <= i + (nk - nq); tile m holds queries from
+    # m BLOCK_M - shift on. Tiles before m_lo see none of these keys, tiles [m_lo, m_full)
+    # some (masked), the rest all of them. Rows before the sequence mask tile 0; a block
+    # reaching past nk, or a partial last query tile (whose rows past nq read another head's
+    # or document's), masks every step.
     if CAUSAL:
-        m_lo = gl.minimum(gl.maximum(start_n - (NK - NQ), 0) // BLOCK_M, m_tiles)
-        m_full = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - (NK - NQ), 0), BLOCK_M), m_tiles)
+        m_lo = gl.minimum(gl.maximum(start_n - (nk - nq) + shift, 0) // BLOCK_M, m_tiles)
+        m_full = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - (nk - nq) + shift, 0), BLOCK_M), m_tiles)
     else:
         m_lo = 0
         m_full = 0
-    if (start_n + BLOCK_N > NK) | (NQ % BLOCK_M != 0):
+    if shift > 0:
+        m_full = gl.maximum(m_full, 1)
+    if (start_n + BLOCK_N > nk) | ((shift + nq) % BLOCK_M != 0):
         m_full = m_tiles
-    return bh // HKV, bh % HKV, start_n, m_lo, m_full, m_tiles
+    return off_b, off_hk, q_begin - shift, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_tiles
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
-              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
     the ring."""
     HKV = HQ // GROUP
-    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, CAUSAL)
+    off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, m_tiles = _program_item(
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma_load(k_desc, [(off_b * HKV + off_hk) * NK + start_n, 0], kv_ready, k_smem)
-    tma_load(v_desc, [off_b, start_n, off_hk, 0], kv_ready, v_smem)
+    tma_load(k_desc, [(off_b * HKV + off_hk) * NK + k_begin + start_n, 0], kv_ready, k_smem)
+    tma_load(v_desc, [off_b, k_begin + start_n, off_hk, 0], kv_ready, v_smem)
     count = 0  # steps loaded so far: the ring position
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
@@ -89,21 +124,23 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
             ready = q_ready.index(stage)
             mbarrier.expect(ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes
                             + 2 * lse2_desc.block_type.nbytes)
-            tma_load(q_desc, [(off_b * HQ + off_h) * NQ + m * BLOCK_M, 0], ready, q_smem.index(stage))
-            tma_load(do_desc, [off_b, m * BLOCK_M, off_h, 0], ready, do_smem.index(stage))
-            # lse2 and delta rows per head padded to whole tiles: a TMA tile starts 16-byte aligned
-            row = (off_b * HQ + off_h) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + m * BLOCK_M
+            first = q_base + m * BLOCK_M
+            tma_load(q_desc, [(off_b * HQ + off_h) * NQ + first, 0], ready, q_smem.index(stage))
+            tma_load(do_desc, [off_b, first, off_h, 0], ready, do_smem.index(stage))
+            # lse2 and delta: each head's rows padded to whole tiles, so a tile starts 16-byte aligned
+            row = (off_b * HQ + off_h) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + first
             tma_load(lse2_desc, [row], ready, lse2_smem.index(stage))
             tma_load(delta_desc, [row], ready, delta_smem.index(stage))
             count += 1
 
 
 @gluon.jit
-def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
+def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
           dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
-          CAUSAL: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr,
-          DQ_L: gl.constexpr):
-    """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring)."""
+          CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
+          S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+    """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring):
+    tile m holds the sequence's queries from m BLOCK_M - shift on (NQ, NK: its counts)."""
     dtype: gl.constexpr = k_smem.dtype
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
     DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
@@ -123,9 +160,12 @@ def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse
         # constants i stay immediates (against m * BLOCK_M + i, the compiler keeps 16
         # 64-bit bounds per thread alive across the loop)
         i = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, S_L)), 0)
-        visible = gl.expand_dims(keys < NK, 1) & (i < NQ - m * BLOCK_M)
+        first = m * BLOCK_M - shift
+        visible = gl.expand_dims(keys < NK, 1) & (i < NQ - first)
+        if VARLEN:  # a document's tile 0 may begin in the document before
+            visible = visible & (i >= -first)
         if CAUSAL:  # key j visible to query q iff j <= q + NK - NQ
-            visible = visible & (gl.expand_dims(keys - (m * BLOCK_M + NK - NQ), 1) <= i)
+            visible = visible & (gl.expand_dims(keys - (first + NK - NQ), 1) <= i)
         pt = gl.where(visible, pt, 0.0)
     dpt = warpgroup_mma_wait(0, deps=[dpt_token])
     dst = (pt * (dpt - gl.expand_dims(delta_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0)) * LN2).to(dtype)
@@ -169,9 +209,9 @@ def _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse
 
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
-              ds_ready, dq_desc, DK,
-              stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP,
-              CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr,
+              ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK,
+              HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CID: gl.constexpr,
+              HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               STAGES: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
     NW: gl.constexpr = gl.num_warps()
@@ -180,7 +220,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
-    off_b, off_hk, start_n, m_lo, m_full, m_tiles = _program_item(NQ, NK, HKV, GROUP, CAUSAL)
+    off_b, off_hk, q_base, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_tiles = _program_item(
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
     keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
     k_block = k_smem
     v_block = v_smem.reshape([BLOCK_N, D_PAD])
@@ -191,23 +232,23 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     mbarrier.wait(kv_ready, 0)
     count = 0  # steps consumed so far: the ring position, as the producer's
     for g in range(GROUP):
-        dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M  # this head's row 0 in dQ^
+        dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + q_base  # tile 0's row
         for m in range(m_lo, m_full):
-            dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID,
-                           D_PAD, CAUSAL, True, STAGES, S_L, O_L, DQ_L)
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           D_PAD, CAUSAL, VARLEN, True, STAGES, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_full, m_tiles):
-            dk, dv = _step(count, m, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID,
-                           D_PAD, CAUSAL, False, STAGES, S_L, O_L, DQ_L)
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           D_PAD, CAUSAL, VARLEN, False, STAGES, S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
     out_keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, O_L))
     cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
-    mask = gl.expand_dims(out_keys < NK, 1) & (cols < HEAD_DIM)
-    rows = gl.expand_dims(out_keys.to(gl.int64), 1)
+    mask = gl.expand_dims(out_keys < nk, 1) & (cols < HEAD_DIM)
+    rows = gl.expand_dims((k_begin + out_keys).to(gl.int64), 1)
     dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
     gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
     dv_ptr = DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
@@ -217,15 +258,16 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
 @gluon.jit
 def rope_attention_bwd_hopper_kernel(
     q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV,
-    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
-    CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
+    HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
     descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
     key) and delta [B, Hq, Nq rounded up to BLOCK_M] through 1-D descriptors; dq_desc over
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
-    and dV."""
+    and dV. VARLEN: B = 1 and n_docs documents bounded by cu_seqlens (int32 [n_docs + 1])."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)
@@ -249,15 +291,21 @@ def rope_attention_bwd_hopper_kernel(
         mbarrier.init(ds_ready.index(i), count=2)  # both consumers stored their half of dS^T
     fence_async_shared()
 
+    # warp_specialize takes no None: dense calls pass a pointer they never read
+    cu_q = CU_SEQLENS_Q if VARLEN else DK
+    cu_k = CU_SEQLENS_K if VARLEN else DK
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
-                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CAUSAL, STAGES)),
+                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps,
+                     CAUSAL, VARLEN, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, 0, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps, 0, HEAD_DIM, D_PAD, CAUSAL,
+                     VARLEN, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, 1, HEAD_DIM, D_PAD, CAUSAL, STAGES)),
+                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps, 1, HEAD_DIM, D_PAD, CAUSAL,
+                     VARLEN, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -286,11 +334,13 @@ def bwd_config(head_dim):
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
-def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causal, config=None):
+def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causal, cu_seqlens_q=None,
+                              cu_seqlens_k=None, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from the
     rope passes' Q^ and K^ (sequence-major [B, N, H, D] views) and the preprocessed lse2 and
     delta, dK^ into dk_hat (like k) and returns dQ^ (a float32 [B, Nq, Hq, D] view) and dv
-    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`)."""
+    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`).
+    Varlen: B = 1 and cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
     d_pad = max(16, next_power_of_2(head_dim))
@@ -307,17 +357,24 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     v_desc = TensorDescriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = TensorDescriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
+    # A packed document's first and last query tiles add zeros (their rows outside it are
+    # masked) into the neighbours' rows of dQ^, or past the end, where TMA clips.
     dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block, DQ_LAYOUT)
-    if nq_tiles != nq:  # a TMA tile must start 16-byte aligned: each head's rows padded to whole tiles
+    if nq_tiles != nq:  # each head's rows padded to whole tiles
         lse2, delta = (torch.nn.functional.pad(x, (0, nq_tiles - nq)) for x in (lse2, delta))
     row_block = [BLOCK_M.value]
     lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
-    n_bh = batch * hkv
+    if cu_seqlens_q is None:
+        n_docs, programs = 0, cdiv(nk, BLOCK_N.value) * batch * hkv
+    else:  # (KV head, block index) with a gap of at most one index per document (`tile_base`)
+        n_docs = cu_seqlens_q.shape[0] - 1
+        programs = (cdiv(nk, BLOCK_N.value) + n_docs) * hkv
     launch(
-        rope_attention_bwd_hopper_kernel, (cdiv(nk, BLOCK_N.value) * n_bh,),
+        rope_attention_bwd_hopper_kernel, (programs,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
-        *dv.stride()[:3], nq, nk, hq, hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, STAGES=stages,
+        *dv.stride()[:3], nq, nk, hq, hq // hkv, cu_seqlens_q, cu_seqlens_k, n_docs, (n_docs - 1).bit_length(),
+        HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv

@@ -160,37 +160,94 @@ def _rotate_q(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0,
 # ---- the persistent schedule, producer and consumers ----
 
 @gluon.jit
-def _work_item(item, NQ, NK, HQ, GROUP, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Work item -> (batch, query head, KV head, first query, key tiles visible to every row,
-    key tiles in all). Items run through the query tiles of one (batch, head) before the
-    next, so the programs running at one time share K/V in L2; causal ones longest first."""
-    n_m = gl.cdiv(NQ, BLOCK_M)
-    pid_bh = item // n_m
-    pid_m = item % n_m
+def tile_base(CU_SEQLENS, d, N, TILE: gl.constexpr):
+    """Document d's first tile index, cu_seqlens[d] // TILE + d: it grows by at least a
+    document's tile count from one document to the next (one gap per document at most), so
+    tile indices map to documents without a prefix sum that the host would compute."""
+    return gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d), 0), N) // TILE + d
+
+
+@gluon.jit
+def document_of_tile(CU_SEQLENS, t, N, n_docs, search_steps, TILE: gl.constexpr):
+    """The document whose tiles hold tile index t: the last d < n_docs with tile_base(d) <= t,
+    by binary search (search_steps = ceil(log2 n_docs))."""
+    lo = 0
+    hi = n_docs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        if tile_base(CU_SEQLENS, mid, N, TILE) <= t:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@gluon.jit
+def document_bounds(CU_SEQLENS, d, N):
+    """(first row, rows) of document d, clamped into the packed row of N: bad offsets (the
+    API checks them only on request) give wrong results, never accesses out of bounds."""
+    start = gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d), 0), N)
+    return start, gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d + 1), start), N) - start
+
+
+@gluon.jit
+def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr,
+               VARLEN: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work item -> (batch row, query head, KV head, first query row and query count of its
+    sequence, first key row and key count, first query of the tile within the sequence, key
+    tiles visible to every row, key tiles in all). A sequence is a batch row, or (VARLEN) a
+    document of the one packed row: items are (head, tile index) with the tile indices of
+    `tile_base`, and a gap between documents is an item of no rows (q_start = nq = 0).
+    Items run through the query tiles of one sequence and head before the next, so the
+    programs running at one time share K/V in L2; causal ones longest first."""
+    if VARLEN:
+        tiles_per_head = gl.cdiv(NQ, BLOCK_M) + n_docs
+        off_b = 0
+        off_h = item // tiles_per_head
+        t = item % tiles_per_head
+        doc = document_of_tile(CU_SEQLENS_Q, t, NQ, n_docs, search_steps, BLOCK_M)
+        q_begin, nq = document_bounds(CU_SEQLENS_Q, doc, NQ)
+        k_begin, nk = document_bounds(CU_SEQLENS_K, doc, NK)
+        n_m = gl.cdiv(nq, BLOCK_M)
+        pid_m = t - tile_base(CU_SEQLENS_Q, doc, NQ, BLOCK_M)
+        valid = (pid_m >= 0) & (pid_m < n_m)
+        nq = gl.where(valid, nq, 0)
+        pid_m = gl.where(valid, pid_m, 0)
+    else:
+        n_m = gl.cdiv(NQ, BLOCK_M)
+        pid_bh = item // n_m
+        pid_m = item % n_m
+        off_b = pid_bh // HQ
+        off_h = pid_bh % HQ
+        q_begin = 0
+        k_begin = 0
+        nq = NQ
+        nk = NK
     if CAUSAL:
-        pid_m = n_m - 1 - pid_m
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
+        pid_m = gl.maximum(n_m - 1 - pid_m, 0)
     q_start = pid_m * BLOCK_M
     # Key tiles [0, n_full) are visible to every row of the tile; [n_full, n_tiles) need masks.
     if CAUSAL:
-        last_key = gl.minimum(q_start + BLOCK_M, NQ) - 1 + (NK - NQ)  # of the tile's last row
-        n_tiles = gl.cdiv(gl.minimum(gl.maximum(last_key + 1, 0), NK), BLOCK_N)
-        n_full = gl.minimum(gl.maximum(q_start + (NK - NQ) + 1, 0) // BLOCK_N, NK // BLOCK_N)
+        last_key = gl.minimum(q_start + BLOCK_M, nq) - 1 + (nk - nq)  # of the tile's last row
+        n_tiles = gl.cdiv(gl.minimum(gl.maximum(last_key + 1, 0), nk), BLOCK_N)
+        n_full = gl.minimum(gl.maximum(q_start + (nk - nq) + 1, 0) // BLOCK_N, nk // BLOCK_N)
     else:
-        n_tiles = gl.cdiv(NK, BLOCK_N)
-        n_full = NK // BLOCK_N
-    return off_b, off_h, off_h // GROUP, q_start, n_full, n_tiles
+        n_tiles = gl.cdiv(nk, BLOCK_N)
+        n_full = nk // BLOCK_N
+    n_tiles = gl.where(q_start < nq, n_tiles, 0)
+    return off_b, off_h, off_h // GROUP, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles
 
 
 @gluon.jit
 def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-              CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K^ and V tiles of this program's work items into the ring; it runs
     ahead into the next item while the consumers finish the current one."""
     count = 0  # tiles loaded so far: the ring position
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        off_b, off_h, off_hkv, q_start, n_full, n_tiles = _work_item(item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+        off_b, _, off_hkv, _, _, k_begin, _, _, _, n_tiles = _work_item(
+            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N)
         kv_head = off_b * (HQ // GROUP) + off_hkv
         for j in range(n_tiles):
             stage = count % STAGES
@@ -198,10 +255,10 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty
             # an mbarrier starts as if its phase 1 had completed: the first lap does not block
             mbarrier.wait(k_empty.index(stage), phase ^ 1)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma_load(k_desc, [kv_head, j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
+            tma_load(k_desc, [kv_head, k_begin + j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
             mbarrier.wait(v_empty.index(stage), phase ^ 1)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma_load(v_desc, [off_b, j * BLOCK_N, off_hkv, 0], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [off_b, k_begin + j * BLOCK_N, off_hkv, 0], v_ready.index(stage), v_smem.index(stage))
             count += 1
 
 
@@ -255,11 +312,12 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 
 @gluon.jit
 def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
-              stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine,
-              turn_other, NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
+              stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem, v_smem, k_ready,
+              k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
+              CU_SEQLENS_K, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
               HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
-              HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
+              HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile."""
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
@@ -275,107 +333,126 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     turn_phase = 0
     # Up to D = 128 a warpgroup loads the next item's queries during this item's epilogue, in
     # 32 registers per thread; at D = 256 that would take 64 and spill: it loads them in turn.
-    PREFETCH_Q: gl.constexpr = D_PAD <= 128
+    # (Packed documents load them in turn too: the next item may be a gap between documents.)
+    PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     if PREFETCH_Q:
-        off_b, off_h, _, q_start, _, _ = _work_item(gl.program_id(0), NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
+        off_b, off_h, _, _, _, _, _, q_start, _, _ = _work_item(gl.program_id(0), NQ, NK, HQ, GROUP, CU_SEQLENS_Q,
+                                                                CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN,
+                                                                BLOCK_N)
         x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
                     q_start + CID * WG_ROWS, NQ, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        off_b, off_h, off_hkv, q_start, n_full, n_tiles = _work_item(item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
-        row0 = q_start + CID * WG_ROWS
-        if not PREFETCH_Q:
-            x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn, row0, NQ,
-                        HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
-        pos_ptr = Q_POS
-        if HAS_POS:
-            pos_ptr = Q_POS + off_b.to(gl.int64) * stride_pos_b
-        temp_ptr = TEMP
-        if HAS_TEMP:
-            temp_ptr = TEMP + off_b.to(gl.int64) * stride_temp_b
-        # recomputed per item: kept across the loop they would cost 16 registers per thread
-        inc_hi, inc_lo = _increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-        rotated = _rotate_q(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, NQ,
-                            q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, L3)
-        tma.store_wait(0)  # the previous item's O left this buffer
-        q_mma.store(rotated)
-        fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
+        off_b, off_h, off_hkv, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles = _work_item(
+            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N)
+        if q_start < nq:  # not a gap between documents
+            row0 = q_start + CID * WG_ROWS
+            if not PREFETCH_Q:
+                x = _load_q(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
+                            + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
+                            INTERLEAVED, L3)
+            pos_ptr = Q_POS
+            if HAS_POS:
+                pos_ptr = Q_POS + off_b.to(gl.int64) * stride_pos_b + q_begin.to(gl.int64) * stride_pos_n
+            temp_ptr = TEMP
+            if HAS_TEMP:
+                temp_ptr = TEMP + off_b.to(gl.int64) * stride_temp_b + q_begin.to(gl.int64) * stride_temp_n
+            # recomputed per item: kept across the loop they would cost 16 registers per thread
+            inc_hi, inc_lo = _increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+            rotated = _rotate_q(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
+                                q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, L3)
+            tma.store_wait(0)  # the previous item's O left this buffer
+            q_mma.store(rotated)
+            fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
 
-        rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
-        acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
-        m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, ROW_S)
-        l_i = gl.full([WG_ROWS], 0.0, gl.float32, ROW_S)
-        if n_tiles > 0:
-            # tile 0: S only (masked: it may be the causal diagonal or the last, partial tile)
-            stage = count % STAGES
-            mbarrier.wait(k_ready.index(stage), (count // STAGES) & 1)
-            mbarrier.wait(turn_mine, turn_phase)
-            k = k_smem.index(stage).reshape([BLOCK_N, D_PAD]).permute((1, 0))
-            s_token = warpgroup_mma(q_mma, k, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, S_L), use_acc=False,
-                                    is_async=True)
-            mbarrier.arrive(turn_other, count=1)
-            s = warpgroup_mma_wait(0, deps=[s_token])
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, 0, NQ, NK, CAUSAL, True, BLOCK_N, S_L)
-            p = gl.convert_layout(p.to(dtype), P_L)
-            turn_phase ^= 1
-            count += 1
-            for j in range(1, n_full):
-                p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
-                    j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-                    turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL, False, BLOCK_N, D_PAD, STAGES, S_L,
-                    O_L, P_L)
+            rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
+            acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
+            m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, ROW_S)
+            l_i = gl.full([WG_ROWS], 0.0, gl.float32, ROW_S)
+            if n_tiles > 0:
+                # tile 0: S only (masked: it may be the causal diagonal or the last, partial tile)
+                stage = count % STAGES
+                mbarrier.wait(k_ready.index(stage), (count // STAGES) & 1)
+                mbarrier.wait(turn_mine, turn_phase)
+                k = k_smem.index(stage).reshape([BLOCK_N, D_PAD]).permute((1, 0))
+                s_token = warpgroup_mma(q_mma, k, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, S_L), use_acc=False,
+                                        is_async=True)
+                mbarrier.arrive(turn_other, count=1)
+                s = warpgroup_mma_wait(0, deps=[s_token])
+                mbarrier.arrive(k_empty.index(stage), count=1)
+                p, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, 0, nq, nk, CAUSAL, True, BLOCK_N, S_L)
+                p = gl.convert_layout(p.to(dtype), P_L)
+                turn_phase ^= 1
                 count += 1
-            for j in range(gl.maximum(n_full, 1), n_tiles):
-                p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
-                    j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-                    turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL, True, BLOCK_N, D_PAD, STAGES, S_L,
-                    O_L, P_L)
-                count += 1
-            # drain: the last PV
-            last = (count - 1) % STAGES
-            mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
-            o_token = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, D_PAD]), acc, is_async=True)
-            acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
-            mbarrier.arrive(v_empty.index(last), count=1)
+                for j in range(1, n_full):
+                    p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
+                        j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+                        turn_phase, p, alpha, acc, m_i, l_i, rows, nq, nk, CAUSAL, False, BLOCK_N, D_PAD, STAGES,
+                        S_L, O_L, P_L)
+                    count += 1
+                for j in range(gl.maximum(n_full, 1), n_tiles):
+                    p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
+                        j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+                        turn_phase, p, alpha, acc, m_i, l_i, rows, nq, nk, CAUSAL, True, BLOCK_N, D_PAD, STAGES,
+                        S_L, O_L, P_L)
+                    count += 1
+                # drain: the last PV
+                last = (count - 1) % STAGES
+                mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+                o_token = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, D_PAD]), acc, is_async=True)
+                acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
+                mbarrier.arrive(v_empty.index(last), count=1)
 
-        if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
-            next_item = item + gl.num_programs(0)
-            next_b, next_h, _, next_start, _, _ = _work_item(next_item, NQ, NK, HQ, GROUP, CAUSAL, BLOCK_N)
-            x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
-                        next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
-                        INTERLEAVED, L3)
+            if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
+                next_item = item + gl.num_programs(0)
+                next_b, next_h, _, _, _, _, _, next_start, _, _ = _work_item(
+                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN,
+                    BLOCK_N)
+                x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
+                            next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
+                            INTERLEAVED, L3)
 
-        # epilogue: O = acc / l through this warpgroup's (now unused) Q^ buffer and a TMA store
-        # that runs on while the next item starts (rows past NQ and features past HEAD_DIM are
-        # clipped); lse in natural log. A row that saw no key (causal, Nq > Nk) gets O = 0 and
-        # lse = -inf.
-        seen = l_i > 0
-        l_safe = gl.where(seen, l_i, 1.0)
-        acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, O_L)), 1)
-        q_mma.store(acc.to(dtype))
-        fence_async_shared()
-        tma_store(o_desc, [off_b, row0, off_h, 0], q_tile)
-        log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
-                                           is_pure=True, pack=1)
-        gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + rows,
-                 gl.where(seen, (m_i + log2_l) * LN2, float("-inf")), mask=rows < NQ)
+            # epilogue: O = acc / l through this warpgroup's (now unused) Q^ buffer and a TMA
+            # store that runs on while the next item starts (rows past NQ and features past
+            # HEAD_DIM are clipped); lse in natural log. A row that saw no key (causal, Nq >
+            # Nk) gets O = 0 and lse = -inf.
+            seen = l_i > 0
+            l_safe = gl.where(seen, l_i, 1.0)
+            acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, O_L)), 1)
+            if (row0 + WG_ROWS > nq) if VARLEN else False:
+                # a document's last rows: a TMA store would also write the next document's
+                o_rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, O_L)), 1)
+                cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
+                o_ptr = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+                gl.store(o_ptr + (q_begin + o_rows).to(gl.int64) * stride_on + cols, acc.to(dtype),
+                         mask=(o_rows < nq) & (cols < HEAD_DIM))
+            else:
+                q_mma.store(acc.to(dtype))
+                fence_async_shared()
+                tma_store(o_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
+            log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
+                                               is_pure=True, pack=1)
+            gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + q_begin + rows,
+                     gl.where(seen, (m_i + log2_l) * LN2, float("-inf")), mask=rows < nq)
     tma.store_wait(0)
 
 
 @gluon.jit
 def rope_attention_fwd_hopper_kernel(
-    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, LSE, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n,
-    TEMP, stride_temp_b, stride_temp_n, NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale, rot_scale,
+    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, INV_FREQ,
+    Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b, stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
+    CU_SEQLENS_K, n_docs, search_steps, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
-    HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Persistent: program i runs work items i, i + grid, ... (`_work_item`). Q unrotated (any
     strides, last dim contiguous), K^ rotated (3-D descriptor over [B * Hkv, Nk, D or D_PAD] in
     the kernel's feature order), V and O through 4-D descriptors over their [B, N, H, D]
-    strides; lse [B, Hq, Nq]. row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2;
-    TEMP [B or 1, Nq] multiplies row_scale per query."""
+    strides (O also as a pointer, for the last rows of packed documents); lse [B, Hq, Nq].
+    row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2; TEMP [B or 1, Nq]
+    multiplies row_scale per query. VARLEN: B = 1, and n_docs documents bounded by
+    cu_seqlens (int32 [n_docs + 1], read here only) with positions (HAS_POS)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
@@ -398,17 +475,21 @@ def rope_attention_fwd_hopper_kernel(
     # warp_specialize takes no None: an absent input passes a pointer it never reads
     pos = Q_POS if HAS_POS else LSE
     temp = TEMP if HAS_TEMP else LSE
+    cu_q = CU_SEQLENS_Q if VARLEN else LSE
+    cu_k = CU_SEQLENS_K if VARLEN else LSE
     gl.warp_specialize([
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                     CAUSAL, BLOCK_N, STAGES)),
+                     cu_q, cu_k, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
-                     v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale,
-                     rot_scale, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, BLOCK_N, STAGES)),
+                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
+                     v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP,
+                     n_items, cu_q, cu_k, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, 0, HEAD_DIM,
+                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, LSE, o_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
-                     v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP, n_items, q_pos_offset, row_scale,
-                     rot_scale, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, BLOCK_N, STAGES)),
+                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
+                     v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP,
+                     n_items, cu_q, cu_k, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, 1, HEAD_DIM,
+                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -457,11 +538,14 @@ def slot_order(head_dim_pad, rotary_dim, interleaved):
 
 
 def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
-                              interleaved, causal, softmax_scale, rotary_scale, config=None):
+                              interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+                              max_seqlen_q=0, max_seqlen_k=0, config=None):
     """Scaled rotary attention forward on Hopper: the key rope pass (into a K^ buffer for this
     call only, in the kernel's feature order), then the warp-specialized kernel, which
     rotates the queries itself. Arguments as `kernels.attention_fwd.rope_attention_fwd` (q,
-    k, v 16-bit); returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32."""
+    k, v 16-bit; varlen with both positions given); returns out (like q: shape, strides,
+    dtype) and lse [B, Hq, Nq] float32. The max_seqlen ints are not needed here: packed
+    documents' work items come from cu_seqlens on the device (`_work_item`)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = max(16, next_power_of_2(head_dim))
@@ -481,17 +565,29 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
                               shared_layout(v_block, q.dtype))
     o_desc = TensorDescriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
                               shared_layout(o_block, q.dtype))
-    # Non-causal items are equal: one program per SM runs them in turn (its producer loads the
-    # next item's first tiles during the last one's epilogue). Causal items differ in length:
-    # one program each, longest first, and the hardware hands out the next as SMs free up.
-    n_items = cdiv(nq, BLOCK_M.value) * batch * hq
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        # Items are (head, tile index) with a gap of at most one index per document
+        # (`tile_base`); their lengths vary with the documents', so one program per item,
+        # and the hardware hands out the next as SMs free up (gaps exit at once).
+        n_docs = cu_seqlens_q.shape[0] - 1
+        n_items = (cdiv(nq, BLOCK_M.value) + n_docs) * hq
+        grid = n_items
+    else:
+        # Non-causal items are equal: one program per SM runs them in turn (its producer loads
+        # the next item's first tiles during the last one's epilogue). Causal items differ in
+        # length: one program each, longest first, as SMs free up.
+        n_docs = 0
+        n_items = cdiv(nq, BLOCK_M.value) * batch * hq
+        grid = n_items if causal else min(n_items, multiprocessors(q.device))
     launch(
-        rope_attention_fwd_hopper_kernel, (n_items if causal else min(n_items, multiprocessors(q.device)),),
-        q, *q.stride()[:3], k_desc, v_desc, o_desc, lse, inv_freq, q_positions, *row_strides(q_positions),
-        q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items, nk - nq,
-        softmax_scale * LOG2E, rotary_scale**2,
+        rope_attention_fwd_hopper_kernel, (grid,),
+        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
+        *row_strides(q_positions), q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items,
+        cu_seqlens_q, cu_seqlens_k, n_docs, (n_docs - 1).bit_length(), nk - nq, softmax_scale * LOG2E,
+        rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
-        HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, BLOCK_N=block_n,
-        STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
+        BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return out, lse
