@@ -46,7 +46,8 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
                   VARLEN: gl.constexpr):
     """Program -> (batch row, KV head, row of its sequence's first query tile, rows of that
     tile before the sequence, query count, first key row, key count, first key of the block
-    within the sequence, first query tile, first unmasked query tile, query tiles in all). A
+    within the sequence, first query tile, first unmasked query tile, first masked query
+    tile after those, query tiles in all). A
     sequence is a batch row, or (VARLEN) a document of the one packed row: programs are (KV
     head, block index) with the block indices of the forward's `tile_base` over
     cu_seqlens_k, and a gap between documents is a program of no keys. A document's query
@@ -86,9 +87,9 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
     m_tiles = gl.cdiv(shift + nq, BLOCK_M)
     # Causal: query i sees key j iff j <= i + (nk - nq); tile m holds queries from
     # m BLOCK_M - shift on. Tiles before m_lo see none of these keys, tiles [m_lo, m_full)
-    # some (masked), the rest all of them. Rows before the sequence mask tile 0; a block
-    # reaching past nk, or a partial last query tile (whose rows past nq read another head's
-    # or document's), masks every step.
+    # some (masked), the rest all of them. Rows before the sequence mask tile 0, and rows
+    # past nq (another head's or document's) a partial last tile, [m_end, m_tiles); a block
+    # reaching past nk masks every step.
     if CAUSAL:
         m_lo = gl.minimum(gl.maximum(start_n - (nk - nq) + shift, 0) // BLOCK_M, m_tiles)
         m_full = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - (nk - nq) + shift, 0), BLOCK_M), m_tiles)
@@ -97,9 +98,13 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
         m_full = 0
     if shift > 0:
         m_full = gl.maximum(m_full, 1)
-    if (start_n + BLOCK_N > nk) | ((shift + nq) % BLOCK_M != 0):
+    m_end = m_tiles
+    if (shift + nq) % BLOCK_M != 0:
+        m_end = gl.maximum(m_tiles - 1, m_full)
+    if start_n + BLOCK_N > nk:
         m_full = m_tiles
-    return off_b, off_hk, q_begin - shift, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_tiles
+        m_end = m_tiles
+    return off_b, off_hk, q_begin - shift, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_end, m_tiles
 
 
 @gluon.jit
@@ -109,7 +114,7 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
     """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
     the ring."""
     HKV = HQ // GROUP
-    off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, m_tiles = _program_item(
+    off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, _, m_tiles = _program_item(
         NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma_load(k_desc, [(off_b * HKV + off_hk) * NK + k_begin + start_n, 0], kv_ready, k_smem)
@@ -220,7 +225,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
-    off_b, off_hk, q_base, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_tiles = _program_item(
+    off_b, off_hk, q_base, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_end, m_tiles = _program_item(
         NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
     keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
     k_block = k_smem
@@ -238,10 +243,15 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
                            D_PAD, CAUSAL, VARLEN, True, STAGES, S_L, O_L, DQ_L)
             count += 1
-        for m in range(m_full, m_tiles):
+        for m in range(m_full, m_end):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
                            D_PAD, CAUSAL, VARLEN, False, STAGES, S_L, O_L, DQ_L)
+            count += 1
+        for m in range(m_end, m_tiles):
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           D_PAD, CAUSAL, VARLEN, True, STAGES, S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
