@@ -79,7 +79,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     TEMP=("*fp32", 16) if temperature else None, stride_temp_b="i32", stride_temp_n="i32",
                     NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_items="i32",
                     CU_SEQLENS_Q=("*i32", 16) if varlen else None, CU_SEQLENS_K=("*i32", 16) if varlen else None,
-                    n_docs="i32", search_steps="i32", q_pos_offset="i32", row_scale="fp32",
+                    TILES=("*i32", 16) if varlen else None, q_pos_offset="i32", row_scale="fp32",
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
                     VARLEN=[varlen], BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
@@ -136,7 +136,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
                     DV=(f"*{dtype}", 16), stride_dvb=("i64", 16), stride_dvn=("i32", 16), stride_dvh=("i32", 16),
                     NQ="i32", NK="i32", HQ="i32", GROUP="i32", CU_SEQLENS_Q=("*i32", 16) if varlen else None,
-                    CU_SEQLENS_K=("*i32", 16) if varlen else None, n_docs="i32", search_steps="i32",
+                    CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], CAUSAL=[causal], VARLEN=[varlen], STAGES=[stages],
                     CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))

@@ -12,6 +12,7 @@ import torch
 
 from bench.peers import log_uniform_lengths
 from ropefast import dispatch, ops, scaled_rope_attention, scaled_rope_attention_varlen, schedules
+from ropefast.kernels.document_tiles import document_tiles
 from ropefast.reference import scaled_rope_attention_reference, scaled_rope_attention_varlen_reference
 from ropefast.varlen import CHECK_VALUES_ENV, document_positions, from_position_ids
 
@@ -152,6 +153,20 @@ def test_varlen_deterministic_backward_is_bitwise_repeatable():
     first = grads()
     for _ in range(2):
         assert all(torch.equal(a, b) for a, b in zip(grads(), first))
+
+
+@requires_kernel
+def test_document_tiles_lists_every_tile_once():
+    # the table the Hopper kernels index: (document, tile within it), then (-1, 0) up to
+    # token count / tile + document count entries; empty documents have no tile
+    cu = cu_seqlens((5, 0, 300, 128, 1))
+    table = document_tiles(cu, 434, 128)
+    tiles = [(0, 0), (2, 0), (2, 1), (2, 2), (3, 0), (4, 0)]
+    assert table.dtype == torch.int32 and table.tolist() == [list(t) for t in tiles + [(-1, 0)] * 3]
+    many = [3, 130, 0, 257] * 100  # more documents than one block of the kernel
+    table = document_tiles(cu_seqlens(many), sum(many), 128)
+    expect = [[d, m] for d, n in enumerate(many) for m in range(-(-n // 128))]
+    assert table.tolist() == expect + [[-1, 0]] * (table.shape[0] - len(expect))
 
 
 @requires_kernel

@@ -31,7 +31,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import cdiv, launch, next_power_of_2
-from .attention_fwd import document_bounds, document_of_tile, mma_layout, shared_layout, tile_base
+from ..document_tiles import document_tiles
+from .attention_fwd import document_bounds, document_tile, mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -42,15 +43,14 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr,
-                  VARLEN: gl.constexpr):
+def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr):
     """Program -> (batch row, KV head, row of its sequence's first query tile, rows of that
     tile before the sequence, query count, first key row, key count, first key of the block
     within the sequence, first query tile, first unmasked query tile, first masked query
     tile after those, query tiles in all). A
-    sequence is a batch row, or (VARLEN) a document of the one packed row: programs are (KV
-    head, block index) with the block indices of the forward's `tile_base` over
-    cu_seqlens_k, and a gap between documents is a program of no keys. A document's query
+    sequence is a batch row, or (VARLEN) a document of the one packed row: programs are (key
+    block of the TILES table, KV head), head fastest, and the table's entries past the last
+    block are programs of no keys. A document's query
     tiles start at a multiple of BLOCK_M in the packed row (its first one may begin in the
     document before: those rows are masked), since TMA reads the 1-D lse2 and delta tiles
     from 16-byte aligned starts only. The key blocks of one head run together: they stream the same Q^
@@ -59,18 +59,13 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
     causal backward at N = 4k took 0.84x the full one's time; bench/RESULTS.md.) Within a
     head, causal blocks come longest first."""
     if VARLEN:
-        blocks_per_head = gl.cdiv(NK, BLOCK_N) + n_docs
         off_b = 0
-        off_hk = gl.program_id(0) // blocks_per_head
-        t = gl.program_id(0) % blocks_per_head
-        doc = document_of_tile(CU_SEQLENS_K, t, NK, n_docs, search_steps, BLOCK_N)
-        q_begin, nq = document_bounds(CU_SEQLENS_Q, doc, NQ)
-        k_begin, nk = document_bounds(CU_SEQLENS_K, doc, NK)
-        block = t - tile_base(CU_SEQLENS_K, doc, NK, BLOCK_N)
-        valid = (block >= 0) & (block < gl.cdiv(nk, BLOCK_N))
-        nq = gl.where(valid, nq, 0)
-        nk = gl.where(valid, nk, 0)
-        block = gl.where(valid, block, 0)
+        off_hk = gl.program_id(0) % HKV
+        doc, block = document_tile(TILES, gl.program_id(0) // HKV)
+        q_begin, nq = document_bounds(CU_SEQLENS_Q, gl.maximum(doc, 0), NQ)
+        k_begin, nk = document_bounds(CU_SEQLENS_K, gl.maximum(doc, 0), NK)
+        nq = gl.where(doc >= 0, nq, 0)
+        nk = gl.where(doc >= 0, nk, 0)
         shift = gl.where(nq > 0, q_begin % BLOCK_M, 0)
     else:
         n_blocks = gl.cdiv(NK, BLOCK_N)
@@ -109,13 +104,13 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
-              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
+              v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
               CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
     the ring."""
     HKV = HQ // GROUP
     off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, _, m_tiles = _program_item(
-        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma_load(k_desc, [(off_b * HKV + off_hk) * NK + k_begin + start_n, 0], kv_ready, k_smem)
     tma_load(v_desc, [off_b, k_begin + start_n, off_hk, 0], kv_ready, v_smem)
@@ -215,7 +210,7 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
               ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK,
-              HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CID: gl.constexpr,
+              HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr,
               HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               STAGES: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
@@ -226,7 +221,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
     off_b, off_hk, q_base, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_end, m_tiles = _program_item(
-        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN)
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN)
     keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
     k_block = k_smem
     v_block = v_smem.reshape([BLOCK_N, D_PAD])
@@ -268,7 +263,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
 @gluon.jit
 def rope_attention_bwd_hopper_kernel(
     q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV,
-    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps,
+    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
@@ -277,7 +272,8 @@ def rope_attention_bwd_hopper_kernel(
     key) and delta [B, Hq, Nq rounded up to BLOCK_M] through 1-D descriptors; dq_desc over
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
-    and dV. VARLEN: B = 1 and n_docs documents bounded by cu_seqlens (int32 [n_docs + 1])."""
+    and dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
+    TILES their key blocks (`kernels.document_tiles`)."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)
@@ -304,17 +300,18 @@ def rope_attention_bwd_hopper_kernel(
     # warp_specialize takes no None: dense calls pass a pointer they never read
     cu_q = CU_SEQLENS_Q if VARLEN else DK
     cu_k = CU_SEQLENS_K if VARLEN else DK
+    tiles = TILES if VARLEN else DK
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
-                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps,
+                     k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles,
                      CAUSAL, VARLEN, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps, 0, HEAD_DIM, D_PAD, CAUSAL,
+                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, CAUSAL,
                      VARLEN, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, n_docs, search_steps, 1, HEAD_DIM, D_PAD, CAUSAL,
+                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, CAUSAL,
                      VARLEN, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -376,14 +373,14 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
     if cu_seqlens_q is None:
-        n_docs, programs = 0, cdiv(nk, BLOCK_N.value) * batch * hkv
-    else:  # (KV head, block index) with a gap of at most one index per document (`tile_base`)
-        n_docs = cu_seqlens_q.shape[0] - 1
-        programs = (cdiv(nk, BLOCK_N.value) + n_docs) * hkv
+        tiles, programs = None, cdiv(nk, BLOCK_N.value) * batch * hkv
+    else:  # (key block, KV head) of the document tiles' table
+        tiles = document_tiles(cu_seqlens_k, nk, BLOCK_N.value)
+        programs = tiles.shape[0] * hkv
     launch(
         rope_attention_bwd_hopper_kernel, (programs,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
-        *dv.stride()[:3], nq, nk, hq, hq // hkv, cu_seqlens_q, cu_seqlens_k, n_docs, (n_docs - 1).bit_length(),
+        *dv.stride()[:3], nq, nk, hq, hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles,
         HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, STAGES=stages,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )

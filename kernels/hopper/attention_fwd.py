@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..attention_fwd import LOG2E
+from ..document_tiles import document_tiles
 from ..launch import cdiv, launch, next_power_of_2
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
@@ -160,26 +161,10 @@ def _rotate_q(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0,
 # ---- the persistent schedule, producer and consumers ----
 
 @gluon.jit
-def tile_base(CU_SEQLENS, d, N, TILE: gl.constexpr):
-    """Document d's first tile index, cu_seqlens[d] // TILE + d: it grows by at least a
-    document's tile count from one document to the next (one gap per document at most), so
-    tile indices map to documents without a prefix sum that the host would compute."""
-    return gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d), 0), N) // TILE + d
-
-
-@gluon.jit
-def document_of_tile(CU_SEQLENS, t, N, n_docs, search_steps, TILE: gl.constexpr):
-    """The document whose tiles hold tile index t: the last d < n_docs with tile_base(d) <= t,
-    by binary search (search_steps = ceil(log2 n_docs))."""
-    lo = 0
-    hi = n_docs
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        if tile_base(CU_SEQLENS, mid, N, TILE) <= t:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def document_tile(TILES, t):
+    """(document, tile within it) of entry t of a `kernels.document_tiles` table; the
+    document is -1 past the last tile."""
+    return gl.load(TILES + 2 * t), gl.load(TILES + 2 * t + 1)
 
 
 @gluon.jit
@@ -191,28 +176,23 @@ def document_bounds(CU_SEQLENS, d, N):
 
 
 @gluon.jit
-def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr,
+def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr,
                VARLEN: gl.constexpr, BLOCK_N: gl.constexpr):
     """Work item -> (batch row, query head, KV head, first query row and query count of its
     sequence, first key row and key count, first query of the tile within the sequence, key
     tiles visible to every row, key tiles in all). A sequence is a batch row, or (VARLEN) a
-    document of the one packed row: items are (head, tile index) with the tile indices of
-    `tile_base`, and a gap between documents is an item of no rows (q_start = nq = 0).
-    Items run through the query tiles of one sequence and head before the next, so the
-    programs running at one time share K/V in L2; causal ones longest first."""
+    document of the one packed row: items are (query tile of the TILES table, head), head
+    fastest, and the table's entries past the last tile are items of no rows (nq = 0).
+    Items run through the query tiles of one sequence (and, dense, head) before the next,
+    so the programs running at one time share K/V in L2; causal ones longest first."""
     if VARLEN:
-        tiles_per_head = gl.cdiv(NQ, BLOCK_M) + n_docs
         off_b = 0
-        off_h = item // tiles_per_head
-        t = item % tiles_per_head
-        doc = document_of_tile(CU_SEQLENS_Q, t, NQ, n_docs, search_steps, BLOCK_M)
-        q_begin, nq = document_bounds(CU_SEQLENS_Q, doc, NQ)
-        k_begin, nk = document_bounds(CU_SEQLENS_K, doc, NK)
+        off_h = item % HQ
+        doc, pid_m = document_tile(TILES, item // HQ)
+        q_begin, nq = document_bounds(CU_SEQLENS_Q, gl.maximum(doc, 0), NQ)
+        k_begin, nk = document_bounds(CU_SEQLENS_K, gl.maximum(doc, 0), NK)
+        nq = gl.where(doc >= 0, nq, 0)
         n_m = gl.cdiv(nq, BLOCK_M)
-        pid_m = t - tile_base(CU_SEQLENS_Q, doc, NQ, BLOCK_M)
-        valid = (pid_m >= 0) & (pid_m < n_m)
-        nq = gl.where(valid, nq, 0)
-        pid_m = gl.where(valid, pid_m, 0)
     else:
         n_m = gl.cdiv(NQ, BLOCK_M)
         pid_bh = item // n_m
@@ -240,14 +220,14 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, sear
 
 @gluon.jit
 def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-              CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+              CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K^ and V tiles of this program's work items into the ring; it runs
     ahead into the next item while the consumers finish the current one."""
     count = 0  # tiles loaded so far: the ring position
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
         off_b, _, off_hkv, _, _, k_begin, _, _, _, n_tiles = _work_item(
-            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N)
+            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
         kv_head = off_b * (HQ // GROUP) + off_hkv
         for j in range(n_tiles):
             stage = count % STAGES
@@ -314,7 +294,7 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
               stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem, v_smem, k_ready,
               k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-              CU_SEQLENS_K, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
+              CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
               HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
               HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -333,17 +313,17 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     turn_phase = 0
     # Up to D = 128 a warpgroup loads the next item's queries during this item's epilogue, in
     # 32 registers per thread; at D = 256 that would take 64 and spill: it loads them in turn.
-    # (Packed documents load them in turn too: the next item may be a gap between documents.)
+    # (Packed documents run one item per program: there is no next item.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     if PREFETCH_Q:
         off_b, off_h, _, _, _, _, _, q_start, _, _ = _work_item(gl.program_id(0), NQ, NK, HQ, GROUP, CU_SEQLENS_Q,
-                                                                CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN,
+                                                                CU_SEQLENS_K, TILES, CAUSAL, VARLEN,
                                                                 BLOCK_N)
         x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
                     q_start + CID * WG_ROWS, NQ, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
         off_b, off_h, off_hkv, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles = _work_item(
-            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N)
+            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
         if q_start < nq:  # not a gap between documents
             row0 = q_start + CID * WG_ROWS
             if not PREFETCH_Q:
@@ -406,7 +386,7 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
                 next_item = item + gl.num_programs(0)
                 next_b, next_h, _, _, _, _, _, next_start, _, _ = _work_item(
-                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, n_docs, search_steps, CAUSAL, VARLEN,
+                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN,
                     BLOCK_N)
                 x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
                             next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
@@ -441,7 +421,7 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
 def rope_attention_fwd_hopper_kernel(
     Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, INV_FREQ,
     Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b, stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-    CU_SEQLENS_K, n_docs, search_steps, q_pos_offset, row_scale, rot_scale,
+    CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -451,8 +431,9 @@ def rope_attention_fwd_hopper_kernel(
     the kernel's feature order), V and O through 4-D descriptors over their [B, N, H, D]
     strides (O also as a pointer, for the last rows of packed documents); lse [B, Hq, Nq].
     row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2; TEMP [B or 1, Nq]
-    multiplies row_scale per query. VARLEN: B = 1, and n_docs documents bounded by
-    cu_seqlens (int32 [n_docs + 1], read here only) with positions (HAS_POS)."""
+    multiplies row_scale per query. VARLEN: B = 1, documents bounded by cu_seqlens (int32
+    [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
+    (`kernels.document_tiles`)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
@@ -477,18 +458,19 @@ def rope_attention_fwd_hopper_kernel(
     temp = TEMP if HAS_TEMP else LSE
     cu_q = CU_SEQLENS_Q if VARLEN else LSE
     cu_k = CU_SEQLENS_K if VARLEN else LSE
+    tiles = TILES if VARLEN else LSE
     gl.warp_specialize([
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                     cu_q, cu_k, n_docs, search_steps, CAUSAL, VARLEN, BLOCK_N, STAGES)),
+                     cu_q, cu_k, tiles, CAUSAL, VARLEN, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
                      v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP,
-                     n_items, cu_q, cu_k, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, 0, HEAD_DIM,
+                     n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 0, HEAD_DIM,
                      D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
                      v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP,
-                     n_items, cu_q, cu_k, n_docs, search_steps, q_pos_offset, row_scale, rot_scale, 1, HEAD_DIM,
+                     n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 1, HEAD_DIM,
                      D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -545,7 +527,8 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     rotates the queries itself. Arguments as `kernels.attention_fwd.rope_attention_fwd` (q,
     k, v 16-bit; varlen with both positions given); returns out (like q: shape, strides,
     dtype) and lse [B, Hq, Nq] float32. The max_seqlen ints are not needed here: packed
-    documents' work items come from cu_seqlens on the device (`_work_item`)."""
+    documents' work items come from a table of their tiles built on the device
+    (`kernels.document_tiles`)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = max(16, next_power_of_2(head_dim))
@@ -567,24 +550,24 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
                               shared_layout(o_block, q.dtype))
     varlen = cu_seqlens_q is not None
     if varlen:
-        # Items are (head, tile index) with a gap of at most one index per document
-        # (`tile_base`); their lengths vary with the documents', so one program per item,
-        # and the hardware hands out the next as SMs free up (gaps exit at once).
-        n_docs = cu_seqlens_q.shape[0] - 1
-        n_items = (cdiv(nq, BLOCK_M.value) + n_docs) * hq
+        # Items are (query tile, head) of the document tiles' table; their lengths vary with
+        # the documents', so one program per item, and the hardware hands out the next as SMs
+        # free up (the table's last entries exit at once).
+        tiles = document_tiles(cu_seqlens_q, nq, BLOCK_M.value)
+        n_items = tiles.shape[0] * hq
         grid = n_items
     else:
         # Non-causal items are equal: one program per SM runs them in turn (its producer loads
         # the next item's first tiles during the last one's epilogue). Causal items differ in
         # length: one program each, longest first, as SMs free up.
-        n_docs = 0
+        tiles = None
         n_items = cdiv(nq, BLOCK_M.value) * batch * hq
         grid = n_items if causal else min(n_items, multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
         *row_strides(q_positions), q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items,
-        cu_seqlens_q, cu_seqlens_k, n_docs, (n_docs - 1).bit_length(), nk - nq, softmax_scale * LOG2E,
+        cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E,
         rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
