@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops
+from .kernels.documents import document_positions as kernel_document_positions
 from ._validate import (as_batched, check_cu_seqlens, check_cu_seqlens_values, check_flags, check_max_seqlen,
                         check_positions, check_positive, check_q_temperature, check_qkv, check_tensor, resolve_rotary)
 from .reference import scaled_rope_attention_varlen_reference
@@ -38,7 +39,8 @@ def document_positions(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int,
     """The default positions of a varlen call, int32 [total_q] and [total_k], computed on the
     device (no sync): each document's keys at 0..len_k - 1, its queries at len_k - len_q +
     0..len_q - 1 (the dense op's default, document by document; 0..len - 1 when the two
-    agree, as in training).
+    agree, as in training). In PyTorch; the kernel paths compute the same in one launch
+    (`kernels.documents.document_positions`).
 
     Example:
         >>> cu = torch.tensor([0, 2, 5], dtype=torch.int32)
@@ -174,8 +176,12 @@ def scaled_rope_attention_varlen(
     check_flags(causal=causal, return_lse=return_lse, deterministic=deterministic)
     q_positions = as_batched(check_positions("q_positions", q_positions, 1, total_q, q.device))
     k_positions = as_batched(check_positions("k_positions", k_positions, 1, total_k, q.device))
+    path = dispatch.path(q)
     if q_positions is None or k_positions is None:
-        default_q, default_k = document_positions(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
+        # the kernel outside torch.compile, which traces the PyTorch ops instead
+        traced = path == "reference" or torch.compiler.is_compiling()
+        default_positions = document_positions if traced else kernel_document_positions
+        default_q, default_k = default_positions(cu_seqlens_q, cu_seqlens_k, total_q, total_k)
         q_positions = default_q[None] if q_positions is None else q_positions
         k_positions = default_k[None] if k_positions is None else k_positions
 
@@ -187,7 +193,7 @@ def scaled_rope_attention_varlen(
     softmax_scale = head_dim**-0.5 if softmax_scale is None else check_positive("softmax_scale", softmax_scale)
     check_q_temperature(q_temperature, 1, total_q, q.device)  # one per query token
 
-    if dispatch.path(q) == "reference":
+    if path == "reference":
         out, lse = scaled_rope_attention_varlen_reference(
             q, k, v, cu_seqlens_q, cu_seqlens_k, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
             q_positions=q_positions[0], k_positions=k_positions[0], causal=causal, softmax_scale=softmax_scale,

@@ -12,7 +12,7 @@ import torch
 
 from bench.peers import log_uniform_lengths
 from ropefast import dispatch, ops, scaled_rope_attention, scaled_rope_attention_varlen, schedules
-from ropefast.kernels.document_tiles import document_tiles
+from ropefast.kernels import documents
 from ropefast.reference import scaled_rope_attention_reference, scaled_rope_attention_varlen_reference
 from ropefast.varlen import CHECK_VALUES_ENV, document_positions, from_position_ids
 
@@ -160,13 +160,24 @@ def test_document_tiles_lists_every_tile_once():
     # the table the Hopper kernels index: (document, tile within it), then (-1, 0) up to
     # token count / tile + document count entries; empty documents have no tile
     cu = cu_seqlens((5, 0, 300, 128, 1))
-    table = document_tiles(cu, 434, 128)
+    table = documents.document_tiles(cu, 434, 128)
     tiles = [(0, 0), (2, 0), (2, 1), (2, 2), (3, 0), (4, 0)]
     assert table.dtype == torch.int32 and table.tolist() == [list(t) for t in tiles + [(-1, 0)] * 3]
     many = [3, 130, 0, 257] * 100  # more documents than one block of the kernel
-    table = document_tiles(cu_seqlens(many), sum(many), 128)
+    table = documents.document_tiles(cu_seqlens(many), sum(many), 128)
     expect = [[d, m] for d, n in enumerate(many) for m in range(-(-n // 128))]
     assert table.tolist() == expect + [[-1, 0]] * (table.shape[0] - len(expect))
+
+
+@requires_kernel
+@pytest.mark.parametrize("lengths_q, lengths_k", [((5, 0, 300, 128, 1), (5, 0, 300, 128, 1)),
+                                                  ((5, 2, 300, 0, 1), (3, 9, 250, 4, 1)),
+                                                  ((1,), (1,)), ((700, 3) * 600, (700, 3) * 600)])
+def test_document_positions_kernel_matches_pytorch(lengths_q, lengths_k):
+    cu_q, cu_k = cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+    got = documents.document_positions(cu_q, cu_k, sum(lengths_q), sum(lengths_k))
+    expect = document_positions(cu_q, cu_k, sum(lengths_q), sum(lengths_k))
+    assert all(g.dtype == torch.int32 and torch.equal(g, e) for g, e in zip(got, expect))
 
 
 @requires_kernel

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..launch import cdiv, launch, next_power_of_2
-from ..document_tiles import document_tiles
+from ..documents import document_tiles
 from .attention_fwd import document_bounds, document_tile, mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
@@ -273,7 +273,7 @@ def rope_attention_bwd_hopper_kernel(
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
     and dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
-    TILES their key blocks (`kernels.document_tiles`)."""
+    TILES their key blocks (`kernels.documents.document_tiles`)."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..attention_fwd import LOG2E
-from ..document_tiles import document_tiles
+from ..documents import document_tiles
 from ..launch import cdiv, launch, next_power_of_2
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
@@ -162,7 +162,7 @@ def _rotate_q(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0,
 
 @gluon.jit
 def document_tile(TILES, t):
-    """(document, tile within it) of entry t of a `kernels.document_tiles` table; the
+    """(document, tile within it) of entry t of a `kernels.documents.document_tiles` table; the
     document is -1 past the last tile."""
     return gl.load(TILES + 2 * t), gl.load(TILES + 2 * t + 1)
 
@@ -433,7 +433,7 @@ def rope_attention_fwd_hopper_kernel(
     row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2; TEMP [B or 1, Nq]
     multiplies row_scale per query. VARLEN: B = 1, documents bounded by cu_seqlens (int32
     [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
-    (`kernels.document_tiles`)."""
+    (`kernels.documents.document_tiles`)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
@@ -528,7 +528,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     k, v 16-bit; varlen with both positions given); returns out (like q: shape, strides,
     dtype) and lse [B, Hq, Nq] float32. The max_seqlen ints are not needed here: packed
     documents' work items come from a table of their tiles built on the device
-    (`kernels.document_tiles`)."""
+    (`kernels.documents.document_tiles`)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = max(16, next_power_of_2(head_dim))
