@@ -3,8 +3,9 @@ structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the
 and K^ that the portable backward's rope passes produce; the rope passes, the frequency and
 temperature gradients and the rotation back are shared with it (`kernels.attention_bwd`).
 
-A program owns BLOCK_N = 128 keys of one (batch, KV head) and loops over the query heads
-that read that KV head and over their 64-query tiles, as three warpgroups
+A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
+head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
+and over their 64-query tiles, as three warpgroups
 (`gl.warp_specialize`):
 - a producer (few registers) loads K^ and V once, then streams each step's Q^ and dO tiles
   through TMA into a ring of STAGES buffers guarded by "ready" / "empty" mbarriers;
@@ -18,7 +19,7 @@ that read that KV head and over their 64-query tiles, as three warpgroups
   the kernel's time, bench/RESULTS.md). The order of those sums varies, so this path is not
   bitwise repeatable; `deterministic=True` takes the portable kernels.
 dK^ (rotated frame) and dV go to memory once, at the end. Only steps that can see a hidden
-pair (the causal diagonal, keys past Nk, a partial last query tile) are masked.
+pair (the causal diagonal, keys past Nk, a partial first or last query tile) are masked.
 """
 
 from typing import NamedTuple

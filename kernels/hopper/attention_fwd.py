@@ -1,9 +1,10 @@
 """Scaled rotary attention forward for Hopper (sm_90), in Gluon: FlashAttention-3's structure
 with the query rotation inside.
 
-A work item is BLOCK_M = 128 queries of one (batch, query head); a program runs items in turn
-(`_work_item`: persistent for non-causal calls, one item each for causal ones) as three
-warpgroups (`gl.warp_specialize`):
+A work item is BLOCK_M = 128 queries of one (batch, query head), or of one packed document
+and head (varlen: `kernels.documents` lists the documents' tiles); a program runs items in
+turn (`_work_item`: persistent for non-causal calls, one item each for causal ones and
+documents) as three warpgroups (`gl.warp_specialize`):
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
   of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
   ahead into the next item while the consumers finish one;
@@ -183,8 +184,11 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSA
     tiles visible to every row, key tiles in all). A sequence is a batch row, or (VARLEN) a
     document of the one packed row: items are (query tile of the TILES table, head), head
     fastest, and the table's entries past the last tile are items of no rows (nq = 0).
-    Items run through the query tiles of one sequence (and, dense, head) before the next,
-    so the programs running at one time share K/V in L2; causal ones longest first."""
+    Non-causal items run through the query tiles of one (batch, head) before the next, so
+    the persistent programs running at one time share K/V in L2. Causal items (one program
+    each) and packed documents' run head fastest, longest first within a sequence: at
+    N = 1k the causal forward ran 12% faster this way than head by head, at 4k 3% (the
+    heads of a tile read neighbouring bytes of q and, GQA, the same K/V; bench/RESULTS.md)."""
     if VARLEN:
         off_b = 0
         off_h = item % HQ
@@ -195,10 +199,15 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSA
         n_m = gl.cdiv(nq, BLOCK_M)
     else:
         n_m = gl.cdiv(NQ, BLOCK_M)
-        pid_bh = item // n_m
-        pid_m = item % n_m
-        off_b = pid_bh // HQ
-        off_h = pid_bh % HQ
+        if CAUSAL:  # (batch, query tile, head), head fastest
+            off_h = item % HQ
+            pid_m = (item // HQ) % n_m
+            off_b = item // HQ // n_m
+        else:  # (batch, head, query tile)
+            pid_bh = item // n_m
+            pid_m = item % n_m
+            off_b = pid_bh // HQ
+            off_h = pid_bh % HQ
         q_begin = 0
         k_begin = 0
         nq = NQ
