@@ -48,17 +48,18 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.con
     """Program -> (batch row, KV head, row of its sequence's first query tile, rows of that
     tile before the sequence, query count, first key row, key count, first key of the block
     within the sequence, first query tile, first unmasked query tile, first masked query
-    tile after those, query tiles in all). A
-    sequence is a batch row, or (VARLEN) a document of the one packed row: programs are (key
-    block of the TILES table, KV head), head fastest, and the table's entries past the last
-    block are programs of no keys. A document's query
-    tiles start at a multiple of BLOCK_M in the packed row (its first one may begin in the
-    document before: those rows are masked), since TMA reads the 1-D lse2 and delta tiles
-    from 16-byte aligned starts only. The key blocks of one head run together: they stream the same Q^
-    and dO, which then come from L2. (Causal programs ordered by key block instead, the
-    longest first across all heads, streamed every head's Q^ and dO at once: on an H100 the
-    causal backward at N = 4k took 0.84x the full one's time; bench/RESULTS.md.) Within a
-    head, causal blocks come longest first."""
+    tile after those, query tiles in all).
+
+    A sequence is a batch row, or (VARLEN) a document of the one packed row: programs are
+    (key block of the TILES table, KV head), head fastest, and the table's entries past the
+    last block are programs of no keys. A document's query tiles start at a multiple of
+    BLOCK_M in the packed row (its first one may begin in the document before: those rows
+    are masked), since TMA reads the 1-D lse2 and delta tiles from 16-byte aligned starts
+    only. The key blocks of one batch row's head run together: they stream the same Q^ and
+    dO, which then come from L2. (Causal programs ordered by key block instead, the longest
+    first across all heads, streamed every head's Q^ and dO at once: on an H100 the causal
+    backward at N = 4k took 0.84x the full one's time; bench/RESULTS.md.) Within a head,
+    causal blocks come longest first."""
     if VARLEN:
         off_b = 0
         off_hk = gl.program_id(0) % HKV

@@ -325,15 +325,14 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     # (Packed documents run one item per program: there is no next item.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     if PREFETCH_Q:
-        off_b, off_h, _, _, _, _, _, q_start, _, _ = _work_item(gl.program_id(0), NQ, NK, HQ, GROUP, CU_SEQLENS_Q,
-                                                                CU_SEQLENS_K, TILES, CAUSAL, VARLEN,
-                                                                BLOCK_N)
+        off_b, off_h, _, _, _, _, _, q_start, _, _ = _work_item(
+            gl.program_id(0), NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
         x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
                     q_start + CID * WG_ROWS, NQ, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
         off_b, off_h, off_hkv, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles = _work_item(
             item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
-        if q_start < nq:  # not a gap between documents
+        if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
             if not PREFETCH_Q:
                 x = _load_q(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
@@ -395,8 +394,7 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
                 next_item = item + gl.num_programs(0)
                 next_b, next_h, _, _, _, _, _, next_start, _, _ = _work_item(
-                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN,
-                    BLOCK_N)
+                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
                 x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
                             next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
                             INTERLEAVED, L3)
