@@ -17,7 +17,7 @@ import sys
 import torch
 import triton
 
-from ropefast.kernels import attention_bwd, attention_fwd, rope
+from ropefast.kernels import attention_bwd, attention_fwd, device, rope
 
 from .peers import Case, build_sdpa, build_triton_rope_sdpa, make_inputs, yarn
 
@@ -145,7 +145,7 @@ def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 
         k, v = (torch.randn(batch, length, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         lengths = torch.full((batch,), length - 1, device="cuda", dtype=torch.int32)
         for cfg in map(decode.DecodeConfig._make, configs):
-            chosen = decode.decode_splits(batch * 8, length, decode.sm_count(q.device), cfg.programs_per_sm)
+            chosen = decode.decode_splits(batch * 8, length, device.multiprocessors(q.device), cfg.programs_per_sm)
             for splits in sorted({1, chosen, 2 * chosen, max(1, chosen // 2)}):
                 ms = _ms(lambda: decode.decode_attention(
                     q, k, v, lengths, None, inv_freq, None, n_new=1, rotary_dim=128, interleaved=False, causal=True,

@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import (_dot_pad, gpu_capability, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
+from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
                             sequence_major, sequences, tile_descriptor, tma_readable)
+from . import device
 from .launch import cdiv, launch
 from .rope import frequency_grad, rope
 
@@ -263,7 +264,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
-    dkdv_config, dq_config = config or bwd_config(d_pad, gpu_capability(q))
+    dkdv_config, dq_config = config or bwd_config(d_pad, device.capability(q.device))
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import device
 from .launch import cdiv, launch, next_power_of_2
 from .rope import rope
 
@@ -188,18 +189,6 @@ def fwd_config(head_dim_pad, causal, capability):
     return FWD_CONFIGS.get(capability, SM90_FWD_CONFIGS)[(max(64, head_dim_pad), causal)]
 
 
-def gpu_capability(x):
-    """(major, minor) of x's CUDA device, None for CPU tensors (the interpreter); cached."""
-    if not x.is_cuda:
-        return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _capability:
-        _capability[index] = torch.cuda.get_device_capability(index)
-    return _capability[index]
-
-
-_capability = {}
-
 
 def tile_descriptor(x, block_rows, d_pad):
     """A TMA descriptor over a [B, N, H, D] tensor (any strides), indexed as [b, n, h,
@@ -288,7 +277,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = _dot_pad(head_dim)
-    block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, gpu_capability(q))
+    block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, device.capability(q.device))
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     out = torch.empty_like(q)

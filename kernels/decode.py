@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import gpu_capability
+from . import device
 from .launch import cdiv, launch, next_power_of_2
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
@@ -46,7 +46,6 @@ MAX_SPLITS = 64
 # Query rows per program: the GQA group times the new tokens, padded to tl.dot's minimum of
 # 16, and tiled past MAX_BLOCK_M (chunked prefill).
 MAX_BLOCK_M = 64
-_sm_count = {}  # CUDA device index -> multiprocessors
 
 
 @triton.jit
@@ -266,16 +265,6 @@ def decode_config(capability, block_m, head_dim_pad, paged):
     return SM90_DENSE_DECODE_CONFIG if capability == (9, 0) and not paged else DECODE_CONFIG
 
 
-def sm_count(device):
-    """Multiprocessors of a CUDA device (cached: no query per call); 1 elsewhere."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_count[index]
-
-
 def decode_splits(programs, capacity, sms, programs_per_sm):
     """How many key splits per (sequence, KV head, row block): as many as keep the grid within
     programs_per_sm programs on each of `sms` SMs (at least one), at most one per
@@ -322,11 +311,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     group = hq // hkv
     block_m = min(_pad(group * nq), MAX_BLOCK_M)
     m_blocks = cdiv(group * nq, block_m)
-    block_n, num_warps, num_stages, programs_per_sm = config or decode_config(gpu_capability(q), block_m,
+    block_n, num_warps, num_stages, programs_per_sm = config or decode_config(device.capability(q.device), block_m,
                                                                                _pad(head_dim), paged)
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
-        num_splits = decode_splits(batch * hkv * m_blocks, capacity, sm_count(q.device), programs_per_sm)
+        num_splits = decode_splits(batch * hkv * m_blocks, capacity, device.multiprocessors(q.device), programs_per_sm)
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)

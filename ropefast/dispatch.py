@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from .kernels import device
 from .kernels.hopper import compat as hopper_compat
 
 __all__ = ["INTERPRETER", "PATHS", "backward_path", "path", "portable_kernels"]
@@ -62,7 +63,6 @@ if INTERPRETER and not _interpreter_runs:
                   "reference instead.", RuntimeWarning, stacklevel=2)
 _warned_env_change = False
 _portable_only = False
-_capability = {}  # CUDA device index -> (major, minor)
 
 
 def _env_changed():
@@ -80,11 +80,8 @@ def _env_changed():
     return True
 
 
-def _is_hopper(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capability:
-        _capability[index] = torch.cuda.get_device_capability(index)
-    return _capability[index] == (9, 0)
+def _is_hopper(x_device):
+    return device.capability(x_device) == (9, 0)
 
 
 def path(x: torch.Tensor) -> str:

@@ -104,3 +104,22 @@ def test_backward_path_follows_the_forward_off_hopper():
     for dtype in DTYPES.values():
         x = torch.empty(1, 4, 2, 64, dtype=dtype)
         assert dispatch.backward_path(x) == dispatch.path(x)
+
+
+def test_device_facts_are_queried_once_per_device(monkeypatch):
+    # the launchers read capability and SM count on every call: one driver query per device
+    from ropefast.kernels import device
+
+    queries = []
+    monkeypatch.setattr(device, "_capability", {})
+    monkeypatch.setattr(device, "_multiprocessors", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: queries.append(("cap", i)) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: queries.append(("props", i)) or type("Props", (), {"multi_processor_count": 132}))
+    for _ in range(3):
+        assert device.capability(torch.device("cuda")) == (9, 0)  # the current device, 1
+        assert device.capability(torch.device("cuda", 0)) == (9, 0)
+        assert device.multiprocessors(torch.device("cuda", 1)) == 132
+    assert sorted(queries) == [("cap", 0), ("cap", 1), ("props", 1)]
+    assert device.capability(torch.device("cpu")) is None and device.multiprocessors(torch.device("cpu")) == 1

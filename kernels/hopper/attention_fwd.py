@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .. import device
 from ..attention_fwd import LOG2E
 from ..documents import document_tiles
 from ..launch import cdiv, launch, next_power_of_2
@@ -505,11 +506,6 @@ def fwd_config(head_dim_pad):
 
 
 @functools.cache
-def multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
 def _shared_layout(block, torch_dtype):
     dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
@@ -569,7 +565,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         # length: one program each, longest first, as SMs free up.
         tiles = None
         n_items = cdiv(nq, BLOCK_M.value) * batch * hq
-        grid = n_items if causal else min(n_items, multiprocessors(q.device))
+        grid = n_items if causal else min(n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
