@@ -279,6 +279,7 @@ BAD = [
     (dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), ValueError, "multiple of the KV heads"),
     (dict(q_positions=torch.arange(9)), ValueError, "q_positions must be"),
     (dict(q_temperature=torch.ones(2, 10)), ValueError, "q_temperature must be \\[10\\]"),
+    (dict(deterministic=1), TypeError, "deterministic must be a bool"),
 ]
 
 
