@@ -1,8 +1,8 @@
 """Packed documents (varlen) on the device, each in one launch and without a host sync:
 
 - `document_positions`: every token's default position within its document, by a binary
-  search of cu_seqlens per token (in place of a dozen elementwise PyTorch ops: about 200 us
-  of host time and 50 us of device time per call at 16k tokens; bench/RESULTS.md).
+  search of cu_seqlens per token (in place of about fifteen PyTorch ops: about 260 us of host
+  time and 45 us of device time per call at 16k tokens on an H100; bench/RESULTS.md).
 - `document_tiles`: a table whose entry t is (document, tile within it) of the t-th tile of
   `tile` rows, documents in order, then (-1, 0) up to a length the host knows without
   reading cu_seqlens (its token count / tile + its document count). The Hopper kernels'

@@ -80,10 +80,6 @@ def _env_changed():
     return True
 
 
-def _is_hopper(x_device):
-    return device.capability(x_device) == (9, 0)
-
-
 def path(x: torch.Tensor) -> str:
     """The path ("hopper", "kernel", "interpreter" or "reference") a call on tensors like x
     takes, on packed documents (`scaled_rope_attention_varlen`) too."""
@@ -117,7 +113,7 @@ def backward_path(x: torch.Tensor, deterministic: bool = False) -> str:
 
 def _gluon_serves(x):
     return (not _portable_only and x.dtype in (torch.float16, torch.bfloat16)
-            and hopper_compat.SUPPORTED and _is_hopper(x.device))
+            and hopper_compat.SUPPORTED and device.capability(x.device) == (9, 0))
 
 
 @contextlib.contextmanager
