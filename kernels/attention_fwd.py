@@ -28,10 +28,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import device
-from .launch import cdiv, launch, next_power_of_2
+from .launch import Descriptor, cdiv, launch, next_power_of_2
 from .rope import rope
 
 LOG2E = 1.4426950408889634
@@ -194,7 +193,7 @@ def tile_descriptor(x, block_rows, d_pad):
     """A TMA descriptor over a [B, N, H, D] tensor (any strides), indexed as [b, n, h,
     feature], loading [1, block_rows, 1, d_pad] tiles (rows past N and features past D read
     as zero)."""
-    return TensorDescriptor(x, list(x.shape), [*x.stride()[:3], 1], [1, block_rows, 1, d_pad])
+    return Descriptor(x, list(x.shape), [*x.stride()[:3], 1], [1, block_rows, 1, d_pad])
 
 
 def sequence_major(batch, n, heads, head_dim, like, dtype=None):
@@ -225,7 +224,7 @@ def row_tiles(x, block_rows, d_pad):
     Triton 3.6 then copies a dot's left operand into registers (in the backward: 64 more
     registers per thread, and spills)."""
     shape, stride, row_b, row_h, col_h = row_view(x, d_pad)
-    return TensorDescriptor(x, shape, [stride, 1], [block_rows, d_pad]), row_b, row_h, col_h
+    return Descriptor(x, shape, [stride, 1], [block_rows, d_pad]), row_b, row_h, col_h
 
 
 def tma_readable(x):

@@ -1,25 +1,38 @@
 """Kernel launches that cost what the launch costs.
 
 `kernel[grid](*args, **kwargs)` makes Triton bind and specialize every argument in Python on
-each call: on an H100 host 37 us for the Gluon forward's 30 arguments, of which 17 are the
-launch itself (bench/RESULTS.md, "Host time"). `launch` does Triton's work once per
-specialization: it keys a call on what Triton specializes a kernel on (each tensor's dtype
-and 16-byte alignment; each integer's width, whether it is 1 and whether 16 divides it;
-each TMA descriptor's dtype, block, layout and padding; the keyword arguments, constexprs
-and launch options) and, on a key it has seen, launches the compiled kernel directly, as
-Triton's own `run` does after its lookup. The first call of a key, every call under the
-interpreter and every call of a Triton without this launch API go through `kernel[grid]`.
+each call, and Triton's own host TMA descriptors check their fields when built: on an H100
+host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's launcher
+(bench/RESULTS.md, "Host time"). Here:
+- `launch` does Triton's work once per specialization: it keys a call on what Triton
+  specializes a kernel on (each tensor's dtype and 16-byte alignment; each integer's width,
+  whether it is 1 and whether 16 divides it; each descriptor's dtype, block, layout and
+  padding; the keyword arguments, constexprs and launch options) and, on a key it has seen,
+  launches the compiled kernel directly. With Triton 3.6 it calls the compiled launcher's C
+  function itself (`compat.raw_launcher`), expanding the descriptors into CUtensorMaps as
+  Triton's Python wrapper would, without its per-argument loop; other versions go through
+  `CompiledKernel.run`. The first call of a key, every call under the interpreter and a
+  call while Triton's launch hooks are set (profilers) take the full route.
+- `Descriptor` carries a host TMA descriptor's fields; Triton's own class (tl's, or
+  Gluon's when it has a layout) is built from it on the full route only. The callers pass
+  16-byte aligned tensors (the API checks q, k, v; scratch comes from the allocator).
 `cdiv` and `next_power_of_2` are the host's: `triton.cdiv` and `triton.next_power_of_2` are
 constexpr functions, a few microseconds a call outside a kernel.
 """
+
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .hopper import compat
 
 _LAUNCH_API = hasattr(triton, "knobs") and hasattr(triton.compiler.CompiledKernel, "launch_metadata")
-_compiled = {}  # (kernel, device, argument keys, keyword items) -> (compiled kernel, trailing arguments)
+# (kernel, device, argument keys, keyword items) -> (compiled kernel, trailing arguments, raw launch or None)
+_compiled = {}
 
 
 def cdiv(a, b):
@@ -31,43 +44,81 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+class Descriptor(NamedTuple):
+    """A host TMA descriptor: `base` read as a `shape` / `strides` tensor in `block_shape`
+    tiles; `layout` is a Gluon kernel's shared-memory layout, None for a tl kernel's."""
+
+    base: torch.Tensor
+    shape: list
+    strides: list
+    block_shape: list
+    layout: Optional[Any] = None
+    padding: str = "zero"
+
+    def triton(self):
+        """Triton's descriptor of the same fields (it checks them)."""
+        if self.layout is None:
+            return TensorDescriptor(self.base, self.shape, self.strides, self.block_shape, padding=self.padding)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+        return GluonDescriptor(self.base, self.shape, self.strides, self.block_shape, self.layout, padding=self.padding)
+
+
 def _arg_key(arg):
     """What Triton's specialization reads from one runtime argument (the common types first:
     this runs for every argument of every launch)."""
     kind = type(arg)
-    if kind is int or (kind is not bool and isinstance(arg, int)):
+    if kind is int:
         return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     if kind is torch.Tensor or isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
+    if kind is Descriptor:
+        return arg.base.dtype, tuple(arg.block_shape), arg.layout, arg.padding
     if kind is float:
         return float
     if arg is None or kind is bool:
         return arg
-    if hasattr(arg, "block_shape"):  # a host TMA descriptor (tl or Gluon)
-        return arg.base.dtype, tuple(arg.block_shape), getattr(arg, "layout", None), arg.padding
-    return arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
+    raise TypeError(f"launch: unsupported argument type {kind.__name__}")
+
+
+def _hooked(hook):
+    """Whether a launch hook of `triton.knobs.runtime` is set: Triton 3.6 keeps each as a
+    `HookChain`, empty when none is."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _triton_args(args):
+    return [arg.triton() if type(arg) is Descriptor else arg for arg in args]
 
 
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), with args positional (every runtime argument, in order)
     and constexprs and options by keyword."""
     if not (_LAUNCH_API and isinstance(kernel, JITFunction)):
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*_triton_args(args), **kwargs)
         return
     device = driver.active.get_current_device()
     key = (kernel, device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
     entry = _compiled.get(key)
-    if entry is None:
+    hooks = triton.knobs.runtime
+    if entry is None or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
         if any(p.is_constexpr for p in kernel.params[:len(args)]):  # its value would be missing from the key
             raise TypeError(f"launch({kernel.fn.__name__}): pass constexprs by keyword")
-        compiled = kernel[grid](*args, **kwargs)
-        trailing = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
-        _compiled[key] = (compiled, trailing)
+        compiled = kernel[grid](*_triton_args(args), **kwargs)
+        if entry is None:
+            trailing = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
+            _compiled[key] = (compiled, trailing, compat.raw_launcher(compiled))
         return
-    compiled, trailing = entry
+    compiled, trailing, raw = entry
     stream = driver.active.get_current_stream(device)
-    hooks = triton.knobs.runtime
-    metadata = compiled.launch_metadata(grid, stream, *args, *trailing)
-    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, metadata, hooks.launch_enter_hook,
-                 hooks.launch_exit_hook, *args, *trailing)
+    grid_y, grid_z = grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+    if raw is None:
+        compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *_triton_args(args), *trailing)
+        return
+    c_launch, leading, descriptors = raw
+    final = [*args, *trailing]
+    for index, expand in descriptors:  # last first: each expansion shifts what follows it
+        final[index:index + 1] = expand(final[index])
+    c_launch(grid[0], grid_y, grid_z, stream, compiled.function, *leading, *final)

@@ -29,9 +29,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..launch import cdiv, launch, next_power_of_2
+from ..launch import Descriptor, cdiv, launch, next_power_of_2
 from ..documents import document_tiles
 from .attention_fwd import document_bounds, document_tile, mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
@@ -359,20 +358,20 @@ def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causa
     dv = torch.empty_like(v)
     q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
-    q_desc = TensorDescriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
+    q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
                               shared_layout(q_block, q_rot.dtype))
-    k_desc = TensorDescriptor(k_rot.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
+    k_desc = Descriptor(k_rot.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
                               shared_layout(k_block, k_rot.dtype))
-    v_desc = TensorDescriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
-    do_desc = TensorDescriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
+    v_desc = Descriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
+    do_desc = Descriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
     # A packed document's first and last query tiles add zeros (their rows outside it are
     # masked) into the neighbours' rows of dQ^, or past the end, where TMA clips.
-    dq_desc = TensorDescriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block, DQ_LAYOUT)
+    dq_desc = Descriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block, DQ_LAYOUT)
     if nq_tiles != nq:  # each head's rows padded to whole tiles
         lse2, delta = (torch.nn.functional.pad(x, (0, nq_tiles - nq)) for x in (lse2, delta))
     row_block = [BLOCK_M.value]
-    lse2_desc, delta_desc = (TensorDescriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
+    lse2_desc, delta_desc = (Descriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
     if cu_seqlens_q is None:
         tiles, programs = None, cdiv(nk, BLOCK_N.value) * batch * hkv

@@ -40,12 +40,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .. import device
 from ..attention_fwd import LOG2E
 from ..documents import document_tiles
-from ..launch import cdiv, launch, next_power_of_2
+from ..launch import Descriptor, cdiv, launch, next_power_of_2
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
 
@@ -545,11 +544,11 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
-    k_desc = TensorDescriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
+    k_desc = Descriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
                               shared_layout(k_block, q.dtype))
-    v_desc = TensorDescriptor(v, [batch, nk, hkv, head_dim], [*v.stride()[:3], 1], v_block,
+    v_desc = Descriptor(v, [batch, nk, hkv, head_dim], [*v.stride()[:3], 1], v_block,
                               shared_layout(v_block, q.dtype))
-    o_desc = TensorDescriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
+    o_desc = Descriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
                               shared_layout(o_block, q.dtype))
     varlen = cu_seqlens_q is not None
     if varlen:

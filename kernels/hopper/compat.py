@@ -9,8 +9,11 @@ Gluon (`triton.experimental.gluon`) is experimental and moves between releases:
 - The barrier of a warpgroup's threads is `gl.thread_barrier` up to 3.8, `gl.barrier` in 3.9.
 - The TMA reduce-add (`cp.reduce.async.bulk.tensor`) is `tma.async_atomic_add` from 3.8; 3.6
   and 3.7 build the same operation, without a Python wrapper: `tma_atomic_add` adds one.
+- Launching (all kernels, not only Gluon's): `raw_launcher` takes Triton 3.6's CUDA launcher
+  apart for `kernels.launch`; other versions launch through `CompiledKernel.run`.
 """
 
+import torch
 import triton
 
 MIN_TRITON = (3, 6)
@@ -43,3 +46,32 @@ if SUPPORTED:
             coord = _semantic._convert_to_ir_values(coord, require_i64=False)
             _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                       src.handle)
+
+
+def raw_launcher(compiled):
+    """Triton 3.6's launcher of a compiled CUDA kernel, taken apart so that `launch` can call
+    its C function: (C launch, its arguments between the function handle and the kernel's,
+    ((argument index, expansion of that host TMA descriptor), ...) last first); None for
+    other versions, for kernels that need scratch memory, and off CUDA. The launcher's
+    `launch` is the C function itself, or, when the kernel takes host descriptors, Triton's
+    wrapper (`wrap_handle_tensordesc`) that expands each into a CUtensorMap, its shape and
+    strides in a loop over every argument: the expansion is its `make_tensordesc_arg`."""
+    if triton_version() != (3, 6) or not torch.cuda.is_available():
+        return None
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+
+    run = compiled.run
+    if run.global_scratch_size or run.profile_scratch_size:
+        return None
+    c_launch, descriptors = run.launch, ()
+    if getattr(c_launch, "__closure__", None):  # the wrapper: its cells hold the C function and the metadata
+        cells = dict(zip(c_launch.__code__.co_freevars, (cell.cell_contents for cell in c_launch.__closure__)))
+        c_launch = cells["launcher"]
+        metas = cells["tensordesc_meta"] or [None] * len(cells["tensordesc_indices"])
+        descriptors = tuple(
+            (index, lambda arg, meta=meta: make_tensordesc_arg(arg, meta))
+            for index, meta in reversed(list(zip(sorted(cells["tensordesc_indices"]), metas))))
+    # cooperative grid, PDL, global and profile scratch, the kernel's metadata, launch
+    # metadata and the enter / exit hooks (none: `launch` takes the full route under hooks)
+    leading = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
+    return c_launch, leading, descriptors
