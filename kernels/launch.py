@@ -31,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .hopper import compat
 
 _LAUNCH_API = hasattr(triton, "knobs") and hasattr(triton.compiler.CompiledKernel, "launch_metadata")
-# (kernel, device, argument keys, keyword items) -> (compiled kernel, trailing arguments, raw launch or None)
+# (kernel id, device, argument keys, keyword items) -> (kernel, compiled kernel, trailing arguments, raw launch or None)
 _compiled = {}
 
 
@@ -99,8 +99,11 @@ def launch(kernel, grid, *args, **kwargs):
         kernel[grid](*_triton_args(args), **kwargs)
         return
     device = driver.active.get_current_device()
-    key = (kernel, device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+    # a JITFunction hashes its source's hash under a lock: key on its id, check it on a hit
+    key = (id(kernel), device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
     entry = _compiled.get(key)
+    if entry is not None and entry[0] is not kernel:  # a freed kernel's id, reused
+        entry = None
     hooks = triton.knobs.runtime
     if entry is None or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
         if any(p.is_constexpr for p in kernel.params[:len(args)]):  # its value would be missing from the key
@@ -108,9 +111,9 @@ def launch(kernel, grid, *args, **kwargs):
         compiled = kernel[grid](*_triton_args(args), **kwargs)
         if entry is None:
             trailing = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
-            _compiled[key] = (compiled, trailing, compat.raw_launcher(compiled))
+            _compiled[key] = (kernel, compiled, trailing, compat.raw_launcher(compiled))
         return
-    compiled, trailing, raw = entry
+    _, compiled, trailing, raw = entry
     stream = driver.active.get_current_stream(device)
     grid_y, grid_z = grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
     if raw is None:

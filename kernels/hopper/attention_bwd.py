@@ -30,6 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from ..attention_bwd import preprocess
 from ..launch import Descriptor, cdiv, launch, next_power_of_2
 from ..documents import document_tiles
 from .attention_fwd import document_bounds, document_tile, mma_layout, shared_layout
@@ -342,34 +343,35 @@ def bwd_config(head_dim):
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
-def rope_attention_bwd_hopper(do, q_rot, k_rot, v, lse2, delta, dk_hat, *, causal, cu_seqlens_q=None,
+def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, causal, cu_seqlens_q=None,
                               cu_seqlens_k=None, config=None):
-    """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from the
-    rope passes' Q^ and K^ (sequence-major [B, N, H, D] views) and the preprocessed lse2 and
-    delta, dK^ into dk_hat (like k) and returns dQ^ (a float32 [B, Nq, Hq, D] view) and dv
-    (like v). q_rot, k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`).
-    Varlen: B = 1 and cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
+    """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from dO,
+    the forward's out and lse, dlse ([B, Hq, Nq] or None) and the rope passes' Q^ and K^
+    (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k); returns dQ^ (a float32
+    [B, Nq, Hq, D] view) and dv (like v). The preprocess (`kernels.attention_bwd.preprocess`)
+    pads each head's lse2 and delta to whole query tiles and zeroes the dQ^ sums. q_rot,
+    k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
+    cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
     d_pad = max(16, next_power_of_2(head_dim))
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
-    dq_acc = torch.zeros(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)
+    dq_acc = torch.empty(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)
+    delta, lse2 = preprocess(out, do, lse, dlse, rows=nq_tiles, dq_acc=dq_acc)
     dv = torch.empty_like(v)
     q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
-                              shared_layout(q_block, q_rot.dtype))
+                        shared_layout(q_block, q_rot.dtype))
     k_desc = Descriptor(k_rot.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
-                              shared_layout(k_block, k_rot.dtype))
+                        shared_layout(k_block, k_rot.dtype))
     v_desc = Descriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = Descriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
     # A packed document's first and last query tiles add zeros (their rows outside it are
     # masked) into the neighbours' rows of dQ^, or past the end, where TMA clips.
     dq_desc = Descriptor(dq_acc, [dq_acc.numel() // d_pad, d_pad], [d_pad, 1], dq_block, DQ_LAYOUT)
-    if nq_tiles != nq:  # each head's rows padded to whole tiles
-        lse2, delta = (torch.nn.functional.pad(x, (0, nq_tiles - nq)) for x in (lse2, delta))
     row_block = [BLOCK_M.value]
     lse2_desc, delta_desc = (Descriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
