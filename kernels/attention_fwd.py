@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import device
+from .documents import document_bounds
 from .launch import Descriptor, cdiv, launch, next_power_of_2
 from .rope import rope
 
@@ -77,10 +78,8 @@ def sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, seq, NQ, NK, VARLEN: tl.constexp
     Offsets are clamped into the row, so that unchecked bad ones (the API reads them only
     on request) give wrong results, never accesses out of bounds."""
     if VARLEN:
-        q_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + seq), 0), NQ)
-        k_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + seq), 0), NK)
-        q_len = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + seq + 1), q_start), NQ) - q_start
-        k_len = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + seq + 1), k_start), NK) - k_start
+        q_start, q_len = document_bounds(CU_SEQLENS_Q, seq, NQ)
+        k_start, k_len = document_bounds(CU_SEQLENS_K, seq, NK)
         return tl.zeros((), tl.int32), q_start, q_len, k_start, k_len
     else:
         return seq, 0, NQ, 0, NK

@@ -23,6 +23,15 @@ TOKENS_PER_BLOCK = 1024
 
 
 @triton.jit
+def document_bounds(CU_SEQLENS, d, N):
+    """(first row, rows) of document d (an index, or a block of them, below the document
+    count), clamped into the packed row of N rows: bad offsets (the API checks them only on
+    request) give wrong results, never accesses out of bounds. The Gluon kernels call it too."""
+    start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + d), 0), N)
+    return start, tl.minimum(tl.maximum(tl.load(CU_SEQLENS + d + 1), start), N) - start
+
+
+@triton.jit
 def document_positions_kernel(CU_SEQLENS_Q, CU_SEQLENS_K, Q_POS, K_POS, n_docs, search_steps, TOTAL_Q, TOTAL_K,
                               BLOCK: tl.constexpr):
     """Program (i, 0): queries [i BLOCK, + BLOCK), program (i, 1): keys. A token's document
@@ -48,15 +57,14 @@ def document_positions_kernel(CU_SEQLENS_Q, CU_SEQLENS_K, Q_POS, K_POS, n_docs, 
 
 @triton.jit
 def document_tiles_kernel(CU_SEQLENS, TABLE, n_docs, N, n_entries, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """TABLE int32 [n_entries, 2] from cu_seqlens (int32 [n_docs + 1], offsets clamped into
-    [0, N], as the attention kernels clamp them)."""
+    """TABLE int32 [n_entries, 2] from cu_seqlens (int32 [n_docs + 1], offsets clamped by
+    `document_bounds`, as the attention kernels clamp them)."""
     start = 0  # tiles of the blocks before this one
     for first in range(0, n_docs, BLOCK):
         docs = first + tl.arange(0, BLOCK)
         inside = docs < n_docs
-        begin = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + docs, mask=inside, other=0), 0), N)
-        end = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + docs + 1, mask=inside, other=0), begin), N)
-        tiles = tl.where(inside, (end - begin + TILE - 1) // TILE, 0)
+        _, rows = document_bounds(CU_SEQLENS, tl.minimum(docs, n_docs - 1), N)
+        tiles = tl.where(inside, (rows + TILE - 1) // TILE, 0)
         before = start + tl.cumsum(tiles, 0) - tiles  # each document's first tile
         for m in range(tl.max(tiles, 0)):
             present = m < tiles

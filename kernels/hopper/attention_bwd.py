@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..attention_bwd import preprocess
 from ..launch import Descriptor, cdiv, launch, next_power_of_2
-from ..documents import document_tiles
-from .attention_fwd import document_bounds, document_tile, mma_layout, shared_layout
+from ..documents import document_bounds, document_tiles
+from .attention_fwd import document_tile, mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width

@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .. import device
 from ..attention_fwd import LOG2E
-from ..documents import document_tiles
+from ..documents import document_bounds, document_tiles
 from ..launch import Descriptor, cdiv, launch, next_power_of_2
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
@@ -166,14 +166,6 @@ def document_tile(TILES, t):
     """(document, tile within it) of entry t of a `kernels.documents.document_tiles` table; the
     document is -1 past the last tile."""
     return gl.load(TILES + 2 * t), gl.load(TILES + 2 * t + 1)
-
-
-@gluon.jit
-def document_bounds(CU_SEQLENS, d, N):
-    """(first row, rows) of document d, clamped into the packed row of N: bad offsets (the
-    API checks them only on request) give wrong results, never accesses out of bounds."""
-    start = gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d), 0), N)
-    return start, gl.minimum(gl.maximum(gl.load(CU_SEQLENS + d + 1), start), N) - start
 
 
 @gluon.jit
