@@ -86,6 +86,30 @@ def test_gradients_keep_the_inputs_strides(layout):
     assert [g.stride() for g in grads] == [x.stride() for x in (q, k, v)]
 
 
+@requires_kernel
+@pytest.mark.parametrize("dlse", [False, True])
+def test_preprocess_pads_the_row_statistics_and_zeroes_the_dq_sums(dlse):
+    # the Hopper backward reads lse2 and delta in whole 128-row tiles and sums dQ^ into a
+    # float32 buffer: the preprocess writes both padded and zeroes the buffer in its launch
+    from ropefast.kernels.attention_bwd import preprocess
+
+    gen = torch.Generator().manual_seed(0)
+    batch, nq, heads, head_dim, rows = 2, 70, 3, 40, 128
+    out, do = (torch.randn(batch, nq, heads, head_dim, generator=gen).to(DEVICE) for _ in range(2))
+    lse = torch.randn(batch, heads, nq, generator=gen).to(DEVICE)
+    lse[0, 1, 5] = float("-inf")  # a row that saw no key
+    grad_lse = torch.randn(batch, heads, nq, generator=gen).to(DEVICE) if dlse else None
+    dq_sums = torch.full((batch, heads, rows, 64), float("nan"), device=DEVICE)
+    delta, lse2 = preprocess(out, do, lse, grad_lse, rows=rows, dq_acc=dq_sums)
+    want_delta = (out * do).sum(-1).transpose(1, 2) - (grad_lse if dlse else 0)
+    want_lse2 = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    assert delta.shape == lse2.shape == (batch, heads, rows)
+    assert rel_err(delta[..., :nq], want_delta) < 1e-5 and not delta[..., nq:].any()
+    assert rel_err(lse2[..., :nq][lse.isfinite()], want_lse2[lse.isfinite()]) < 1e-6
+    assert lse2[0, 1, 5] == float("inf") and not lse2[..., nq:].any()
+    assert not dq_sums.any()
+
+
 def test_gradcheck_float64_reference_path():
     # float64 inputs take the reference (the kernels serve fp16/bf16/fp32): gradcheck the
     # ground truth itself, inv_freq and temperature included.
