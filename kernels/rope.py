@@ -12,6 +12,8 @@ SLOT_HALF > 0 writes the Hopper attention kernel's feature order instead of the 
 through feature c at (c % 2) SLOT_HALF + c // 2, zeros in the slots past the head dim.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -79,6 +81,19 @@ def row_strides(t):
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
+class RopeConfig(NamedTuple):
+    """Launch configuration of `rope_kernel`."""
+
+    block_n: int  # positions per program
+    heads_per_program: int
+    num_warps: int
+
+
+# Every GPU: the H100 sweep in bench/RESULTS.md (`python -m bench.sweep rope`) read 2.3-2.4 TB/s
+# at D = 64, 128, 256 whatever the split; wider row blocks fall off at D >= 128.
+ROPE_CONFIG = RopeConfig(16, 4, 4)
+
+
 def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, pass_scale=1.0, row_scale=None,
          inverse=False, out=None, slot_half=0, config=None):
     """Rotate x [B, N, H, D] (any strides, last dim contiguous) with inv_freq float32
@@ -87,15 +102,13 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     float32 (optional) on every feature of a position.
     Writes `out` (default: a new tensor like x; may be x itself: each program loads its
     rows before storing them) and returns it; slot_half > 0 writes the Hopper attention
-    kernel's feature order, 2 slot_half features wide (the module docstring). config: (rows,
-    heads per program, warps), for sweeps; the default (16, 4, 4) comes from the H100 sweep in
-    bench/RESULTS.md (2.3-2.4 TB/s at D = 64, 128, 256 whatever the split; wider row blocks
-    fall off at D >= 128)."""
+    kernel's feature order, 2 slot_half features wide (the module docstring). config: a
+    `RopeConfig`, for sweeps (default `ROPE_CONFIG`)."""
     batch, n, heads, head_dim = x.shape
     out = torch.empty_like(x) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
-    block_n, heads_per_program, num_warps = config or (16, 4, 4)
+    block_n, heads_per_program, num_warps = config or ROPE_CONFIG
     grid = (cdiv(n, block_n), batch, cdiv(heads, heads_per_program))
     launch(
         rope_kernel, grid,
