@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import (_dot_pad, q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
+from .attention_fwd import (q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
                             sequence_major, sequences, tile_descriptor, tma_readable)
 from . import device
-from .launch import cdiv, launch
+from .launch import cdiv, dot_pad, launch
 from .rope import frequency_grad, rope
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
@@ -238,7 +238,7 @@ def preprocess(out, do, lse, dlse, rows=None, dq_acc=None):
     launch(
         bwd_preprocess_kernel, (cdiv(rows, 64), batch * hq),
         out, do, lse, dlse, delta, lse2, dq_acc, *out.stride()[:3], *do.stride()[:3], nq, rows, hq,
-        HAS_DLSE=dlse is not None, ZERO_DQ=dq_acc is not None, HEAD_DIM=head_dim, D_PAD=_dot_pad(head_dim),
+        HAS_DLSE=dlse is not None, ZERO_DQ=dq_acc is not None, HEAD_DIM=head_dim, D_PAD=dot_pad(head_dim),
         BLOCK_M=64)
     return delta, lse2
 
@@ -286,7 +286,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k) -> (dQ^ as a [B, Nq, Hq, D] view, dv)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
-    d_pad = _dot_pad(head_dim)
+    d_pad = dot_pad(head_dim)
     dkdv_config, dq_config = config or bwd_config(d_pad, device.capability(q.device))
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
@@ -332,7 +332,7 @@ def _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_con
     """The dQ and dK/dV kernels: dQ^ (sequence-major, like q) and dv; dK^ into dk_hat."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
-    d_pad = _dot_pad(head_dim)
+    d_pad = dot_pad(head_dim)
     # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
     v_rows = v if row_view(v, d_pad) else sequence_major(*v.shape, v).copy_(v)
     dq_hat = sequence_major(batch, nq, hq, head_dim, q_rot)

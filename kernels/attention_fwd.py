@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import device
 from .documents import document_bounds
-from .launch import Descriptor, cdiv, launch, next_power_of_2
+from .launch import Descriptor, cdiv, dot_pad, launch
 from .rope import rope
 
 LOG2E = 1.4426950408889634
@@ -140,11 +140,6 @@ def rope_attention_fwd_kernel(
              mask=(offs_m < seq_nq)[:, None] & (d[None, :] < HEAD_DIM))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + (off_b * HQ + off_h).to(tl.int64) * NQ + q_start + offs_m, lse, mask=offs_m < seq_nq)
-
-
-def _dot_pad(n):
-    """Power-of-two tile width >= 16 (tl.dot's smallest reduction size)."""
-    return max(16, next_power_of_2(n))
 
 
 class FwdConfig(NamedTuple):
@@ -274,7 +269,7 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     Returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32 (natural log)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
-    d_pad = _dot_pad(head_dim)
+    d_pad = dot_pad(head_dim)
     block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, device.capability(q.device))
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)

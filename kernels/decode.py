@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import device
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, dot_pad, launch, next_power_of_2
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, sincos_mufu
 
 LOG2E = 1.4426950408889634
@@ -222,11 +222,6 @@ def combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_on, stride_oh, RO
     tl.store(LSE + row, tl.where(total > 0, lse, float("-inf")))
 
 
-def _pad(n):
-    """Power-of-two width >= 16 (tl.dot's smallest operand size)."""
-    return max(16, next_power_of_2(n))
-
-
 class DecodeConfig(NamedTuple):
     """Launch configuration of `decode_attention_kernel`, and how many of its programs an SM
     holds at once (the shared memory of its pipelined K and V tiles): `decode_splits` sizes
@@ -309,10 +304,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
     paged = block_table is not None
     hkv = k_cache.shape[2]
     group = hq // hkv
-    block_m = min(_pad(group * nq), MAX_BLOCK_M)
+    block_m = min(dot_pad(group * nq), MAX_BLOCK_M)
     m_blocks = cdiv(group * nq, block_m)
     block_n, num_warps, num_stages, programs_per_sm = config or decode_config(device.capability(q.device), block_m,
-                                                                               _pad(head_dim), paged)
+                                                                               dot_pad(head_dim), paged)
     page_size, num_pages, capacity = _cache_geometry(k_cache, block_table)
     if num_splits is None:
         num_splits = decode_splits(batch * hkv * m_blocks, capacity, device.multiprocessors(q.device), programs_per_sm)
@@ -330,8 +325,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, inv_freq, 
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         block_table.stride(0) if paged else 0, *temp_strides, nq, n_new, hkv, page_size, num_pages, capacity,
         softmax_scale * LOG2E * rotary_scale**2, softmax_scale * LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, D_PAD=_pad(head_dim), ROTARY_DIM=rotary_dim, PAIRS=pairs,
-        PAIRS_PAD=_pad(pairs), PASS=passthrough, PASS_PAD=_pad(passthrough), INTERLEAVED=interleaved, PAGED=paged,
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=dot_pad(head_dim), ROTARY_DIM=rotary_dim, PAIRS=pairs,
+        PAIRS_PAD=dot_pad(pairs), PASS=passthrough, PASS_PAD=dot_pad(passthrough), INTERLEAVED=interleaved, PAGED=paged,
         CAUSAL=causal, HAS_TEMP=q_temperature is not None, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MUFU=q.is_cuda, num_warps=num_warps,
         num_stages=num_stages,

@@ -16,7 +16,7 @@ host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's
 - `Descriptor` carries a host TMA descriptor's fields; Triton's own class (tl's, or
   Gluon's when it has a layout) is built from it on the full route only. The callers pass
   16-byte aligned tensors (the API checks q, k, v; scratch comes from the allocator).
-`cdiv` and `next_power_of_2` are the host's: `triton.cdiv` and `triton.next_power_of_2` are
+`cdiv`, `next_power_of_2` and `dot_pad` are the host's: `triton.cdiv` and `triton.next_power_of_2` are
 constexpr functions, a few microseconds a call outside a kernel.
 """
 
@@ -42,6 +42,12 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of two >= n (as `triton.next_power_of_2`, 0 for n = 0)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def dot_pad(n):
+    """A tile width for n features: a power of two >= 16 (tl.dot's and wgmma's smallest
+    reduction size), which head dims are padded to in every kernel."""
+    return max(16, next_power_of_2(n))
 
 
 class Descriptor(NamedTuple):

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from ..attention_bwd import preprocess
-from ..launch import Descriptor, cdiv, launch, next_power_of_2
+from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
 from .attention_fwd import document_tile, mma_layout, shared_layout
 from .compat import thread_barrier, tma_atomic_add, tma_load
@@ -354,7 +354,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = k_rot.shape
-    d_pad = max(16, next_power_of_2(head_dim))
+    d_pad = dot_pad(head_dim)
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
     dq_acc = torch.empty(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from .. import device
 from ..attention_fwd import LOG2E
 from ..documents import document_bounds, document_tiles
-from ..launch import Descriptor, cdiv, launch, next_power_of_2
+from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..rope import rope, row_strides
 from .compat import tma_load, tma_store
 
@@ -525,7 +525,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     (`kernels.documents.document_tiles`)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
-    d_pad = max(16, next_power_of_2(head_dim))
+    d_pad = dot_pad(head_dim)
     block_n, stages, consumer_regs, maxnreg = config or fwd_config(d_pad)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
     width = d_pad if slot_half else head_dim
