@@ -52,11 +52,13 @@ def raw_launcher(compiled):
     """Triton 3.6's launcher of a compiled CUDA kernel, taken apart so that `launch` can call
     its C function: (C launch, its arguments between the function handle and the kernel's,
     ((argument index, expansion of that host TMA descriptor), ...) last first); None for
-    other versions, for kernels that need scratch memory, and off CUDA. The launcher's
-    `launch` is the C function itself, or, when the kernel takes host descriptors, Triton's
-    wrapper (`wrap_handle_tensordesc`) that expands each into a CUtensorMap, its shape and
-    strides in a loop over every argument: the expansion is its `make_tensordesc_arg`."""
-    if triton_version() != (3, 6) or not torch.cuda.is_available():
+    other versions, for kernels that need scratch memory, and on ROCm (a kernel compiled
+    here ran on a GPU, so the only other backend; its launcher is built otherwise). The
+    launcher's `launch` is the C function itself, or, when the kernel takes host
+    descriptors, Triton's wrapper (`wrap_handle_tensordesc`) that expands each into a
+    CUtensorMap, its shape and strides in a loop over every argument: the expansion is its
+    `make_tensordesc_arg`."""
+    if triton_version() != (3, 6) or torch.version.hip is not None:
         return None
     from triton.backends.nvidia.driver import make_tensordesc_arg
 
