@@ -109,6 +109,7 @@ GPU_CASES = [
     (2, 300, 1100, 8, 8, 256, 128, dict(positions=True, temperature=True)),  # D = 256, partial, Nq < Nk
     (1, 2000, 2000, 4, 4, 80, 48, dict(causal=True, layout="bhsd")),  # half-split pairs, D no power of two
     (3, 129, 129, 2, 2, 128, 128, dict(causal=True, interleaved=True, temperature=True)),  # one row past a tile
+    (4, 832, 832, 24, 8, 128, 128, dict(causal=True)),  # Gluon: 3 rounds of pair units, odd tile count
 ]
 PATHS = {"default": contextlib.nullcontext, "portable": dispatch.portable_kernels}
 

@@ -64,9 +64,12 @@ COMPILE = PRELUDE + textwrap.dedent("""
     from triton.experimental.gluon._runtime import GluonASTSource
     from ropefast.kernels.hopper import attention_fwd as hopper
 
-    def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype, varlen=False):
+    def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype, varlen=False,
+                    pair_units=None):
         d_pad = max(16, triton.next_power_of_2(head_dim))
-        block_n, stages, consumer_regs, maxnreg = hopper.fwd_config(d_pad)
+        block_n, stages, consumer_regs, maxnreg, _ = hopper.fwd_config(d_pad)
+        if pair_units is None:
+            pair_units = causal and not varlen and hopper.fwd_config(d_pad).pair_units_tiles > 0
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         def desc(block):
             return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{hopper.shared_layout(block, torch_dtype)!r}>"
@@ -82,7 +85,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     TILES=("*i32", 16) if varlen else None, q_pos_offset="i32", row_scale="fp32",
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
-                    VARLEN=[varlen], BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+                    VARLEN=[varlen], PAIR_UNITS=[pair_units], BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -95,8 +98,9 @@ COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen]): the configs of
-# fwd_config and each way the queries load (halves, interleaved, slot order).
+# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen[, pair units]]): the
+# configs of fwd_config, each way the queries load (halves, interleaved, slot order) and both causal
+# schedules (pair units by default where the config has them, one program per tile at D = 128).
 CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, False, False, "bf16"),
          (128, 128, False, False, False, False, "bf16"), (128, 128, True, False, False, False, "bf16"),
          (256, 256, False, False, False, False, "bf16"), (256, 256, True, False, False, False, "bf16"),
@@ -104,14 +108,18 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
          (40, 24, False, False, False, False, "fp16"),
          # packed documents (always with positions): Llama-style, and D = 256 with everything on
          (128, 128, True, False, True, False, "bf16", True), (128, 128, False, False, True, True, "fp16", True),
-         (256, 128, True, True, True, True, "bf16", True)]
+         (256, 128, True, True, True, True, "bf16", True),
+         (128, 128, True, False, False, False, "bf16", False, False)]
 
 
-# One variant spills with Triton >= 3.7's ptxas input, not with 3.6's (the GPU image's, 0
+# Two variants spill with Triton >= 3.7's ptxas input, not with 3.6's (the GPU image's, 0
 # bytes): D = 256 over packed documents with every feature on, whose pointer store of a
-# document's last rows holds a [64, 256] tile's addresses (108 bytes with 3.9, 2026-11-26).
+# document's last rows holds a [64, 256] tile's addresses (108 bytes with 3.9, 2026-11-26),
+# and the causal pair units' schedule with interleaved pairs, positions and temperature.
 FORWARD_SPILLS = {repr([256, 128, True, True, True, True, "bf16", True]):
-                  0 if compat.triton_version() < (3, 7) else 128}
+                  0 if compat.triton_version() < (3, 7) else 128,
+                  # the causal pair units with every query feature on (64 bytes with 3.9, 2026-11-26)
+                  repr([80, 48, True, True, True, True, "bf16"]): 0 if compat.triton_version() < (3, 7) else 96}
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")

@@ -3,8 +3,9 @@ with the query rotation inside.
 
 A work item is BLOCK_M = 128 queries of one (batch, query head), or of one packed document
 and head (varlen: `kernels.documents` lists the documents' tiles); a program runs items in
-turn (`_work_item`: persistent for non-causal calls, one item each for causal ones and
-documents) as three warpgroups (`gl.warp_specialize`):
+turn (`_work_item`: persistent for non-causal calls and short causal ones, whose items come
+in units of two tiles of equal work; one item each for longer causal calls and documents)
+as three warpgroups (`gl.warp_specialize`):
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
   of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
   ahead into the next item while the consumers finish one;
@@ -36,6 +37,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -169,18 +171,18 @@ def document_tile(TILES, t):
 
 
 @gluon.jit
-def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr,
-               VARLEN: gl.constexpr, BLOCK_N: gl.constexpr):
+def _work_item(item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr,
+               VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr):
     """Work item -> (batch row, query head, KV head, first query row and query count of its
     sequence, first key row and key count, first query of the tile within the sequence, key
     tiles visible to every row, key tiles in all). A sequence is a batch row, or (VARLEN) a
     document of the one packed row: items are (query tile of the TILES table, head), head
     fastest, and the table's entries past the last tile are items of no rows (nq = 0).
     Non-causal items run through the query tiles of one (batch, head) before the next, so
-    the persistent programs running at one time share K/V in L2. Causal items (one program
-    each) and packed documents' run head fastest, longest first within a sequence: at
-    N = 1k the causal forward ran 12% faster this way than head by head, at 4k 3% (the
-    heads of a tile read neighbouring bytes of q and, GQA, the same K/V; bench/RESULTS.md)."""
+    the persistent programs running at one time share K/V in L2; causal ones come in units
+    of two tiles of equal work (below). Packed documents' items (one program each) run head
+    fastest, longest first within a document (the heads of a tile read neighbouring bytes
+    of q and, GQA, the same K/V)."""
     if VARLEN:
         off_b = 0
         off_h = item % HQ
@@ -191,7 +193,28 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSA
         n_m = gl.cdiv(nq, BLOCK_M)
     else:
         n_m = gl.cdiv(NQ, BLOCK_M)
-        if CAUSAL:  # (batch, query tile, head), head fastest
+        if CAUSAL and PAIR_UNITS:
+            # Units of two query tiles of equal work: the (n_m - 1 - i)-th and the i-th from
+            # the top of one (batch, head), ranked (batch, i, head), then (odd n_m) the middle
+            # tiles of two (batch, head)s. Program p runs units p, p + P, ... (P programs), one
+            # tile per lap: the programs' work is even, and each unit's second tile finds its
+            # keys in L2. Only the last unit can lack its second tile.
+            programs = gl.num_programs(0)
+            lap = item // programs
+            unit = lap // 2 * programs + (item - lap * programs)
+            second = lap % 2
+            sequences = n_items // n_m  # batch * HQ
+            pair_units = sequences * (n_m // 2)
+            paired = unit < pair_units
+            off_b = unit // (HQ * (n_m // 2))
+            pair = (unit - off_b * (HQ * (n_m // 2))) // HQ
+            middle = 2 * (unit - pair_units) + second  # batch * HQ + head of a middle tile
+            off_b = gl.where(paired, off_b, middle // HQ)
+            off_h = gl.where(paired, unit % HQ, middle % HQ)
+            # counted from the bottom, as below
+            pid_m = gl.where(paired, gl.where(second == 1, n_m - 1 - pair, pair), n_m // 2)
+            real = paired | ((n_m % 2 == 1) & (middle < sequences))
+        elif CAUSAL:  # one program each: (batch, query tile, head), head fastest
             off_h = item % HQ
             pid_m = (item // HQ) % n_m
             off_b = item // HQ // n_m
@@ -203,6 +226,8 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSA
         q_begin = 0
         k_begin = 0
         nq = NQ
+        if CAUSAL and PAIR_UNITS:
+            nq = gl.where(real, NQ, 0)  # the second tile of an odd count's middle unit, or a unit past the last
         nk = NK
     if CAUSAL:
         pid_m = gl.maximum(n_m - 1 - pid_m, 0)
@@ -219,16 +244,32 @@ def _work_item(item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSA
     return off_b, off_h, off_h // GROUP, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles
 
 
+@triton.jit
+def pair_unit_count(sequences, n_m):
+    """Causal pair units (`_work_item`) of `sequences` (batch, head)s of n_m query tiles."""
+    return sequences * (n_m // 2) + (sequences + 1) // 2 * (n_m % 2)
+
+
+@gluon.jit
+def _items_end(n_items, NQ, PAIR_UNITS: gl.constexpr):
+    """The end of the programs' item loop: the causal units' (`_work_item`) two laps per
+    round of programs, the last round's missing units included; n_items otherwise."""
+    if PAIR_UNITS:
+        n_m = gl.cdiv(NQ, BLOCK_M)
+        return gl.cdiv(pair_unit_count(n_items // n_m, n_m), gl.num_programs(0)) * 2 * gl.num_programs(0)
+    return n_items
+
+
 @gluon.jit
 def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
               CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K^ and V tiles of this program's work items into the ring; it runs
     ahead into the next item while the consumers finish the current one."""
     count = 0  # tiles loaded so far: the ring position
-    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS), gl.num_programs(0)):
         off_b, _, off_hkv, _, _, k_begin, _, _, _, n_tiles = _work_item(
-            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
+            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N)
         kv_head = off_b * (HQ // GROUP) + off_hkv
         for j in range(n_tiles):
             stage = count % STAGES
@@ -292,13 +333,26 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 
 
 @gluon.jit
+def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
+                HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+                CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, L3: gl.constexpr):
+    """`_load_q` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
+    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
+                                                             PAIR_UNITS, BLOCK_N)
+    if not PAIR_UNITS:  # pair units have nq = 0 past the last
+        nq = gl.where(item < n_items, nq, 0)
+    return _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
+                   q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+
+
+@gluon.jit
 def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
               stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem, v_smem, k_ready,
               k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
               CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
               HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
               HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile."""
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
@@ -317,13 +371,11 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     # (Packed documents run one item per program: there is no next item.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     if PREFETCH_Q:
-        off_b, off_h, _, _, _, _, _, q_start, _, _ = _work_item(
-            gl.program_id(0), NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
-        x = _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
-                    q_start + CID * WG_ROWS, NQ, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
-    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        x = _prefetch_q(gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
+                        HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_N, L3)
+    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS), gl.num_programs(0)):
         off_b, off_h, off_hkv, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles = _work_item(
-            item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
+            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N)
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
             if not PREFETCH_Q:
@@ -384,12 +436,8 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
                 mbarrier.arrive(v_empty.index(last), count=1)
 
             if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
-                next_item = item + gl.num_programs(0)
-                next_b, next_h, _, _, _, _, _, next_start, _, _ = _work_item(
-                    next_item, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
-                x = _load_q(Q + next_b.to(gl.int64) * stride_qb + next_h.to(gl.int64) * stride_qh, stride_qn,
-                            next_start + CID * WG_ROWS, gl.where(next_item < n_items, NQ, 0), HEAD_DIM, D_PAD, PAIRS,
-                            INTERLEAVED, L3)
+                x = _prefetch_q(item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
+                                n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_N, L3)
 
             # epilogue: O = acc / l through this warpgroup's (now unused) Q^ buffer and a TMA
             # store that runs on while the next item starts (rows past NQ and features past
@@ -423,7 +471,7 @@ def rope_attention_fwd_hopper_kernel(
     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Persistent: program i runs work items i, i + grid, ... (`_work_item`). Q unrotated (any
     strides, last dim contiguous), K^ rotated (3-D descriptor over [B * Hkv, Nk, D or D_PAD] in
@@ -460,17 +508,17 @@ def rope_attention_fwd_hopper_kernel(
     tiles = TILES if VARLEN else LSE
     gl.warp_specialize([
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                     cu_q, cu_k, tiles, CAUSAL, VARLEN, BLOCK_N, STAGES)),
+                     cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
                      v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP,
                      n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 0, HEAD_DIM,
-                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
+                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
                      v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP,
                      n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 1, HEAD_DIM,
-                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, BLOCK_N, STAGES)),
+                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -484,11 +532,16 @@ class HopperFwdConfig(NamedTuple):
     stages: int
     consumer_regs: int
     maxnreg: int
+    # Causal calls of at most this many query tiles per sequence run persistent programs over
+    # units of two tiles (`_work_item`); longer ones one program per tile, which the
+    # hardware hands out as SMs free up (their tail imbalance is smaller than the units').
+    pair_units_tiles: int
 
 
-# per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`)
-HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(128, 2, 240, 168), 128: HopperFwdConfig(128, 2, 240, 168),
-                      256: HopperFwdConfig(64, 2, 240, 168)}
+# per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`);
+# pair_units_tiles from the H100 comparison there (2026-11-26)
+HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(128, 2, 240, 168, 32), 128: HopperFwdConfig(128, 2, 240, 168, 32),
+                      256: HopperFwdConfig(64, 2, 240, 168, 0)}
 
 
 def fwd_config(head_dim_pad):
@@ -526,7 +579,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
-    block_n, stages, consumer_regs, maxnreg = config or fwd_config(d_pad)
+    block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(d_pad)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
     width = d_pad if slot_half else head_dim
     k_rot = torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype)
@@ -549,14 +602,20 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         # free up (the table's last entries exit at once).
         tiles = document_tiles(cu_seqlens_q, nq, BLOCK_M.value)
         n_items = tiles.shape[0] * hq
-        grid = n_items
+        grid, pair_units = n_items, False
     else:
-        # Non-causal items are equal: one program per SM runs them in turn (its producer loads
-        # the next item's first tiles during the last one's epilogue). Causal items differ in
-        # length: one program each, longest first, as SMs free up.
+        # One program per SM runs items in turn (its producer loads the next item's first
+        # tiles during the last one's epilogue): non-causal items are equal, and so are the
+        # causal pair units (`_work_item`). Causal items beyond `pair_units_tiles`: one
+        # program each, longest first, as SMs free up.
         tiles = None
-        n_items = cdiv(nq, BLOCK_M.value) * batch * hq
-        grid = n_items if causal else min(n_items, device.multiprocessors(q.device))
+        n_m = cdiv(nq, BLOCK_M.value)
+        n_items = n_m * batch * hq
+        pair_units = causal and n_m <= pair_units_tiles
+        if causal and not pair_units:
+            grid = n_items
+        else:
+            grid = min(pair_unit_count.fn(batch * hq, n_m) if pair_units else n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
@@ -564,6 +623,6 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
-        BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return out, lse
