@@ -136,6 +136,7 @@ GPU_CASES = [
     ((1, 300, 1100, 8, 2, 128, 128), dict(causal=True, layout="bhsd")),  # Nq < Nk, partial tiles
     ((3, 129, 129, 2, 2, 80, 80), dict(causal=True, interleaved=True)),  # D no power of two, one row past a tile
     ((2, 333, 333, 4, 2, 128, 128), dict(causal=True)),  # odd N: per-head rows of lse and delta unaligned
+    ((4, 832, 832, 24, 8, 128, 128), dict(causal=True)),  # Gluon forward: 3 rounds of pair units, odd tile count
 ]
 
 
