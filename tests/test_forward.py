@@ -110,6 +110,7 @@ GPU_CASES = [
     (1, 2000, 2000, 4, 4, 80, 48, dict(causal=True, layout="bhsd")),  # half-split pairs, D no power of two
     (3, 129, 129, 2, 2, 128, 128, dict(causal=True, interleaved=True, temperature=True)),  # one row past a tile
     (4, 832, 832, 24, 8, 128, 128, dict(causal=True)),  # Gluon: 3 rounds of pair units, odd tile count
+    (16, 64, 64, 32, 8, 128, 128, dict(causal=True)),  # one tile per sequence: units of two heads' tiles only
 ]
 PATHS = {"default": contextlib.nullcontext, "portable": dispatch.portable_kernels}
 

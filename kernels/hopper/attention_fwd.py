@@ -206,8 +206,9 @@ def _work_item(item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TIL
             sequences = n_items // n_m  # batch * HQ
             pair_units = sequences * (n_m // 2)
             paired = unit < pair_units
-            off_b = unit // (HQ * (n_m // 2))
-            pair = (unit - off_b * (HQ * (n_m // 2))) // HQ
+            per_batch = HQ * gl.maximum(n_m // 2, 1)  # pair units of a batch row (n_m = 1: none)
+            off_b = unit // per_batch
+            pair = (unit - off_b * per_batch) // HQ
             middle = 2 * (unit - pair_units) + second  # batch * HQ + head of a middle tile
             off_b = gl.where(paired, off_b, middle // HQ)
             off_h = gl.where(paired, unit % HQ, middle % HQ)
