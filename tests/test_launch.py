@@ -30,6 +30,13 @@ def test_keys_tell_apart_what_triton_specializes_on():
         key("text")
 
 
+def test_the_inlined_keys_are_the_per_argument_ones():
+    aligned = torch.empty(64)
+    args = (aligned, aligned[1:], torch.nn.Parameter(aligned), 1, 16, 17, -5, 2**40, 2**63, None, True, False, 0.5,
+            launch.Descriptor(aligned, [4, 16], [16, 1], [4, 16]))
+    assert launch._args_key(args) == tuple(map(launch._arg_key, args))
+
+
 def test_descriptors_become_tritons_own():
     x = torch.empty(4, 16)
     tl_desc = launch.Descriptor(x, [4, 16], [16, 1], [2, 16]).triton()
