@@ -247,7 +247,8 @@ def _work_item(item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TIL
 
 @triton.jit
 def pair_unit_count(sequences, n_m):
-    """Causal pair units (`_work_item`) of `sequences` (batch, head)s of n_m query tiles."""
+    """Causal pair units (`_work_item`) of `sequences` (batch, head)s of n_m query tiles; the
+    launcher sizes the grid with the same function (`.fn`, plain Python on the host)."""
     return sequences * (n_m // 2) + (sequences + 1) // 2 * (n_m % 2)
 
 
