@@ -16,8 +16,8 @@ host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's
 - `Descriptor` carries a host TMA descriptor's fields; Triton's own class (tl's, or
   Gluon's when it has a layout) is built from it on the full route only. The callers pass
   16-byte aligned tensors (the API checks q, k, v; scratch comes from the allocator).
-`cdiv`, `next_power_of_2` and `dot_pad` are the host's: `triton.cdiv` and `triton.next_power_of_2` are
-constexpr functions, a few microseconds a call outside a kernel.
+`cdiv`, `next_power_of_2` and `dot_pad` are the host's: `triton.cdiv` and
+`triton.next_power_of_2` are constexpr functions, a few microseconds a call outside a kernel.
 """
 
 from typing import Any, NamedTuple, Optional
@@ -73,18 +73,16 @@ def _arg_key(arg):
     """What Triton's specialization reads from one runtime argument. `_args_key` inlines the
     common cases (exact ints and floats, tensors, None) and must agree with this."""
     kind = type(arg)
-    if kind is int:
+    if arg is None or kind is bool:
+        return arg
+    if isinstance(arg, int):
         return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     if kind is float:
         return float
-    if arg is None or kind is bool:
-        return arg
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
     if kind is Descriptor:
         return arg.base.dtype, tuple(arg.block_shape), arg.layout, arg.padding
-    if isinstance(arg, int):
-        return int, arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63
     raise TypeError(f"launch: unsupported argument type {kind.__name__}")
 
 

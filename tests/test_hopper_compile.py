@@ -118,7 +118,7 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
 # and the causal pair units' schedule with interleaved pairs, positions and temperature.
 FORWARD_SPILLS = {repr([256, 128, True, True, True, True, "bf16", True]):
                   0 if compat.triton_version() < (3, 7) else 128,
-                  # the causal pair units with every query feature on (64 bytes with 3.9, 2026-11-26)
+                  # the causal pair units with every query feature on (60 bytes with 3.9, 2026-11-26)
                   repr([80, 48, True, True, True, True, "bf16"]): 0 if compat.triton_version() < (3, 7) else 96}
 
 

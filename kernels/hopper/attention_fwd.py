@@ -614,10 +614,12 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         n_m = cdiv(nq, BLOCK_M.value)
         n_items = n_m * batch * hq
         pair_units = causal and n_m <= pair_units_tiles
-        if causal and not pair_units:
+        if pair_units:
+            grid = min(pair_unit_count.fn(batch * hq, n_m), device.multiprocessors(q.device))
+        elif causal:
             grid = n_items
         else:
-            grid = min(pair_unit_count.fn(batch * hq, n_m) if pair_units else n_items, device.multiprocessors(q.device))
+            grid = min(n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
         q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
