@@ -9,7 +9,8 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
   dt_i = <dQ^_i, Q^_i> / t_i
   d theta (per row, pair) = dX^_b X^_a - dX^_a X^_b for X = Q or K (the scales cancel),
   and d inv_freq = sum over rows and heads of position * d theta.
-The rope passes recompute Q^ and K^ into scratch for this call only; nothing rotated is
+The rope passes recompute Q^ and K^ into scratch for this call only (on Hopper the Gluon
+kernel rotates the keys itself unless the frequency gradient needs K^); nothing rotated is
 saved between forward and backward.
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
@@ -36,7 +37,7 @@ from .attention_fwd import (q_scales, rotate_q_k, row_tiles, row_view, sequence_
                             sequence_major, sequences, tile_descriptor, tma_readable)
 from . import device
 from .launch import cdiv, dot_pad, launch
-from .rope import frequency_grad, rope
+from .rope import frequency_grad, rope, slot_order
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
 
@@ -283,7 +284,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     float32 (per head; the caller sums) or None. gradient_kernel replaces the preprocess and
     the two kernels here between the rope passes (the Hopper backward,
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
-    v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k) -> (dQ^ as a [B, Nq, Hq, D] view, dv)."""
+    v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
+    rotary_dim, interleaved)) -> (dQ^ as a [B, Nq, Hq, D] view, dv), with K^ None where it
+    rotates the keys itself."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
@@ -291,16 +294,21 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
+    # The Hopper kernel rotates the keys itself, unless the frequency gradient reads K^ or
+    # K^ would have to be in its slot order (Q^ comes from the rope pass, in the natural one).
+    keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
-                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
+                              interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+                              keys=not keys_inside)
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
     # Gluon kernel's program) unless the frequency gradient still needs K^; Q^ and dQ^ are
     # freed before dk is allocated.
-    dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
+    dk_hat = sequence_major(*k.shape, k) if need_dfreq or keys_inside else k_rot
     if gradient_kernel is not None:
         dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, causal=causal,
-                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                     keys=(k, inv_freq, k_positions, rotary_dim, interleaved))
     else:
         delta, lse2 = preprocess(out, do, lse, dlse)
         dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,

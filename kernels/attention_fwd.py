@@ -234,16 +234,18 @@ def q_scales(softmax_scale, rotary_scale):
 
 
 def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
-               rotary_scale):
+               rotary_scale, keys=True):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
-    (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k, into scratch
-    buffers for this call only, stored sequence-major (`row_tiles`). Queries default to
-    positions Nk - Nq + arange(Nq)."""
+    (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k (None unless `keys`),
+    into scratch buffers for this call only, stored sequence-major (`row_tiles`). Queries
+    default to positions Nk - Nq + arange(Nq)."""
     nq, nk = q.shape[1], k.shape[1]
     q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
                  row_scale=q_temperature, out=sequence_major(*q.shape, q), **q_scales(softmax_scale, rotary_scale))
-    k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
-                 out=sequence_major(*k.shape, k))
+    k_rot = None
+    if keys:
+        k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
+                     out=sequence_major(*k.shape, k))
     return q_rot, k_rot
 
 

@@ -81,6 +81,12 @@ def row_strides(t):
     return (0, 0) if t is None else (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1))
 
 
+def slot_order(head_dim_pad, rotary_dim, interleaved):
+    """Whether the Hopper kernels' feature order (`kernels.hopper.attention_fwd`) differs from
+    the natural one: half-split pairs that do not fill the padded head dim."""
+    return not interleaved and rotary_dim < head_dim_pad
+
+
 class RopeConfig(NamedTuple):
     """Launch configuration of `rope_kernel`."""
 

@@ -13,12 +13,13 @@ NAMES = ("dq", "dk", "dv", "dinv_freq", "dtemperature")
 
 
 def grad_errors(B, Nq, Nk, Hq, Hkv, D, R, dtype, *, interleaved=False, causal=False, layout="bshd",
-                positions=False, temperature=True, rotary_scale=1.2, lse_grad=True, deterministic=False, seed=0):
+                positions=False, temperature=True, rotary_scale=1.2, lse_grad=True, freq_grad=True, deterministic=False,
+                seed=0):
     gen = torch.Generator().manual_seed(seed)
     shape_q, shape_k = ((B, Nq, Hq, D), (B, Nk, Hkv, D)) if layout == "bshd" else ((B, Hq, Nq, D), (B, Hkv, Nk, D))
     q, k, v = (torch.randn(s, generator=gen).to(DEVICE, dtype).requires_grad_() for s in (shape_q, shape_k, shape_k))
     inv_freq = schedules.YaRN(R, factor=4.0, original_max_position_embeddings=64).inv_freq(device=DEVICE)
-    inv_freq.requires_grad_()
+    inv_freq.requires_grad_(freq_grad)
     kw = dict(rotary_dim=R, interleaved=interleaved, causal=causal, layout=layout, rotary_scale=rotary_scale)
     if positions:
         kw["q_positions"] = torch.randint(0, 3000, (B, Nq), generator=gen).to(DEVICE)
@@ -29,16 +30,19 @@ def grad_errors(B, Nq, Nk, Hq, Hkv, D, R, dtype, *, interleaved=False, causal=Fa
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE) * lse_grad
     seen = torch.isfinite(lse)
-    inputs = [x for x in (q, k, v, inv_freq, temp) if x is not None]
-    grads = torch.autograd.grad((out * grad_out).sum() + (lse[seen] * grad_lse[seen]).sum(), inputs)
+    tensors = dict(zip(NAMES, (q, k, v, inv_freq, temp)))
+    graded = [name for name, x in tensors.items() if x is not None and x.requires_grad]
+    grads = torch.autograd.grad((out * grad_out).sum() + (lse[seen] * grad_lse[seen]).sum(),
+                                [tensors[name] for name in graded])
 
-    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    rq, rk, rv, rf = ref_inputs[:4]
+    ref = {name: None if x is None else x.detach().double().requires_grad_(x.requires_grad)
+           for name, x in tensors.items()}
     ref_out, ref_lse = scaled_rope_attention_reference(
-        rq, rk, rv, inv_freq=rf, q_temperature=ref_inputs[4] if temperature else None, return_lse=True, **kw)
+        ref["dq"], ref["dk"], ref["dv"], inv_freq=ref["dinv_freq"], q_temperature=ref["dtemperature"],
+        return_lse=True, **kw)
     ref_grads = torch.autograd.grad((ref_out * grad_out.double()).sum()
-                                    + (ref_lse[seen] * grad_lse[seen].double()).sum(), ref_inputs)
-    return {name: rel_err(g, r) for name, g, r in zip(NAMES, grads, ref_grads)}
+                                    + (ref_lse[seen] * grad_lse[seen].double()).sum(), [ref[name] for name in graded])
+    return {name: rel_err(g, r) for name, g, r in zip(graded, grads, ref_grads)}
 
 
 CPU_CASES = [
@@ -147,6 +151,25 @@ GPU_CASES = [
 def test_backward_gpu(case, dtype, deterministic):
     errors = grad_errors(*case[0], dtype, deterministic=deterministic, **case[1])
     assert all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
+
+
+# Without the frequency gradient the Hopper backward rotates the keys itself where K^ is in
+# the natural feature order (`kernels.rope.slot_order`): half-split pairs filling D, or
+# interleaved ones (partial, with positions); GQA with Nq != Nk, rows that see no key, D = 64.
+KEYS_INSIDE_CASES = [
+    ((2, 1024, 1024, 16, 16, 128, 128), dict(causal=True)),
+    ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),
+    ((2, 1000, 1000, 8, 8, 128, 64), dict(interleaved=True, positions=True)),
+    ((1, 700, 300, 4, 2, 128, 128), dict(causal=True)),
+    ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, layout="bhsd")),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
+def test_backward_gpu_without_frequency_gradient(case):
+    errors = grad_errors(*case[0], torch.bfloat16, freq_grad=False, **case[1])
+    assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[torch.bfloat16] for err in errors.values()), errors
 
 
 @requires_cuda

@@ -137,7 +137,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.hopper import attention_bwd as hopper_bwd
     from ropefast.kernels.hopper.attention_fwd import shared_layout
 
-    def compile_bwd(head_dim, causal, dtype, varlen=False):
+    def compile_bwd(head_dim, causal, dtype, varlen=False, rotate_k=True, interleaved=False, positions=False):
         stages, consumer_regs, maxnreg = hopper_bwd.bwd_config(head_dim)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         def desc(block, dtype=dtype, layout=None):
@@ -150,10 +150,13 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
                     DV=(f"*{dtype}", 16), stride_dvb=("i64", 16), stride_dvn=("i32", 16), stride_dvh=("i32", 16),
-                    NQ="i32", NK="i32", HQ="i32", GROUP="i32", CU_SEQLENS_Q=("*i32", 16) if varlen else None,
+                    K=(f"*{dtype}", 16), stride_kb=("i64", 16), stride_kn=("i32", 16), stride_kh=("i32", 16),
+                    INV_FREQ=("*fp32", 16), K_POS=("*i64", 16) if positions or varlen else None,
+                    stride_pos_b="i32", stride_pos_n="i32", NQ="i32", NK="i32", HQ="i32", GROUP="i32", CU_SEQLENS_Q=("*i32", 16) if varlen else None,
                     CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
-                    HEAD_DIM=[head_dim], D_PAD=[head_dim], CAUSAL=[causal], VARLEN=[varlen], STAGES=[stages],
-                    CONSUMER_REGS=[consumer_regs])
+                    HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
+                    HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
+                    STAGES=[stages], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -165,11 +168,15 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, causal, dtype[, varlen]): the head dims the Gluon backward serves (`attention_bwd.supports`)
+# (head dim, causal, dtype[, varlen[, keys rotated inside[, interleaved[, positions]]]]): the head
+# dims the Gluon backward serves (`attention_bwd.supports`), packed documents, keys from the rope
+# pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with positions)
 BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
-                  (128, True, "bf16", True), (64, False, "fp16", True)]  # and packed documents
+                  (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
+                  (128, False, "fp16", False, True, True, True)]
 # ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
-# stores + loads): 144-408 bytes with Triton 3.6's (the GPU image's), 712-1100 with 3.9's
+# stores + loads, outside the steps): 144-420 bytes with Triton 3.6's (the GPU image's; 264
+# for interleaved keys rotated in the kernel at given positions), 744-1128 with 3.9's
 # (2026-11-26, three loops of steps: masked, unmasked, a partial last tile); more means a
 # regression.
 BACKWARD_SPILL_BOUND = 1280

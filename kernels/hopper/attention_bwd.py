@@ -1,13 +1,17 @@
 """Scaled rotary attention backward for Hopper (sm_90), in Gluon: FlashAttention-3's
 structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the rotated Q^
-and K^ that the portable backward's rope passes produce; the rope passes, the frequency and
-temperature gradients and the rotation back are shared with it (`kernels.attention_bwd`).
+that the portable backward's rope pass produces and the keys, which each program rotates
+itself (K^ = R k, once per key block, as the forward rotates its queries: one rope pass of
+k's size less), or K^ from the rope pass where the frequency gradient reads it or the
+kernels' feature order is not the natural one (`kernels.rope.slot_order`). The rope
+passes, the frequency and temperature gradients and the rotation back are shared with the
+portable backward (`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
 and over their 64-query tiles, as three warpgroups
 (`gl.warp_specialize`):
-- a producer (few registers) loads K^ and V once, then streams each step's Q^ and dO tiles
+- a producer (few registers) loads V (and K^) once, then streams each step's Q^ and dO tiles
   through TMA into a ring of STAGES buffers guarded by "ready" / "empty" mbarriers;
 - two consumers own 64 keys each. Per query tile one computes, with async wgmma,
   S^T = K^ Q^T and dP^T = V dO^T (both 64 x 64), P^T = exp2(S^T - lse2) and
@@ -33,7 +37,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from ..attention_bwd import preprocess
 from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
-from .attention_fwd import document_tile, mma_layout, shared_layout
+from ..rope import row_strides
+from .attention_fwd import (document_tile, increments, load_rows, mma_layout, pair_layout, rotate_rows,
+                           shared_layout)
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -107,14 +113,17 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.con
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
               v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads: this block's K^ and V once, then Q^, dO, lse2 and delta of each step into
-    the ring."""
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads: this block's V and (unless the consumers rotate the keys) K^ once, then
+    Q^, dO, lse2 and delta of each step into the ring."""
     HKV = HQ // GROUP
     off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, _, m_tiles = _program_item(
         NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN)
-    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma_load(k_desc, [(off_b * HKV + off_hk) * NK + k_begin + start_n, 0], kv_ready, k_smem)
+    if ROTATE_K:
+        mbarrier.expect(kv_ready, v_desc.block_type.nbytes)
+    else:
+        mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma_load(k_desc, [(off_b * HKV + off_hk) * NK + k_begin + start_n, 0], kv_ready, k_smem)
     tma_load(v_desc, [off_b, k_begin + start_n, off_hk, 0], kv_ready, v_smem)
     count = 0  # steps loaded so far: the ring position
     for g in range(GROUP):
@@ -211,10 +220,11 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
 
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
-              ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, NQ, NK,
-              HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr,
-              HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-              STAGES: gl.constexpr):
+              ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, K,
+              stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
+              CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+              PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, CAUSAL: gl.constexpr,
+              VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_M, NW)
@@ -229,6 +239,22 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     v_block = v_smem.reshape([BLOCK_N, D_PAD])
     k_mine = k_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
     v_mine = v_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
+    if ROTATE_K:  # K^ = R k of this warpgroup's keys, as the forward rotates its queries
+        L3: gl.constexpr = pair_layout(D_PAD // 2, INTERLEAVED, NW)
+        row0 = start_n + CID * WG_KEYS
+        x = load_rows(K + off_b.to(gl.int64) * stride_kb + k_begin.to(gl.int64) * stride_kn
+                      + off_hk.to(gl.int64) * stride_kh, stride_kn, row0, nk, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+        pos_ptr = K_POS
+        if HAS_POS:
+            pos_ptr = K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
+        inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        k_mine.store(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0, D_PAD,
+                                 PAIRS, INTERLEAVED, HAS_POS, False, L3))
+        # generic-proxy stores, read next by this warpgroup's wgmma; the other warpgroup's
+        # dQ^ matmuls read them after the first step's ds_ready, which this one arrives at
+        # after a fence of its own
+        fence_async_shared()
+        thread_barrier()
     dk = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
     dv = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
     mbarrier.wait(kv_ready, 0)
@@ -265,14 +291,19 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
 @gluon.jit
 def rope_attention_bwd_hopper_kernel(
     q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV,
-    stride_dvb, stride_dvn, stride_dvh, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
-    HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr,
+    stride_dvb, stride_dvn, stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b,
+    stride_pos_n, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
+    HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+    HAS_POS: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
     descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
     key) and delta [B, Hq, Nq rounded up to BLOCK_M] through 1-D descriptors; dq_desc over
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
+    ROTATE_K: the consumers rotate the keys k (unrotated, any strides; K^ = R k in the
+    natural feature order, `kernels.rope.slot_order`) at positions K_POS ([B or 1, Nk], or
+    arange) themselves, and k_desc is not read; otherwise k_desc holds K^.
     Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
     and dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
     TILES their key blocks (`kernels.documents.document_tiles`)."""
@@ -303,18 +334,21 @@ def rope_attention_bwd_hopper_kernel(
     cu_q = CU_SEQLENS_Q if VARLEN else DK
     cu_k = CU_SEQLENS_K if VARLEN else DK
     tiles = TILES if VARLEN else DK
+    k_pos = K_POS if HAS_POS else DK
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
                      k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles,
-                     CAUSAL, VARLEN, STAGES)),
+                     CAUSAL, VARLEN, ROTATE_K, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, CAUSAL,
-                     VARLEN, STAGES)),
+                     stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
+                     NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
+                     VARLEN, ROTATE_K, STAGES)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
-                     stride_dvh, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, CAUSAL,
-                     VARLEN, STAGES)),
+                     stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
+                     NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
+                     VARLEN, ROTATE_K, STAGES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -344,16 +378,18 @@ def bwd_config(head_dim):
 
 
 def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, causal, cu_seqlens_q=None,
-                              cu_seqlens_k=None, config=None):
+                              cu_seqlens_k=None, keys, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from dO,
     the forward's out and lse, dlse ([B, Hq, Nq] or None) and the rope passes' Q^ and K^
-    (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k); returns dQ^ (a float32
-    [B, Nq, Hq, D] view) and dv (like v). The preprocess (`kernels.attention_bwd.preprocess`)
+    (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k, sequence-major); returns
+    dQ^ (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
+    rotary_dim, interleaved): with k_rot None the kernel rotates the keys itself (K^ in the
+    natural feature order: not `kernels.rope.slot_order`). The preprocess (`kernels.attention_bwd.preprocess`)
     pads each head's lse2 and delta to whole query tiles and zeroes the dQ^ sums. q_rot,
     k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
-    _, nk, hkv, _ = k_rot.shape
+    _, nk, hkv, _ = dk_hat.shape
     d_pad = dot_pad(head_dim)
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
@@ -364,8 +400,10 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
                         shared_layout(q_block, q_rot.dtype))
-    k_desc = Descriptor(k_rot.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
-                        shared_layout(k_block, k_rot.dtype))
+    # rotating the keys itself, the kernel reads no K^: its descriptor points at dK^'s buffer
+    k_rows = dk_hat if k_rot is None else k_rot
+    k_desc = Descriptor(k_rows.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
+                        shared_layout(k_block, k_rows.dtype))
     v_desc = Descriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = Descriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
     dq_block = [BLOCK_M.value, DQ_CHUNK.value]
@@ -380,11 +418,13 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
     else:  # (key block, KV head) of the document tiles' table
         tiles = document_tiles(cu_seqlens_k, nk, BLOCK_N.value)
         programs = tiles.shape[0] * hkv
+    k, inv_freq, k_positions, rotary_dim, interleaved = keys
     launch(
         rope_attention_bwd_hopper_kernel, (programs,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
-        *dv.stride()[:3], nq, nk, hq, hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles,
-        HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, STAGES=stages,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
+        hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
+        INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
+        ROTATE_K=k_rot is None, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv

@@ -47,7 +47,7 @@ from .. import device
 from ..attention_fwd import LOG2E
 from ..documents import document_bounds, document_tiles
 from ..launch import Descriptor, cdiv, dot_pad, launch
-from ..rope import rope, row_strides
+from ..rope import rope, row_strides, slot_order
 from .compat import tma_load, tma_store
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma M atom)
@@ -55,10 +55,10 @@ BLOCK_M = gl.constexpr(128)  # two consumer warpgroups per program
 LN2 = gl.constexpr(0.6931471805599453)
 
 
-# ---- the query rotation (consumer prologue) ----
+# ---- the rotation of a consumer's rows (the queries here, the keys in the backward) ----
 
 @gluon.constexpr_function
-def _pair_layout(half, interleaved, num_warps):
+def pair_layout(half, interleaved, num_warps):
     """[64, half, 2] register layout of a tile as (row, slot, half of the pair): each thread
     holds 8 consecutive slots of both halves, so its loads are 16 bytes wide in either pair
     order and a pair never leaves its thread."""
@@ -77,14 +77,14 @@ def mma_layout(columns, num_warps):
 
 @gluon.constexpr_function
 def _row_layout(half, num_warps):
-    """[64, 2 half] layout of interleaved rows that reshapes to `_pair_layout` for free."""
+    """[64, 2 half] layout of interleaved rows that reshapes to `pair_layout` for free."""
     vec = min(8, half)
     cols = min(half // vec, 32)
     return gl.BlockedLayout([1, 2 * vec], [32 // cols, cols], [num_warps, 1], [1, 0])
 
 
 @gluon.jit
-def _increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constexpr):
+def increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constexpr):
     """frac(f / 2pi) of each slot's frequency as a 64-bit fixed-point fraction (hi, lo),
     uint32 [HALF] in layout SL, computed in float64 (`kernels.rotary.load_increments`)."""
     slot = gl.arange(0, HALF, layout=SL)
@@ -108,11 +108,11 @@ def _sincos(pos, inc_hi, inc_lo):
 
 
 @gluon.jit
-def _load_q(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
-            INTERLEAVED: gl.constexpr, L3: gl.constexpr):
-    """Query rows [row0, row0 + 64) below row_end as [64, D_PAD / 2, 2] (row, slot, half of
-    the pair: the kernel's feature order, module docstring); zeros elsewhere and past
-    HEAD_DIM. Q points at this (batch, head)'s row 0."""
+def load_rows(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
+              INTERLEAVED: gl.constexpr, L3: gl.constexpr):
+    """Rows [row0, row0 + 64) below row_end of q (or k) as [64, D_PAD / 2, 2] (row, slot,
+    half of the pair: the kernel's feature order, module docstring); zeros elsewhere and
+    past HEAD_DIM. Q points at this (batch, head)'s row 0."""
     HALF: gl.constexpr = D_PAD // 2
     if INTERLEAVED:  # pairs side by side: load whole rows (16-byte loads), then view them as pairs
         RL: gl.constexpr = _row_layout(HALF, gl.num_warps())
@@ -132,11 +132,12 @@ def _load_q(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.const
 
 
 @gluon.jit
-def _rotate_q(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0, NQ, q_pos_offset, row_scale,
-              rot_scale, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr,
-              HAS_TEMP: gl.constexpr, L3: gl.constexpr):
-    """The `_load_q` rows rotated and scaled (every logit scale folded in, base 2), as the
-    [64, D_PAD] tile the QK^T wgmma reads. Q_POS and TEMP point at this batch's row 0."""
+def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row0, NQ, q_pos_offset, row_scale,
+                rot_scale, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+                HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, L3: gl.constexpr):
+    """The `load_rows` rows rotated and scaled (queries: every logit scale folded in, base 2;
+    keys: row_scale = rot_scale = 1), as the [64, D_PAD] tile a wgmma reads. Q_POS and TEMP
+    point at this batch's row 0."""
     HALF: gl.constexpr = D_PAD // 2
     SL: gl.constexpr = gl.SliceLayout(2, L3)  # [64, HALF]
     dtype: gl.constexpr = x.dtype
@@ -338,13 +339,13 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
                 HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
                 CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, L3: gl.constexpr):
-    """`_load_q` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
+    """`load_rows` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
     off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
                                                              PAIR_UNITS, BLOCK_N)
     if not PAIR_UNITS:  # pair units have nq = 0 past the last
         nq = gl.where(item < n_items, nq, 0)
-    return _load_q(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
-                   q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+    return load_rows(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
+                     q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
 
 
 @gluon.jit
@@ -364,7 +365,7 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     dtype: gl.constexpr = Q.dtype.element_ty
     q_tile = q_smem.index(CID)
     q_mma = q_tile.reshape([WG_ROWS, D_PAD])
-    L3: gl.constexpr = _pair_layout(D_PAD // 2, INTERLEAVED, NW)
+    L3: gl.constexpr = pair_layout(D_PAD // 2, INTERLEAVED, NW)
 
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
@@ -381,9 +382,9 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
             if not PREFETCH_Q:
-                x = _load_q(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
-                            + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
-                            INTERLEAVED, L3)
+                x = load_rows(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
+                              + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
+                              INTERLEAVED, L3)
             pos_ptr = Q_POS
             if HAS_POS:
                 pos_ptr = Q_POS + off_b.to(gl.int64) * stride_pos_b + q_begin.to(gl.int64) * stride_pos_n
@@ -391,9 +392,10 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             if HAS_TEMP:
                 temp_ptr = TEMP + off_b.to(gl.int64) * stride_temp_b + q_begin.to(gl.int64) * stride_temp_n
             # recomputed per item: kept across the loop they would cost 16 registers per thread
-            inc_hi, inc_lo = _increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-            rotated = _rotate_q(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
-                                q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, L3)
+            inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+            rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
+                                  q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP,
+                                  L3)
             tma.store_wait(0)  # the previous item's O left this buffer
             q_mma.store(rotated)
             fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
@@ -560,12 +562,6 @@ def _shared_layout(block, torch_dtype):
 def shared_layout(block, torch_dtype):
     """The NVMMA shared-memory layout of a TMA block (cached: it costs microseconds a call)."""
     return _shared_layout(tuple(block), torch_dtype)
-
-
-def slot_order(head_dim_pad, rotary_dim, interleaved):
-    """Whether the kernel's feature order differs from the natural one (module docstring):
-    half-split pairs that do not fill the padded head dim."""
-    return not interleaved and rotary_dim < head_dim_pad
 
 
 def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
