@@ -45,8 +45,8 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 # Up to this head dim the Gluon forward loses to the portable one (softmax-bound tiles; H200,
 # bench/RESULTS.md), so it takes larger ones only.
 HOPPER_MIN_HEAD_DIM = 64
-# The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): the rope passes' Q^
-# and K^ are head_dim wide and its dK^ and dV accumulators fill the registers at D = 128.
+# The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
+# are head_dim wide and its dK^ and dV accumulators fill the registers at D = 128.
 HOPPER_BACKWARD_HEAD_DIMS = (64, 128)
 
 
