@@ -166,10 +166,11 @@ KEYS_INSIDE_CASES = [
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
-def test_backward_gpu_without_frequency_gradient(case):
-    errors = grad_errors(*case[0], torch.bfloat16, freq_grad=False, **case[1])
-    assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[torch.bfloat16] for err in errors.values()), errors
+def test_backward_gpu_without_frequency_gradient(case, dtype):
+    errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
+    assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
 
 
 @requires_cuda
