@@ -3,9 +3,9 @@ structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the
 that the portable backward's rope pass produces and the keys, which each program rotates
 itself (K^ = R k, once per key block, as the forward rotates its queries), or K^ from the
 rope pass where the frequency gradient reads it or the kernels' feature order is not the
-natural one (`kernels.rope.slot_order`). The rope
-passes, the frequency and temperature gradients and the rotation back are shared with the
-portable backward (`kernels.attention_bwd`).
+natural one (`kernels.rope.slot_order`). The rope passes, the frequency and temperature
+gradients and the rotation back are shared with the portable backward
+(`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
@@ -353,8 +353,8 @@ def rope_attention_bwd_hopper_kernel(
     natural feature order, `kernels.rope.slot_order`) at positions K_POS ([B or 1, Nk], or
     arange) themselves, k_desc is not read, and DK gets dk = R^T dK^ (like k); otherwise
     k_desc holds K^ and DK gets dK^ (DK may be the K^ buffer: a program reads its rows
-    once, before the loop). Writes dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
-    TILES their key blocks (`kernels.documents.document_tiles`)."""
+    once, before the loop). Writes dV. VARLEN: B = 1, documents bounded by cu_seqlens
+    (int32 [documents + 1]), and TILES their key blocks (`kernels.documents.document_tiles`)."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)
