@@ -10,8 +10,8 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
   d theta (per row, pair) = dX^_b X^_a - dX^_a X^_b for X = Q or K (the scales cancel),
   and d inv_freq = sum over rows and heads of position * d theta.
 The rope passes recompute Q^ and K^ into scratch for this call only (on Hopper the Gluon
-kernel rotates the keys, and dK^ back, itself unless the frequency gradient needs K^ and
-dK^); nothing rotated is saved between forward and backward.
+kernel rotates the keys itself unless the frequency gradient needs K^); nothing rotated is
+saved between forward and backward.
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their
@@ -286,7 +286,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved)) -> (dQ^ as a [B, Nq, Hq, D] view, dv), with K^ None where it
-    rotates the keys itself and writes dk (not dK^) into the buffer, like k."""
+    rotates the keys itself."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
@@ -294,9 +294,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
-    # The Hopper kernel rotates the keys itself, and dK^ back into dk, unless the frequency
-    # gradient reads K^ and dK^ or K^ would have to be in its slot order (Q^ comes from the
-    # rope pass, in the natural one).
+    # The Hopper kernel rotates the keys itself, unless the frequency gradient reads K^ or
+    # K^ would have to be in its slot order (Q^ comes from the rope pass, in the natural one).
     keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
@@ -304,20 +303,19 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
     # Gluon kernel's program) unless the frequency gradient still needs K^; Q^ and dQ^ are
-    # freed before dk is allocated (or, keys inside, dk takes K^'s place).
-    dk = torch.empty_like(k) if keys_inside else None
-    dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
+    # freed before dk is allocated.
+    dk_hat = sequence_major(*k.shape, k) if need_dfreq or keys_inside else k_rot
     if gradient_kernel is not None:
-        dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk if keys_inside else dk_hat,
-                                     causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, causal=causal,
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                      keys=(k, inv_freq, k_positions, rotary_dim, interleaved))
     else:
         delta, lse2 = preprocess(out, do, lse, dlse)
         dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,
                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
-    # dq_hat and dk_hat hold dQ^ and dK^ (dk_hat None: dk is done): take the temperature and
-    # frequency gradients, then rotate both back into buffers shaped like q and k.
+    # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
+    # rotate both back into buffers shaped like q and k.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
         dtemp = (dq_hat.float() * q_rot.float()).sum(-1).transpose(1, 2) / q_temperature[:, None, :]
@@ -332,9 +330,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
               row_scale=q_temperature, inverse=True, out=torch.empty_like(q),
               **q_scales(softmax_scale, rotary_scale))
     del dq_hat
-    if dk is None:
-        dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
-                  out=torch.empty_like(k))
+    dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
+              out=torch.empty_like(k))
     return dq, dk, dv, dfreq, dtemp
 
 

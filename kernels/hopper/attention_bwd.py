@@ -1,11 +1,11 @@
 """Scaled rotary attention backward for Hopper (sm_90), in Gluon: FlashAttention-3's
 structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the rotated Q^
 that the portable backward's rope pass produces and the keys, which each program rotates
-itself (K^ = R k, once per key block, as the forward rotates its queries), or K^ from the
-rope pass where the frequency gradient reads it or the kernels' feature order is not the
-natural one (`kernels.rope.slot_order`). The rope passes, the frequency and temperature
-gradients and the rotation back are shared with the portable backward
-(`kernels.attention_bwd`).
+itself (K^ = R k, once per key block, as the forward rotates its queries: one rope pass of
+k's size less), or K^ from the rope pass where the frequency gradient reads it or the
+kernels' feature order is not the natural one (`kernels.rope.slot_order`). The rope passes,
+the frequency and temperature gradients and the rotation back are shared with the portable
+backward (`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
@@ -22,8 +22,7 @@ and over their 64-query tiles, as three warpgroups
   adds it to the float32 dQ^ buffer with TMA reduce-adds (per-thread atomics cost 40% of
   the kernel's time, bench/RESULTS.md). The order of those sums varies, so this path is not
   bitwise repeatable; `deterministic=True` takes the portable kernels.
-dK and dV go to memory once, at the end: dK^ in the rotated frame, or, where the program
-rotated the keys, dk = R^T dK^ (one inverse rope pass less). Only steps that can see a hidden
+dK^ (rotated frame) and dV go to memory once, at the end. Only steps that can see a hidden
 pair (the causal diagonal, keys past Nk, a partial first or last query tile) are masked.
 """
 
@@ -39,8 +38,8 @@ from ..attention_bwd import preprocess
 from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
-from .attention_fwd import (document_tile, frequency_increments, increments, load_rows, mma_layout, pair_layout,
-                           rotate_rows, shared_layout, sincos)
+from .attention_fwd import (document_tile, increments, load_rows, mma_layout, pair_layout, rotate_rows,
+                           shared_layout)
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -220,46 +219,6 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
 
 
 @gluon.jit
-def _pairs(x, ROWS: gl.constexpr, HALF: gl.constexpr, INTERLEAVED: gl.constexpr):
-    """The two features of each rotation pair of a [ROWS, 2 HALF] tile in the natural order
-    (2i and 2i + 1 interleaved, i and i + HALF otherwise), as two [ROWS, HALF] tensors: in a
-    wgmma accumulator both lie in one thread's registers, so nothing moves."""
-    if INTERLEAVED:
-        pairs = gl.reshape(x, [ROWS, HALF, 2])
-    else:
-        pairs = gl.permute(gl.reshape(x, [ROWS, 2, HALF]), (0, 2, 1))
-    return gl.split(pairs)
-
-
-@gluon.jit
-def _store_unrotated(dk, DK, stride_dkn, out_keys, nk, INV_FREQ, K_POS, stride_pos_n, HEAD_DIM: gl.constexpr,
-                     D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr,
-                     O_L: gl.constexpr):
-    """dk = R^T dK^ of this warpgroup's keys out_keys (rows of DK and K_POS, which point at
-    the sequence's row 0), the gradient in the unrotated frame, stored like k."""
-    HALF: gl.constexpr = D_PAD // 2
-    key2 = gl.expand_dims(out_keys, 1) + gl.zeros([WG_KEYS, D_PAD], gl.int32, O_L)
-    col2 = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0) + gl.zeros([WG_KEYS, D_PAD],
-                                                                                              gl.int32, O_L)
-    key, _ = _pairs(key2, WG_KEYS, HALF, INTERLEAVED)
-    col_a, col_b = _pairs(col2, WG_KEYS, HALF, INTERLEAVED)
-    dk_a, dk_b = _pairs(dk, WG_KEYS, HALF, INTERLEAVED)
-    slot = col_a // 2 if INTERLEAVED else col_a  # the pair's frequency
-    if HAS_POS:
-        pos = gl.load(K_POS + key.to(gl.int64) * stride_pos_n, mask=key < nk, other=0).to(gl.int32)
-    else:
-        pos = key
-    inc_hi, inc_lo = frequency_increments(gl.load(INV_FREQ + slot, mask=slot < PAIRS, other=0.0))
-    cos, sin = sincos(pos, inc_hi, inc_lo)
-    cos = gl.where(slot < PAIRS, cos, 1.0)  # pass-through features
-    sin = gl.where(slot < PAIRS, sin, 0.0)
-    rows = DK + key.to(gl.int64) * stride_dkn
-    dtype: gl.constexpr = DK.dtype.element_ty
-    gl.store(rows + col_a, (dk_a * cos + dk_b * sin).to(dtype), mask=(key < nk) & (col_a < HEAD_DIM))
-    gl.store(rows + col_b, (dk_b * cos - dk_a * sin).to(dtype), mask=(key < nk) & (col_b < HEAD_DIM))
-
-
-@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
               ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, K,
               stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
@@ -323,17 +282,10 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
     mask = gl.expand_dims(out_keys < nk, 1) & (cols < HEAD_DIM)
     rows = gl.expand_dims((k_begin + out_keys).to(gl.int64), 1)
+    dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
+    gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
     dv_ptr = DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
     gl.store(dv_ptr + rows * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=mask)
-    dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
-    if ROTATE_K:
-        pos_ptr = K_POS
-        if HAS_POS:
-            pos_ptr = K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
-        _store_unrotated(dk, dk_ptr + k_begin.to(gl.int64) * stride_dkn, stride_dkn, out_keys, nk, INV_FREQ, pos_ptr,
-                         stride_pos_n, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, O_L)
-    else:
-        gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -351,10 +303,10 @@ def rope_attention_bwd_hopper_kernel(
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     ROTATE_K: the consumers rotate the keys k (unrotated, any strides; K^ = R k in the
     natural feature order, `kernels.rope.slot_order`) at positions K_POS ([B or 1, Nk], or
-    arange) themselves, k_desc is not read, and DK gets dk = R^T dK^ (like k); otherwise
-    k_desc holds K^ and DK gets dK^ (DK may be the K^ buffer: a program reads its rows
-    once, before the loop). Writes dV. VARLEN: B = 1, documents bounded by cu_seqlens
-    (int32 [documents + 1]), and TILES their key blocks (`kernels.documents.document_tiles`)."""
+    arange) themselves, and k_desc is not read; otherwise k_desc holds K^.
+    Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
+    and dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
+    TILES their key blocks (`kernels.documents.document_tiles`)."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, 1, D_PAD], v_desc.layout)
@@ -425,20 +377,19 @@ def bwd_config(head_dim):
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
-def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal, cu_seqlens_q=None,
+def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, causal, cu_seqlens_q=None,
                               cu_seqlens_k=None, keys, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from dO,
     the forward's out and lse, dlse ([B, Hq, Nq] or None) and the rope passes' Q^ and K^
-    (sequence-major [B, N, H, D] views), dK^ into dk (like k, sequence-major); returns dQ^
-    (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
-    rotary_dim, interleaved): with k_rot None the kernel rotates the keys itself and writes
-    R^T dK^, the gradient of k, into dk (like k, any strides; K^ in the natural feature
-    order: not `kernels.rope.slot_order`). The preprocess (`kernels.attention_bwd.preprocess`)
+    (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k, sequence-major); returns
+    dQ^ (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
+    rotary_dim, interleaved): with k_rot None the kernel rotates the keys itself (K^ in the
+    natural feature order: not `kernels.rope.slot_order`). The preprocess (`kernels.attention_bwd.preprocess`)
     pads each head's lse2 and delta to whole query tiles and zeroes the dQ^ sums. q_rot,
     k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
-    _, nk, hkv, _ = dk.shape
+    _, nk, hkv, _ = dk_hat.shape
     d_pad = dot_pad(head_dim)
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
@@ -449,9 +400,9 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
                         shared_layout(q_block, q_rot.dtype))
-    # rotating the keys itself, the kernel reads no K^: its descriptor points at Q^ then
-    k_rows = (q_rot if k_rot is None else k_rot).transpose(1, 2)
-    k_desc = Descriptor(k_rows, [k_rows.numel() // head_dim, head_dim], [head_dim, 1], k_block,
+    # rotating the keys itself, the kernel reads no K^: its descriptor points at dK^'s buffer
+    k_rows = dk_hat if k_rot is None else k_rot
+    k_desc = Descriptor(k_rows.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
                         shared_layout(k_block, k_rows.dtype))
     v_desc = Descriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = Descriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
@@ -470,7 +421,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
     launch(
         rope_attention_bwd_hopper_kernel, (programs,),
-        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk, *dk.stride()[:3], dv,
+        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
         hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
         INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,

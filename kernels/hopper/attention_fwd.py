@@ -84,30 +84,24 @@ def _row_layout(half, num_warps):
 
 
 @gluon.jit
-def frequency_increments(f):
-    """frac(f / 2pi) of frequencies f (elementwise) as a 64-bit fixed-point fraction (hi, lo)
-    of uint32s, computed in float64 (`kernels.rotary.load_increments`)."""
-    turns = f.to(gl.float64) * 0.15915494309189535
+def increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constexpr):
+    """frac(f / 2pi) of each slot's frequency as a 64-bit fixed-point fraction (hi, lo),
+    uint32 [HALF] in layout SL, computed in float64 (`kernels.rotary.load_increments`)."""
+    slot = gl.arange(0, HALF, layout=SL)
+    turns = gl.load(INV_FREQ + slot, mask=slot < PAIRS, other=0.0).to(gl.float64) * 0.15915494309189535
     scaled = (turns - gl.floor(turns)) * 4294967296.0
     inc_hi = gl.floor(scaled)
     return inc_hi.to(gl.uint32), gl.floor((scaled - inc_hi) * 4294967296.0).to(gl.uint32)
 
 
 @gluon.jit
-def increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constexpr):
-    """`frequency_increments` of each slot's frequency, uint32 [HALF] in layout SL."""
-    slot = gl.arange(0, HALF, layout=SL)
-    return frequency_increments(gl.load(INV_FREQ + slot, mask=slot < PAIRS, other=0.0))
-
-
-@gluon.jit
-def sincos(pos, inc_hi, inc_lo):
-    """cos and sin of pos * f (elementwise, broadcasting; f as its `frequency_increments`):
-    the phase in 2**-32 turns is exact (`kernels.rotary`), the MUFU evaluates the rest on
-    [-pi, pi)."""
+def _sincos(pos, inc_hi, inc_lo):
+    """cos and sin of pos[:, None] * f[None, :]: the phase in 2**-32 turns is exact
+    (`kernels.rotary`), the MUFU evaluates the rest on [-pi, pi)."""
     magnitude = gl.abs(pos).to(gl.uint32)
-    phase = magnitude * inc_hi + gl.umulhi(magnitude, inc_lo)
-    phase = gl.where(pos < 0, 0 - phase, phase)  # p * f is odd in p
+    phase = gl.expand_dims(magnitude, 1) * gl.expand_dims(inc_hi, 0) + gl.umulhi(gl.expand_dims(magnitude, 1),
+                                                                                 gl.expand_dims(inc_lo, 0))
+    phase = gl.where(gl.expand_dims(pos < 0, 1), 0 - phase, phase)  # p * f is odd in p
     x = phase.to(gl.int32, bitcast=True).to(gl.float32) * 1.4629180792671596e-09  # 2 pi / 2**32
     return gl.inline_asm_elementwise("cos.approx.f32 $0, $2;\n\tsin.approx.f32 $1, $2;", "=f,=f,f", [x],
                                      dtype=(gl.float32, gl.float32), is_pure=True, pack=1)
@@ -155,7 +149,7 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
         pos = gl.load(Q_POS + rows.to(gl.int64) * stride_pos_n, mask=rows < NQ, other=0).to(gl.int32)
     else:
         pos = rows + q_pos_offset
-    cos, sin = sincos(gl.expand_dims(pos, 1), gl.expand_dims(inc_hi, 0), gl.expand_dims(inc_lo, 0))
+    cos, sin = _sincos(pos, inc_hi, inc_lo)
     scale = gl.full([WG_ROWS], row_scale, gl.float32, gl.SliceLayout(1, SL))
     if HAS_TEMP:
         scale = scale * gl.load(TEMP + rows.to(gl.int64) * stride_temp_n, mask=rows < NQ, other=0.0)
