@@ -10,8 +10,9 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
   d theta (per row, pair) = dX^_b X^_a - dX^_a X^_b for X = Q or K (the scales cancel),
   and d inv_freq = sum over rows and heads of position * d theta.
 The rope passes recompute Q^ and K^ into scratch for this call only (on Hopper the Gluon
-kernel rotates the keys itself unless the frequency gradient needs K^); nothing rotated is
-saved between forward and backward.
+kernel rotates the keys itself unless the frequency gradient needs K^ or the pairs are
+half-split with rotary_dim < the padded head dim); nothing rotated is saved between forward
+and backward.
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their
@@ -302,8 +303,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
                               keys=not keys_inside)
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
-    # Gluon kernel's program) unless the frequency gradient still needs K^; Q^ and dQ^ are
-    # freed before dk is allocated.
+    # Gluon kernel's program) unless the frequency gradient still needs K^ or there is no K^
+    # (keys inside: dK^ takes its place); Q^ and dQ^ are freed before dk is allocated.
     dk_hat = sequence_major(*k.shape, k) if need_dfreq or keys_inside else k_rot
     if gradient_kernel is not None:
         dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, causal=causal,

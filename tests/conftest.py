@@ -19,3 +19,19 @@ def rel_err(x, ref):
     if not torch.isfinite(x).all():
         return float("inf")
     return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture
+def key_passes(monkeypatch):
+    """The `keys` flag of every `rotate_q_k` call of the backward: False where the Hopper
+    kernel rotated the keys itself (`kernels.attention_bwd`)."""
+    from ropefast.kernels import attention_bwd
+
+    calls = []
+    rotate = attention_bwd.rotate_q_k
+
+    def spy(*args, keys=True, **kwargs):
+        calls.append(keys)
+        return rotate(*args, keys=keys, **kwargs)
+    monkeypatch.setattr(attention_bwd, "rotate_q_k", spy)
+    return calls

@@ -4,7 +4,7 @@ through the float64 reference. CPU: Triton interpreter, fp32/fp16; GPU: bf16/fp1
 import pytest
 import torch
 
-from ropefast import scaled_rope_attention, schedules
+from ropefast import dispatch, scaled_rope_attention, schedules
 from ropefast.reference import scaled_rope_attention_reference
 
 from conftest import DEVICE, TOLERANCE, rel_err, requires_cuda, requires_kernel
@@ -168,9 +168,11 @@ KEYS_INSIDE_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
-def test_backward_gpu_without_frequency_gradient(case, dtype):
+def test_backward_gpu_without_frequency_gradient(case, dtype, key_passes):
     errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
+    hopper = dispatch.backward_path(torch.empty(1, 1, 1, case[0][5], device="cuda", dtype=dtype)) == "hopper"
+    assert key_passes == [not hopper]
 
 
 @requires_cuda

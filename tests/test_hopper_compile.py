@@ -174,7 +174,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
 # pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with positions)
 BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
-                  (128, False, "fp16", False, True, True, True)]
+                  (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True)]
 # ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
 # stores + loads, outside the steps): 144-420 bytes with Triton 3.6's (the GPU image's; 264
 # for interleaved keys rotated in the kernel at given positions), 744-1128 with 3.9's

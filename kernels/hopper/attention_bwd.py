@@ -419,6 +419,8 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
         tiles = document_tiles(cu_seqlens_k, nk, BLOCK_N.value)
         programs = tiles.shape[0] * hkv
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
+    if k_rot is not None:  # the rotation's constexprs are unused: one compiled variant for all
+        k_positions, rotary_dim, interleaved = None, 0, False
     launch(
         rope_attention_bwd_hopper_kernel, (programs,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
