@@ -85,7 +85,8 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     TILES=("*i32", 16) if varlen else None, q_pos_offset="i32", row_scale="fp32",
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
-                    VARLEN=[varlen], PAIR_UNITS=[pair_units], BLOCK_N=[block_n], STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+                    VARLEN=[varlen], PAIR_UNITS=[pair_units], BLOCK_N=[block_n], STAGES=[stages],
+                    CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 

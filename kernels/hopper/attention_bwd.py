@@ -384,8 +384,9 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
     (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k, sequence-major); returns
     dQ^ (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved): with k_rot None the kernel rotates the keys itself (K^ in the
-    natural feature order: not `kernels.rope.slot_order`). The preprocess (`kernels.attention_bwd.preprocess`)
-    pads each head's lse2 and delta to whole query tiles and zeroes the dQ^ sums. q_rot,
+    natural feature order: not `kernels.rope.slot_order`). The preprocess
+    (`kernels.attention_bwd.preprocess`) pads each head's lse2 and delta to whole query tiles
+    and zeroes the dQ^ sums. q_rot,
     k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape

@@ -588,11 +588,11 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
     k_desc = Descriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
-                              shared_layout(k_block, q.dtype))
+                        shared_layout(k_block, q.dtype))
     v_desc = Descriptor(v, [batch, nk, hkv, head_dim], [*v.stride()[:3], 1], v_block,
-                              shared_layout(v_block, q.dtype))
+                        shared_layout(v_block, q.dtype))
     o_desc = Descriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
-                              shared_layout(o_block, q.dtype))
+                        shared_layout(o_block, q.dtype))
     varlen = cu_seqlens_q is not None
     if varlen:
         # Items are (query tile, head) of the document tiles' table; their lengths vary with
@@ -623,6 +623,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
-        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4,
+        maxnreg=maxnreg,
     )
     return out, lse
