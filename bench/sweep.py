@@ -98,7 +98,7 @@ def sweep_bwd(candidates_by_dim=None, lengths=(4096, 16384)):
         for case, q, k, v, inv_freq in _cases(head_dim, lengths):
             args = _args(head_dim, case.causal)
             do = torch.randn_like(q)
-            out, lse = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
+            out, lse, _ = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
             for cfg in combos:
                 ms, tf = _timed(lambda: attention_bwd.rope_attention_bwd(
                     do, q, k, v, out, lse, None, inv_freq, None, None, None, need_dfreq=False, need_dtemp=False,

@@ -9,10 +9,12 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
   dt_i = <dQ^_i, Q^_i> / t_i
   d theta (per row, pair) = dX^_b X^_a - dX^_a X^_b for X = Q or K (the scales cancel),
   and d inv_freq = sum over rows and heads of position * d theta.
-The rope passes recompute Q^ and K^ into scratch for this call only (on Hopper the Gluon
-kernel rotates the keys itself unless the frequency gradient needs K^ or the pairs are
-half-split with rotary_dim < the padded head dim); nothing rotated is saved between forward
-and backward.
+Q^ is the one the forward saved (`q_rotated`; the API's default where autograd records
+the call), or a query rope pass recomputes it. K^ comes from a rope pass into scratch for
+this call only, or, on Hopper, the Gluon kernel rotates the keys itself (unless the frequency
+gradient needs K^ or the pairs are half-split with rotary_dim < the padded head dim). Saving
+Q^ rather than K^: the forward has Q^ in shared memory anyway, and dK^ may overwrite a K^
+that nothing else holds (below).
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their
@@ -278,11 +280,13 @@ def bwd_config(head_dim_pad, capability):
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, need_dfreq,
                        need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-                       gradient_kernel=None, config=None):
+                       q_rotated=False, dq_stride=None, gradient_kernel=None, config=None):
     """Launch the backward. Arguments as `rope_attention_fwd` (varlen included), plus do
-    (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None. Returns dq, dk, dv (like q, k, v:
-    shape, strides, dtype), d inv_freq [P] float32 or None, and d temperature [B, Hq, Nq]
-    float32 (per head; the caller sums) or None. gradient_kernel replaces the preprocess and
+    (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None; `q_rotated`: q
+    is the Q^ that the forward saved (`save_q`), and no query rope pass runs. Returns dq, dk,
+    dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given: the strides of
+    the q that the saved Q^ came from), d inv_freq [P] float32 or None, and d temperature
+    [B, Hq, Nq] float32 (per head; the caller sums) or None. gradient_kernel replaces the preprocess and
     the two kernels here between the rope passes (the Hopper backward,
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
@@ -300,11 +304,14 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
-                              keys=not keys_inside)
+                              queries=not q_rotated, keys=not keys_inside)
+    if q_rotated:
+        q_rot = q
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
     # Gluon kernel's program) unless the frequency gradient still needs K^ or there is no K^
-    # (keys inside: dK^ takes its place); Q^ and dQ^ are freed before dk is allocated.
+    # (keys inside: dK^ takes its place); dQ^ and (unless the forward saved it) Q^ are freed
+    # before dk is allocated.
     dk_hat = sequence_major(*k.shape, k) if need_dfreq or keys_inside else k_rot
     if gradient_kernel is not None:
         dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, causal=causal,
@@ -327,8 +334,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         dfreq = frequency_grad(dq_hat, q_rot, q_pos, **rope_args) + frequency_grad(dk_hat, k_rot, k_pos, **rope_args)
         dfreq = dfreq.float()
     del q_rot, k_rot
+    dq_out = torch.empty_like(q) if dq_stride is None else q.new_empty_strided(q.shape, dq_stride)
     dq = rope(dq_hat, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-              row_scale=q_temperature, inverse=True, out=torch.empty_like(q),
+              row_scale=q_temperature, inverse=True, out=dq_out,
               **q_scales(softmax_scale, rotary_scale))
     del dq_hat
     dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,

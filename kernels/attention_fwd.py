@@ -1,6 +1,7 @@
 """Scaled rotary attention forward: two rope passes, then a flash-attention kernel.
 
-rope.py rotates q and k once per call into scratch buffers that are not kept: Q^ carries
+rope.py rotates q and k once per call into scratch buffers (Q^ is kept for the backward
+when autograd records the call, `save_q`; K^ is not): Q^ carries
 every logit scale (rotary_scale**2 on the rotated features, softmax_scale, the query's
 temperature, log2(e)), K^ is the plain rotation. Each pass reads and writes its tensor once
 (0.055 ms for 16k tokens x 16 heads x 128 on H100, 2.4 TB/s; the two passes are about 9%
@@ -234,15 +235,16 @@ def q_scales(softmax_scale, rotary_scale):
 
 
 def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved, softmax_scale,
-               rotary_scale, keys=True):
+               rotary_scale, queries=True, keys=True):
     """The two rope passes of forward and backward: Q^ = c log2(e) t [m^2 R q_rot, q_pass]
-    (c = softmax_scale, t = temperature, m = rotary_scale) and K^ = R k (None unless `keys`),
-    into scratch buffers for this call only, stored sequence-major (`row_tiles`). Queries
-    default to positions Nk - Nq + arange(Nq)."""
+    (c = softmax_scale, t = temperature, m = rotary_scale; None unless `queries`) and K^ = R k
+    (None unless `keys`), stored sequence-major (`row_tiles`). Queries default to positions
+    Nk - Nq + arange(Nq)."""
     nq, nk = q.shape[1], k.shape[1]
-    q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                 row_scale=q_temperature, out=sequence_major(*q.shape, q), **q_scales(softmax_scale, rotary_scale))
-    k_rot = None
+    q_rot = k_rot = None
+    if queries:
+        q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
+                     row_scale=q_temperature, out=sequence_major(*q.shape, q), **q_scales(softmax_scale, rotary_scale))
     if keys:
         k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
                      out=sequence_major(*k.shape, k))
@@ -260,7 +262,7 @@ def sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
 
 def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
                        causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                       max_seqlen_k=0, config=None):
+                       max_seqlen_k=0, save_q=False, config=None):
     """Scaled rotary attention forward: the two rope passes, then the flash kernel. q
     [B, Nq, Hq, D], k and v [B, Nk, Hkv, D], any strides (the API turns SDPA's layout into
     such views), last dim contiguous, v 16-byte aligned (TMA); inv_freq float32
@@ -268,7 +270,9 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     q_temperature [B, Nq] float32 or None. Varlen: B = 1, and cu_seqlens_q / cu_seqlens_k
     (int32 [documents + 1]) split the row into documents of at most max_seqlen_q /
     max_seqlen_k tokens, each attending within itself (causal: bottom-right per document).
-    Returns out (like q: shape, strides, dtype) and lse [B, Hq, Nq] float32 (natural log)."""
+    Returns out (like q: shape, strides, dtype), lse [B, Hq, Nq] float32 (natural log) and,
+    with `save_q`, Q^ (`rotate_q_k`: the backward reads it instead of rotating q again; None
+    otherwise)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
@@ -286,4 +290,4 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
         BLOCK_N=block_n, V_FIRST=v_first, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse
+    return out, lse, q_rot if save_q else None

@@ -6,7 +6,9 @@ views: these take tensors and plain numbers only, and pick the kernels by `dispa
 when they run. The reference path (plain PyTorch) does not come through here.
 
 The API calls `attention` and `rotary`: the custom ops while torch.compile traces, and in
-eager the same implementations and autograd formulas as `torch.autograd.Function`s. The
+eager the same implementations and autograd formulas as `torch.autograd.Function`s. A
+recorded attention call saves the rotated queries Q^ in q's place (`save_q`), so that its
+backward runs no query rope pass. The
 dispatcher's boxing of a custom op's arguments and its Python wrappers cost about 80 us a
 call on an H100 host, three times the whole of a cuDNN SDPA call (bench/RESULTS.md)."""
 
@@ -48,13 +50,18 @@ def _eager(implementation, setup_context, backward, gradients):
     return Eager
 
 
-def _call(op, eager, args, differentiable):
+def _records(differentiable):
+    """Whether autograd records a call on `differentiable` (tensors or None): one of them
+    requires grad, and grad mode is on."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+
+
+def _call(op, eager, args, records):
     """op(*args) while torch.compile traces; in eager `eager.apply` when autograd records the
-    call (a tensor among `differentiable`, None allowed, requires grad), the bare
-    implementation otherwise."""
+    call (`_records`), the bare implementation otherwise."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+    if records:
         return eager.apply(*args)
     return eager.implementation(*args)
 
@@ -65,8 +72,11 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
                   k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
                   causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
                   cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                  deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """out (like q) and lse [B, Hq, Nq] float32. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
+                  deterministic: bool = False, save_q: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """out (like q), lse [B, Hq, Nq] float32 and, with `save_q`, the rotated and scaled
+    queries Q^ ([B, Nq, Hq, D], stored [B, Hq, Nq, D]; empty otherwise), which the backward
+    reads in q's place: a training step runs no query rope pass in its backward, and holds Q^
+    instead of q. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
     (any strides), q_positions [B, Nq] / k_positions [B or 1, Nk] ints or None,
     q_temperature [B, Nq] float32 or None. Varlen (`ropefast.varlen`): B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1] with the longest document's lengths;
@@ -76,10 +86,11 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
     forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
-    return forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
-                   interleaved=interleaved, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
-                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                   max_seqlen_k=max_seqlen_k)
+    out, lse, q_rot = forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
+                              interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
+                              rotary_scale=rotary_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, save_q=save_q)
+    return out, lse, q.new_empty(0) if q_rot is None else q_rot
 
 
 attention_fwd = torch.library.custom_op("ropefast::attention_fwd", _attention_fwd, mutates_args=())
@@ -87,9 +98,11 @@ attention_fwd = torch.library.custom_op("ropefast::attention_fwd", _attention_fw
 
 @attention_fwd.register_fake
 def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
-      rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
-    batch, nq, hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32)
+      rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False,
+      save_q=False):
+    batch, nq, hq, head_dim = q.shape
+    q_rot = q.new_empty(batch, hq, nq, head_dim).transpose(1, 2) if save_q else q.new_empty(0)
+    return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32), q_rot
 
 
 def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -97,9 +110,12 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
                   q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
                   softmax_scale: float, rotary_scale: float, need_dfreq: bool, need_dtemp: bool,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-                  max_seqlen_k: int = 0, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  max_seqlen_k: int = 0, deterministic: bool = False,
+                  q_stride: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
-    d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd. On
+    d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd.
+    With q_stride, q is the forward's Q^ (`save_q`) and q_stride the strides of the q it
+    came from, which dq takes. On
     the Hopper path the Gluon backward computes the gradients in the rotated frame (dQ^ summed
     with float32 atomics: not bitwise repeatable) unless `deterministic`, which keeps the
     portable kernels (every sum in a fixed order)."""
@@ -111,7 +127,7 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
         rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
         rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        gradient_kernel=gradient_kernel)
+        q_rotated=q_stride is not None, dq_stride=q_stride, gradient_kernel=gradient_kernel)
     dfreq = dfreq if need_dfreq else inv_freq.new_empty(0, dtype=torch.float32)
     dtemp = dtemp.sum(1) if need_dtemp else q.new_empty(0, dtype=torch.float32)  # heads summed: [B, Nq]
     return dq, dk, dv, dfreq, dtemp
@@ -123,22 +139,27 @@ attention_bwd = torch.library.custom_op("ropefast::attention_bwd", _attention_bw
 @attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
       interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
+      max_seqlen_q=0, max_seqlen_k=0, deterministic=False, q_stride=None):
     batch, nq = q.shape[:2]
     dfreq = inv_freq.new_empty(inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
     dtemp = q.new_empty((batch, nq) if need_dtemp else (0,), dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dfreq, dtemp
+    dq = torch.empty_like(q) if q_stride is None else q.new_empty_strided(q.shape, q_stride)
+    return dq, torch.empty_like(k), torch.empty_like(v), dfreq, dtemp
 
 
 def _attention_setup(ctx, inputs, output):
     (q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-     deterministic) = inputs
-    ctx.save_for_backward(q, k, v, *output, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q,
-                          cu_seqlens_k)
+     deterministic, save_q) = inputs
+    out, lse, q_rot = output
+    ctx.save_for_backward(q_rot if save_q else q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature,
+                          cu_seqlens_q, cu_seqlens_k)
     ctx.args, ctx.max_seqlens, ctx.deterministic = args, (max_q, max_k), deterministic
+    ctx.q_stride = list(q.stride()) if save_q else None
+    ctx.mark_non_differentiable(q_rot)
+    ctx.set_materialize_grads(False)  # no zeros of Q^'s size (or lse's) for outputs the loss never read
 
 
-def _attention_backward(ctx, grad_out, grad_lse, gradients=attention_bwd):
+def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=attention_bwd):
     q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
     if grad_out is None:  # only lse was used
@@ -146,9 +167,9 @@ def _attention_backward(ctx, grad_out, grad_lse, gradients=attention_bwd):
     dq, dk, dv, dfreq, dtemp = gradients(
         grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
         k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-        ctx.deterministic)
+        ctx.deterministic, ctx.q_stride)
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
-            *[None] * 10)
+            *[None] * 11)
 
 
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
@@ -157,16 +178,28 @@ torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, 
 _EAGER_ATTENTION = _eager(_attention_fwd, _attention_setup, _attention_backward, _attention_bwd)
 
 
+def _root(x):
+    """The tensor that owns x's storage: x, or the base of the view x (PyTorch records the
+    first base of a chain of views)."""
+    return x if x._base is None else x._base
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Optional[Tensor],
               k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
               causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
               deterministic: bool = False) -> tuple[Tensor, Tensor]:
     """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
-    autograd.Function in eager (module docstring)."""
+    autograd.Function in eager (module docstring). Where autograd records the call, the
+    forward saves Q^ for the backward (`save_q`), unless q is a view of the tensor that k or
+    v view (one fused QKV projection's output): k and v keep that alive, so Q^ would be a
+    Q-sized activation more (under torch.compile, which traces no such question, it saves)."""
+    records = _records((q, k, v, inv_freq, q_temperature))
+    save_q = records and (torch.compiler.is_compiling() or all(_root(q) is not _root(x) for x in (k, v)))
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
-            softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
-    return _call(attention_fwd, _EAGER_ATTENTION, args, (q, k, v, inv_freq, q_temperature))
+            softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q)
+    out, lse, _ = _call(attention_fwd, _EAGER_ATTENTION, args, records)
+    return out, lse
 
 
 # ---- the standalone rope pass ----
@@ -234,4 +267,4 @@ def rotary(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim:
     """`rope_fwd`, differentiable: the custom op under torch.compile, the autograd.Function in
     eager (module docstring)."""
     args = (x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
-    return _call(rope_fwd, _EAGER_ROPE, args, (x, inv_freq))
+    return _call(rope_fwd, _EAGER_ROPE, args, _records((x, inv_freq)))

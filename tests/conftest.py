@@ -22,16 +22,17 @@ def rel_err(x, ref):
 
 
 @pytest.fixture
-def key_passes(monkeypatch):
-    """The `keys` flag of every `rotate_q_k` call of the backward: False where the Hopper
+def rope_passes(monkeypatch):
+    """(queries, keys) flags of every `rotate_q_k` call of the backward: queries False where
+    the forward saved Q^ (`ops.attention_fwd(save_q=True)`), keys False where the Hopper
     kernel rotated the keys itself (`kernels.attention_bwd`)."""
     from ropefast.kernels import attention_bwd
 
     calls = []
     rotate = attention_bwd.rotate_q_k
 
-    def spy(*args, keys=True, **kwargs):
-        calls.append(keys)
-        return rotate(*args, keys=keys, **kwargs)
+    def spy(*args, queries=True, keys=True, **kwargs):
+        calls.append((queries, keys))
+        return rotate(*args, queries=queries, keys=keys, **kwargs)
     monkeypatch.setattr(attention_bwd, "rotate_q_k", spy)
     return calls

@@ -90,6 +90,68 @@ def test_gradients_keep_the_inputs_strides(layout):
     assert [g.stride() for g in grads] == [x.stride() for x in (q, k, v)]
 
 
+# (B, N, Hq, Hkv, D, R, interleaved, layout): on the Hopper path the Gluon forward stores the Q^
+# it rotated (half-split, interleaved with D < its tile width), or the query rope pass writes
+# it (partial half-split pairs: the kernel's tile is in the slot order); D = 64 runs the
+# portable forward, which rotates q in a pass anyway.
+SAVED_Q_CASES = {"cpu": [(1, 40, 4, 2, 32, 32, False, "bshd"), (2, 33, 2, 1, 40, 24, True, "bhsd")],
+                 "cuda": [(2, 300, 8, 2, 128, 128, False, "bshd"), (1, 200, 4, 4, 80, 80, True, "bhsd"),
+                          (1, 257, 4, 1, 128, 64, False, "bshd"), (2, 190, 4, 2, 64, 64, False, "bhsd")]}
+
+
+@requires_kernel
+@pytest.mark.parametrize("case", SAVED_Q_CASES[DEVICE], ids=lambda c: "-".join(map(str, c)))
+def test_backward_reads_the_queries_the_forward_saved(case, rope_passes):
+    # A forward that autograd records saves Q^ (`ops.attention_fwd(save_q=True)`) in q's place:
+    # its backward rotates no queries, gives dq q's strides, and matches the backward that
+    # rotates q again (bitwise where the same rope pass wrote both Q^).
+    from ropefast import ops
+    from ropefast.kernels.attention_fwd import rotate_q_k
+
+    B, N, Hq, Hkv, D, R, interleaved, layout = case
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(B, N, H, D) if layout == "bshd" else (B, H, N, D) for H in (Hq, Hkv, Hkv)]
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for shape in shapes)
+    if layout == "bhsd":  # the kernels take [B, N, H, D] views
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    inv_freq = schedules.YaRN(R, factor=4.0, original_max_position_embeddings=64).inv_freq(device=DEVICE)
+    temp = (torch.rand(B, N, generator=gen) + 0.5).to(DEVICE)
+    grad = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
+    args = (inv_freq, None, None, temp, R, interleaved, True, D**-0.5, 1.2)
+    runs = []
+    for save_q in (True, False):
+        out, lse, q_rot = ops.attention_fwd(q, k, v, *args, save_q=save_q)
+        grads = ops.attention_bwd(grad, None, q_rot if save_q else q, k, v, out, lse, *args, True, True,
+                                  q_stride=list(q.stride()) if save_q else None)
+        runs.append((out, lse, *grads))
+    assert [queries for queries, _ in rope_passes] == [False, True]
+    assert runs[0][2].stride() == q.stride()
+    # the saved Q^ is the query pass's, up to rounding where the Gluon kernel rotated it
+    q_pass, _ = rotate_q_k(q, k, inv_freq, None, None, temp, rotary_dim=R, interleaved=interleaved,
+                           softmax_scale=D**-0.5, rotary_scale=1.2, keys=False)
+    saved = ops.attention_fwd(q, k, v, *args, save_q=True)[2]
+    if DEVICE == "cpu":
+        assert torch.equal(saved, q_pass) and all(torch.equal(a, b) for a, b in zip(*runs))
+    else:
+        assert saved.stride() == q_pass.stride() and rel_err(saved, q_pass) < 4e-3
+        assert all(rel_err(a, b) < 1e-2 for a, b in zip(*runs))
+
+
+@requires_kernel
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_forward_saves_the_rotated_queries_unless_qkv_share_storage(fused_qkv, rope_passes):
+    # Q^ replaces q among the saved tensors, which costs nothing where q dies after the call;
+    # where q is a view of one QKV projection's output that k and v view too, the backward
+    # rotates q again instead of holding Q^ beside it.
+    qkv = torch.randn(1, 40, 3, 4, 32, device=DEVICE, requires_grad=True)
+    q, k, v = ((qkv[:, :, i] for i in range(3)) if fused_qkv
+               else (torch.randn(1, 40, 4, 32, device=DEVICE, requires_grad=True) for _ in range(3)))
+    out = scaled_rope_attention(q, k, v, inv_freq=schedules.DefaultRope(32).inv_freq(device=DEVICE), causal=True)
+    out.sum().backward()
+    assert [queries for queries, _ in rope_passes] == [fused_qkv]
+
+
 @requires_kernel
 @pytest.mark.parametrize("dlse", [False, True])
 def test_preprocess_pads_the_row_statistics_and_zeroes_the_dq_sums(dlse):
@@ -168,11 +230,11 @@ KEYS_INSIDE_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
-def test_backward_gpu_without_frequency_gradient(case, dtype, key_passes):
+def test_backward_gpu_without_frequency_gradient(case, dtype, rope_passes):
     errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
     hopper = dispatch.backward_path(torch.empty(1, 1, 1, case[0][5], device="cuda", dtype=dtype)) == "hopper"
-    assert key_passes == [not hopper]
+    assert rope_passes == [(False, not hopper)]
 
 
 @requires_cuda

@@ -65,9 +65,10 @@ def _attention_args(temperature, positions):
 
 
 @requires_kernel
+@pytest.mark.parametrize("save_q", [False, True])  # True: the backward reads the forward's Q^
 @pytest.mark.parametrize("temperature,positions", [(False, False), (True, True)])
-def test_attention_op_passes_opcheck(temperature, positions):
-    torch.library.opcheck(ops.attention_fwd, _attention_args(temperature, positions))
+def test_attention_op_passes_opcheck(temperature, positions, save_q):
+    torch.library.opcheck(ops.attention_fwd, _attention_args(temperature, positions), dict(save_q=save_q))
 
 
 @requires_kernel

@@ -65,7 +65,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.hopper import attention_fwd as hopper
 
     def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype, varlen=False,
-                    pair_units=None):
+                    pair_units=None, store_q=False):
         d_pad = max(16, triton.next_power_of_2(head_dim))
         block_n, stages, consumer_regs, maxnreg, _ = hopper.fwd_config(d_pad)
         if pair_units is None:
@@ -77,7 +77,9 @@ COMPILE = PRELUDE + textwrap.dedent("""
         args = dict(Q=(f"*{dtype}", 16), stride_qb=("i64", 16), stride_qn=("i32", 16), stride_qh=("i32", 16),
                     k_desc=desc([1, block_n, d_pad]), v_desc=desc([1, block_n, 1, d_pad]),
                     o_desc=desc([1, 64, 1, d_pad]), O=(f"*{dtype}", 16), stride_ob=("i64", 16),
-                    stride_on=("i32", 16), stride_oh=("i32", 16), LSE=("*fp32", 16), INV_FREQ=("*fp32", 16),
+                    stride_on=("i32", 16), stride_oh=("i32", 16), LSE=("*fp32", 16), qr_desc=desc([1, 64, 1, d_pad]),
+                    QR=(f"*{dtype}", 16), stride_qrb=("i64", 16), stride_qrn=("i32", 16), stride_qrh=("i32", 16),
+                    INV_FREQ=("*fp32", 16),
                     Q_POS=("*i64", 16) if positions else None, stride_pos_b="i32", stride_pos_n="i32",
                     TEMP=("*fp32", 16) if temperature else None, stride_temp_b="i32", stride_temp_n="i32",
                     NQ="i32", NK="i32", HQ="i32", GROUP="i32", n_items="i32",
@@ -86,7 +88,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     rot_scale="fp32", HEAD_DIM=[head_dim], D_PAD=[d_pad], PAIRS=[rotary_dim // 2],
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
                     VARLEN=[varlen], PAIR_UNITS=[pair_units], BLOCK_N=[block_n], STAGES=[stages],
-                    CONSUMER_REGS=[consumer_regs])
+                    CONSUMER_REGS=[consumer_regs], STORE_Q=[store_q])
         source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -99,9 +101,10 @@ COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen[, pair units]]): the
-# configs of fwd_config, each way the queries load (halves, interleaved, slot order) and both causal
-# schedules (pair units by default where the config has them, one program per tile at D = 128).
+# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen[, pair units[, store Q^]]]):
+# the configs of fwd_config, each way the queries load (halves, interleaved, slot order), both causal
+# schedules (pair units by default where the config has them, one program per tile at D = 128), and
+# the training forward's store of Q^ (natural feature order only: the slot order runs the query pass).
 CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, False, False, "bf16"),
          (128, 128, False, False, False, False, "bf16"), (128, 128, True, False, False, False, "bf16"),
          (256, 256, False, False, False, False, "bf16"), (256, 256, True, False, False, False, "bf16"),
@@ -110,17 +113,30 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
          # packed documents (always with positions): Llama-style, and D = 256 with everything on
          (128, 128, True, False, True, False, "bf16", True), (128, 128, False, False, True, True, "fp16", True),
          (256, 128, True, True, True, True, "bf16", True),
-         (128, 128, True, False, False, False, "bf16", False, False)]
+         (128, 128, True, False, False, False, "bf16", False, False),
+         (128, 128, True, False, False, False, "bf16", False, None, True),
+         (128, 128, False, False, True, True, "fp16", False, None, True),
+         (80, 80, True, True, True, True, "bf16", False, None, True),
+         (256, 256, True, False, False, False, "bf16", False, None, True),
+         (128, 128, True, False, True, True, "bf16", True, None, True)]
 
 
-# Two variants spill with Triton >= 3.7's ptxas input, not with 3.6's (the GPU image's, 0
-# bytes): D = 256 over packed documents with every feature on, whose pointer store of a
-# document's last rows holds a [64, 256] tile's addresses (108 bytes with 3.9, 2026-11-26),
-# and the causal pair units' schedule with interleaved pairs, positions and temperature.
+# Variants that spill a little, outside the key loop. With Triton >= 3.7's ptxas input, not with
+# 3.6's (the GPU image's, 0 bytes): D = 256 over packed documents with every feature on, whose
+# pointer store of a document's last rows holds a [64, 256] tile's addresses (108 bytes with 3.9,
+# 2026-11-26), and the causal pair units' schedule with interleaved pairs, positions and
+# temperature. With both: the training forward's store of Q^ with every feature on.
 FORWARD_SPILLS = {repr([256, 128, True, True, True, True, "bf16", True]):
                   0 if compat.triton_version() < (3, 7) else 128,
                   # the causal pair units with every query feature on (60 bytes with 3.9, 2026-11-26)
-                  repr([80, 48, True, True, True, True, "bf16"]): 0 if compat.triton_version() < (3, 7) else 96}
+                  repr([80, 48, True, True, True, True, "bf16"]): 0 if compat.triton_version() < (3, 7) else 96,
+                  # the training forward's store of Q^: a few scalars around the query rotation,
+                  # outside the key loop (84 and 108 bytes with every feature on, 0 and 44 at D =
+                  # 256, with 3.6 and 3.9, 2026-11-26)
+                  repr([80, 80, True, True, True, True, "bf16", False, None, True]):
+                  96 if compat.triton_version() < (3, 7) else 128,
+                  repr([256, 256, True, False, False, False, "bf16", False, None, True]):
+                  0 if compat.triton_version() < (3, 7) else 64}
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")

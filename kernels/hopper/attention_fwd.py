@@ -11,7 +11,8 @@ as three warpgroups (`gl.warp_specialize`):
   ahead into the next item while the consumers finish one;
 - two consumers own 64 query rows each. Each rotates its rows of q in registers (angles
   from exact fixed-point phases, every logit scale folded in) and stores them to shared
-  memory, where the QK^T wgmma reads them. Then per key tile j it issues S_j = Q K_j^T and
+  memory, where the QK^T wgmma reads them (and, for a call autograd records, a TMA store
+  copies them out for the backward: `save_q`). Then per key tile j it issues S_j = Q K_j^T and
   O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
   the other consumer through an mbarrier "turn" (ping-pong), so one warpgroup's
   exponentials overlap the other's matmuls. (ptxas places the wait for PV_{j-1} before the
@@ -44,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .. import device
-from ..attention_fwd import LOG2E
+from ..attention_fwd import LOG2E, rotate_q_k, sequence_major
 from ..documents import document_bounds, document_tiles
 from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..rope import rope, row_strides, slot_order
@@ -349,14 +350,26 @@ def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_i
 
 
 @gluon.jit
+def _store_rows(X, stride_n, tile, begin, row0, nq, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, L: gl.constexpr):
+    """Rows [row0, row0 + 64) below nq of a [64, D_PAD] tile in layout L to X (row 0 of this
+    (batch, head)) + (begin + row) stride_n, features below HEAD_DIM: a packed document's last
+    rows, where a TMA store would also write the next document's."""
+    rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, L)), 1)
+    cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, L)), 0)
+    gl.store(X + (begin + rows).to(gl.int64) * stride_n + cols, tile, mask=(rows < nq) & (cols < HEAD_DIM))
+
+
+@gluon.jit
 def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
-              stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem, v_smem, k_ready,
-              k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-              CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, CID: gl.constexpr,
-              HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
-              HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-              PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile."""
+              stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
+              qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ,
+              GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
+              CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
+              INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr,
+              VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              STORE_Q: gl.constexpr):
+    """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile.
+    STORE_Q: its rows of Q^ also go to QR (through qr_desc) for the backward."""
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
     O_L: gl.constexpr = mma_layout(D_PAD, NW)
@@ -399,6 +412,14 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             tma.store_wait(0)  # the previous item's O left this buffer
             q_mma.store(rotated)
             fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
+            # A document's last rows go through registers, as O's (below); the store runs
+            # beside the item's matmuls, which read the same buffer.
+            if STORE_Q:
+                if (row0 + WG_ROWS > nq) if VARLEN else False:
+                    _store_rows(QR + off_b.to(gl.int64) * stride_qrb + off_h.to(gl.int64) * stride_qrh, stride_qrn,
+                                gl.convert_layout(rotated, O_L), q_begin, row0, nq, HEAD_DIM, D_PAD, O_L)
+                else:
+                    tma_store(qr_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
 
             rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
             acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
@@ -450,14 +471,12 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
             acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, O_L)), 1)
-            if (row0 + WG_ROWS > nq) if VARLEN else False:
-                # a document's last rows: a TMA store would also write the next document's
-                o_rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, O_L)), 1)
-                cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
-                o_ptr = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-                gl.store(o_ptr + (q_begin + o_rows).to(gl.int64) * stride_on + cols, acc.to(dtype),
-                         mask=(o_rows < nq) & (cols < HEAD_DIM))
+            if (row0 + WG_ROWS > nq) if VARLEN else False:  # a TMA store would also write the next document's
+                _store_rows(O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, stride_on,
+                            acc.to(dtype), q_begin, row0, nq, HEAD_DIM, D_PAD, O_L)
             else:
+                if STORE_Q:
+                    tma.store_wait(0)  # Q^ left this buffer
                 q_mma.store(acc.to(dtype))
                 fence_async_shared()
                 tma_store(o_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
@@ -470,12 +489,13 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
 
 @gluon.jit
 def rope_attention_fwd_hopper_kernel(
-    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, INV_FREQ,
-    Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b, stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-    CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
+    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, qr_desc,
+    QR, stride_qrb, stride_qrn, stride_qrh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
+    stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
     PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    STORE_Q: gl.constexpr,
 ):
     """Persistent: program i runs work items i, i + grid, ... (`_work_item`). Q unrotated (any
     strides, last dim contiguous), K^ rotated (3-D descriptor over [B * Hkv, Nk, D or D_PAD] in
@@ -484,7 +504,8 @@ def rope_attention_fwd_hopper_kernel(
     row_scale = softmax_scale log2(e), rot_scale = rotary_scale**2; TEMP [B or 1, Nq]
     multiplies row_scale per query. VARLEN: B = 1, documents bounded by cu_seqlens (int32
     [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
-    (`kernels.documents.document_tiles`)."""
+    (`kernels.documents.document_tiles`). STORE_Q: Q^, as the consumers rotate it, to QR
+    ([B, Nq, Hq, D] strides; qr_desc over it as o_desc over O)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
@@ -514,15 +535,17 @@ def rope_attention_fwd_hopper_kernel(
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
                      cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
-                     v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(0), turn.index(1), NQ, NK, HQ, GROUP,
-                     n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 0, HEAD_DIM,
-                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
+                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
+                     stride_qrn, stride_qrh, qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     turn.index(0), turn.index(1), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
+                     row_scale, rot_scale, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
+                     VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, q_smem, k_smem,
-                     v_smem, k_ready, k_empty, v_ready, v_empty, turn.index(1), turn.index(0), NQ, NK, HQ, GROUP,
-                     n_items, cu_q, cu_k, tiles, q_pos_offset, row_scale, rot_scale, 1, HEAD_DIM,
-                     D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
+                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
+                     stride_qrn, stride_qrh, qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     turn.index(1), turn.index(0), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
+                     row_scale, rot_scale, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
+                     VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -566,14 +589,15 @@ def shared_layout(block, torch_dtype):
 
 def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
                               interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-                              max_seqlen_q=0, max_seqlen_k=0, config=None):
+                              max_seqlen_q=0, max_seqlen_k=0, save_q=False, config=None):
     """Scaled rotary attention forward on Hopper: the key rope pass (into a K^ buffer for this
     call only, in the kernel's feature order), then the warp-specialized kernel, which
-    rotates the queries itself. Arguments as `kernels.attention_fwd.rope_attention_fwd` (q,
-    k, v 16-bit; varlen with both positions given); returns out (like q: shape, strides,
-    dtype) and lse [B, Hq, Nq] float32. The max_seqlen ints are not needed here: packed
-    documents' work items come from a table of their tiles built on the device
-    (`kernels.documents.document_tiles`)."""
+    rotates the queries itself. Arguments and results as
+    `kernels.attention_fwd.rope_attention_fwd` (q, k, v 16-bit; varlen with both positions
+    given): with `save_q` the kernel also stores the Q^ it rotated (sequence-major, natural
+    feature order), except where its tile is in the slot order: there the query rope pass
+    writes Q^. The max_seqlen ints are not needed here: packed documents' work items come from
+    a table of their tiles built on the device (`kernels.documents.document_tiles`)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
@@ -584,6 +608,16 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, out=k_rot.transpose(1, 2),
          slot_half=slot_half)
 
+    q_rot, store_q = None, False
+    if save_q:
+        store_q = not slot_half
+        if slot_half:
+            q_rot, _ = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
+                                  interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
+                                  keys=False)
+        else:
+            q_rot = sequence_major(*q.shape, q)
+
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
@@ -593,6 +627,9 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
                         shared_layout(v_block, q.dtype))
     o_desc = Descriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
                         shared_layout(o_block, q.dtype))
+    q_out = q_rot if store_q else out  # the kernel reads no Q^ arguments unless it stores Q^
+    qr_desc = Descriptor(q_out, [batch, nq, hq, head_dim], [*q_out.stride()[:3], 1], o_block,
+                         shared_layout(o_block, q.dtype)) if store_q else o_desc
     varlen = cu_seqlens_q is not None
     if varlen:
         # Items are (query tile, head) of the document tiles' table; their lengths vary with
@@ -618,12 +655,13 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
             grid = min(n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
-        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, inv_freq, q_positions,
+        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, qr_desc, q_out, *q_out.stride()[:3],
+        inv_freq, q_positions,
         *row_strides(q_positions), q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items,
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
-        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=maxnreg,
+        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, STORE_Q=store_q,
+        num_warps=4, maxnreg=maxnreg,
     )
-    return out, lse
+    return out, lse, q_rot

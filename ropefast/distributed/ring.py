@@ -197,9 +197,10 @@ def _attend(path, q, k, v, q_positions, k_positions, q_temperature, rotary, caus
     if path == "reference":
         return scaled_rope_attention_reference(q, k, v, q_positions=q_positions, k_positions=k_positions,
                                                q_temperature=q_temperature, causal=causal, return_lse=True, **rotary)
-    return ops.attention_fwd(q, k, v, rotary["inv_freq"], q_positions, k_positions, q_temperature,
-                             rotary["rotary_dim"], rotary["interleaved"], causal, rotary["softmax_scale"],
-                             rotary["rotary_scale"])
+    out, lse, _ = ops.attention_fwd(q, k, v, rotary["inv_freq"], q_positions, k_positions, q_temperature,
+                                    rotary["rotary_dim"], rotary["interleaved"], causal, rotary["softmax_scale"],
+                                    rotary["rotary_scale"])
+    return out, lse
 
 
 def _attend_backward(path, grad_out, grad_lse, q, k, v, out, lse, q_positions, k_positions, q_temperature, rotary,
