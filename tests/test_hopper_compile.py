@@ -77,8 +77,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
         args = dict(Q=(f"*{dtype}", 16), stride_qb=("i64", 16), stride_qn=("i32", 16), stride_qh=("i32", 16),
                     k_desc=desc([1, block_n, d_pad]), v_desc=desc([1, block_n, 1, d_pad]),
                     o_desc=desc([1, 64, 1, d_pad]), O=(f"*{dtype}", 16), stride_ob=("i64", 16),
-                    stride_on=("i32", 16), stride_oh=("i32", 16), LSE=("*fp32", 16), qr_desc=desc([1, 64, 1, d_pad]),
-                    QR=(f"*{dtype}", 16), stride_qrb=("i64", 16), stride_qrn=("i32", 16), stride_qrh=("i32", 16),
+                    stride_on=("i32", 16), stride_oh=("i32", 16), LSE=("*fp32", 16), QR=(f"*{dtype}", 16), stride_qrb=("i64", 16), stride_qrn=("i32", 16), stride_qrh=("i32", 16),
                     INV_FREQ=("*fp32", 16),
                     Q_POS=("*i64", 16) if positions else None, stride_pos_b="i32", stride_pos_n="i32",
                     TEMP=("*fp32", 16) if temperature else None, stride_temp_b="i32", stride_temp_n="i32",
@@ -121,22 +120,15 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
          (128, 128, True, False, True, True, "bf16", True, None, True)]
 
 
-# Variants that spill a little, outside the key loop. With Triton >= 3.7's ptxas input, not with
-# 3.6's (the GPU image's, 0 bytes): D = 256 over packed documents with every feature on, whose
+# Variants that spill a little with Triton >= 3.7's ptxas input, not with 3.6's (the GPU image's,
+# 0 bytes), outside the key loop: D = 256 over packed documents with every feature on, whose
 # pointer store of a document's last rows holds a [64, 256] tile's addresses (108 bytes with 3.9,
 # 2026-11-26), and the causal pair units' schedule with interleaved pairs, positions and
-# temperature. With both: the training forward's store of Q^ with every feature on.
-FORWARD_SPILLS = {repr([256, 128, True, True, True, True, "bf16", True]):
-                  0 if compat.triton_version() < (3, 7) else 128,
-                  # the causal pair units with every query feature on (60 bytes with 3.9, 2026-11-26)
-                  repr([80, 48, True, True, True, True, "bf16"]): 0 if compat.triton_version() < (3, 7) else 96,
-                  # the training forward's store of Q^: a few scalars around the query rotation,
-                  # outside the key loop (84 and 108 bytes with every feature on, 0 and 44 at D =
-                  # 256, with 3.6 and 3.9, 2026-11-26)
-                  repr([80, 80, True, True, True, True, "bf16", False, None, True]):
-                  96 if compat.triton_version() < (3, 7) else 128,
-                  repr([256, 256, True, False, False, False, "bf16", False, None, True]):
-                  0 if compat.triton_version() < (3, 7) else 64}
+# temperature, with and without the training forward's store of Q^ (60 and 100 bytes).
+NEWER_TRITON = compat.triton_version() >= (3, 7)
+FORWARD_SPILLS = {repr([256, 128, True, True, True, True, "bf16", True]): 128 if NEWER_TRITON else 0,
+                  repr([80, 48, True, True, True, True, "bf16"]): 96 if NEWER_TRITON else 0,
+                  repr([80, 80, True, True, True, True, "bf16", False, None, True]): 128 if NEWER_TRITON else 0}
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")

@@ -38,7 +38,7 @@ from ..attention_bwd import preprocess
 from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
-from .attention_fwd import (document_tile, increments, load_rows, mma_layout, pair_layout, rotate_rows,
+from .attention_fwd import (document_tile, increments, load_rows, mma_layout, mma_tile, pair_layout, rotate_rows,
                            shared_layout)
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
@@ -248,8 +248,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         if HAS_POS:
             pos_ptr = K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
         inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-        k_mine.store(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0, D_PAD,
-                                 PAIRS, INTERLEAVED, HAS_POS, False, L3))
+        k_mine.store(mma_tile(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0,
+                                          D_PAD, PAIRS, INTERLEAVED, HAS_POS, False, L3), D_PAD, INTERLEAVED))
         # generic-proxy stores, read next by this warpgroup's wgmma; the other warpgroup's
         # dQ^ matmuls read them after the first step's ds_ready, which this one arrives at
         # after a fence of its own

@@ -11,8 +11,8 @@ as three warpgroups (`gl.warp_specialize`):
   ahead into the next item while the consumers finish one;
 - two consumers own 64 query rows each. Each rotates its rows of q in registers (angles
   from exact fixed-point phases, every logit scale folded in) and stores them to shared
-  memory, where the QK^T wgmma reads them (and, for a call autograd records, a TMA store
-  copies them out for the backward: `save_q`). Then per key tile j it issues S_j = Q K_j^T and
+  memory, where the QK^T wgmma reads them (for a call autograd records, they also go to
+  global memory for the backward: `save_q`). Then per key tile j it issues S_j = Q K_j^T and
   O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
   the other consumer through an mbarrier "turn" (ping-pong), so one warpgroup's
   exponentials overlap the other's matmuls. (ptxas places the wait for PV_{j-1} before the
@@ -109,27 +109,56 @@ def _sincos(pos, inc_hi, inc_lo):
 
 
 @gluon.jit
-def load_rows(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
-              INTERLEAVED: gl.constexpr, L3: gl.constexpr):
-    """Rows [row0, row0 + 64) below row_end of q (or k) as [64, D_PAD / 2, 2] (row, slot,
-    half of the pair: the kernel's feature order, module docstring); zeros elsewhere and
-    past HEAD_DIM. Q points at this (batch, head)'s row 0."""
+def _row_index(row0, D_PAD: gl.constexpr, RL: gl.constexpr):
+    """(rows, features) of rows [row0, row0 + 64) whole, in the `_row_layout` RL."""
+    rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, RL)), 1)
+    return rows, gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, RL)), 0)
+
+
+@gluon.jit
+def _pair_index(row0, D_PAD: gl.constexpr, PAIRS: gl.constexpr, L3: gl.constexpr):
+    """(rows, features) of rows [row0, row0 + 64) as half-split pairs, in the `pair_layout` L3."""
     HALF: gl.constexpr = D_PAD // 2
-    if INTERLEAVED:  # pairs side by side: load whole rows (16-byte loads), then view them as pairs
-        RL: gl.constexpr = _row_layout(HALF, gl.num_warps())
-        rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, RL)), 1)
-        col = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, RL)), 0)
-        x = gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
-        return gl.convert_layout(gl.reshape(x, [WG_ROWS, HALF, 2]), L3, assert_trivial=True)
     SL: gl.constexpr = gl.SliceLayout(2, L3)
     rows = gl.expand_dims(gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, SL)), 1), 2)
     slot = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)), 0), 2)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
     if PAIRS == HALF:
-        col = slot + half * HALF
-    else:  # slot order: pairs (i, i + R/2), then the pass-through features (2i, 2i + 1)
-        col = gl.where(slot < PAIRS, slot + half * PAIRS, 2 * slot + half)
+        return rows, slot + half * HALF
+    # slot order: pairs (i, i + R/2), then the pass-through features (2i, 2i + 1)
+    return rows, gl.where(slot < PAIRS, slot + half * PAIRS, 2 * slot + half)
+
+
+@gluon.jit
+def load_rows(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
+              INTERLEAVED: gl.constexpr, L3: gl.constexpr):
+    """Rows [row0, row0 + 64) below row_end of q (or k) as [64, D_PAD / 2, 2] (row, slot,
+    half of the pair: the kernel's feature order, module docstring); zeros elsewhere and
+    past HEAD_DIM. Q points at this (batch, head)'s row 0."""
+    if INTERLEAVED:  # pairs side by side: load whole rows (16-byte loads), then view them as pairs
+        rows, col = _row_index(row0, D_PAD, _row_layout(D_PAD // 2, gl.num_warps()))
+        x = gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
+        return gl.convert_layout(gl.reshape(x, [WG_ROWS, D_PAD // 2, 2]), L3, assert_trivial=True)
+    rows, col = _pair_index(row0, D_PAD, PAIRS, L3)
     return gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
+
+
+@gluon.jit
+def store_rows(X, stride_n, row0, row_end, pairs, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+               INTERLEAVED: gl.constexpr, L3: gl.constexpr):
+    """`load_rows` backwards, for the natural feature order (interleaved, or half-split pairs
+    filling D_PAD): a [64, D_PAD / 2, 2] tile to rows [row0, row0 + 64) below row_end of X,
+    features below HEAD_DIM. Evict-first: this kernel does not read them again, and in L2
+    they would push out key tiles that other programs still read."""
+    if INTERLEAVED:
+        RL: gl.constexpr = _row_layout(D_PAD // 2, gl.num_warps())
+        rows, col = _row_index(row0, D_PAD, RL)
+        tile = gl.convert_layout(gl.reshape(pairs, [WG_ROWS, D_PAD]), RL, assert_trivial=True)
+    else:
+        rows, col = _pair_index(row0, D_PAD, D_PAD // 2, L3)
+        tile = pairs
+    gl.store(X + rows.to(gl.int64) * stride_n + col, tile, mask=(rows < row_end) & (col < HEAD_DIM),
+             eviction_policy="evict_first")
 
 
 @gluon.jit
@@ -137,8 +166,8 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
                 rot_scale, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
                 HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, L3: gl.constexpr):
     """The `load_rows` rows rotated and scaled (queries: every logit scale folded in, base 2;
-    keys: row_scale = rot_scale = 1), as the [64, D_PAD] tile a wgmma reads. Q_POS and TEMP
-    point at this batch's row 0."""
+    keys: row_scale = rot_scale = 1), [64, D_PAD / 2, 2] as loaded (`mma_tile` makes the
+    tile a wgmma reads). Q_POS and TEMP point at this batch's row 0."""
     HALF: gl.constexpr = D_PAD // 2
     SL: gl.constexpr = gl.SliceLayout(2, L3)  # [64, HALF]
     dtype: gl.constexpr = x.dtype
@@ -157,10 +186,15 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
     rotated = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)) < PAIRS, 0)
     c = gl.where(rotated, cos * gl.expand_dims(scale * rot_scale, 1), gl.expand_dims(scale, 1))
     s = gl.where(rotated, sin * gl.expand_dims(scale * rot_scale, 1), 0.0)
-    tile = gl.join((a * c - b * s).to(dtype), (b * c + a * s).to(dtype))  # [64, HALF, 2]
+    return gl.join((a * c - b * s).to(dtype), (b * c + a * s).to(dtype))
+
+
+@gluon.jit
+def mma_tile(pairs, D_PAD: gl.constexpr, INTERLEAVED: gl.constexpr):
+    """A [64, D_PAD / 2, 2] tile of pairs as the [64, D_PAD] tile of the kernel's feature order."""
     if not INTERLEAVED:
-        tile = gl.permute(tile, (0, 2, 1))  # [64, 2, HALF]: the a slots, then the b slots
-    return gl.reshape(tile, [WG_ROWS, D_PAD])
+        pairs = gl.permute(pairs, (0, 2, 1))  # [64, 2, HALF]: the a slots, then the b slots
+    return gl.reshape(pairs, [WG_ROWS, D_PAD])
 
 
 # ---- the persistent schedule, producer and consumers ----
@@ -350,26 +384,16 @@ def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_i
 
 
 @gluon.jit
-def _store_rows(X, stride_n, tile, begin, row0, nq, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, L: gl.constexpr):
-    """Rows [row0, row0 + 64) below nq of a [64, D_PAD] tile in layout L to X (row 0 of this
-    (batch, head)) + (begin + row) stride_n, features below HEAD_DIM: a packed document's last
-    rows, where a TMA store would also write the next document's."""
-    rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, L)), 1)
-    cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, L)), 0)
-    gl.store(X + (begin + rows).to(gl.int64) * stride_n + cols, tile, mask=(rows < nq) & (cols < HEAD_DIM))
-
-
-@gluon.jit
 def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
               stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
-              qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ,
-              GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
+              q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP,
+              n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
               CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
               INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr,
               VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               STORE_Q: gl.constexpr):
     """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile.
-    STORE_Q: its rows of Q^ also go to QR (through qr_desc) for the backward."""
+    STORE_Q: its rows of Q^ also go to QR for the backward."""
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
     O_L: gl.constexpr = mma_layout(D_PAD, NW)
@@ -409,17 +433,13 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
                                   q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP,
                                   L3)
-            tma.store_wait(0)  # the previous item's O left this buffer
-            q_mma.store(rotated)
-            fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
-            # A document's last rows go through registers, as O's (below); the store runs
-            # beside the item's matmuls, which read the same buffer.
             if STORE_Q:
-                if (row0 + WG_ROWS > nq) if VARLEN else False:
-                    _store_rows(QR + off_b.to(gl.int64) * stride_qrb + off_h.to(gl.int64) * stride_qrh, stride_qrn,
-                                gl.convert_layout(rotated, O_L), q_begin, row0, nq, HEAD_DIM, D_PAD, O_L)
-                else:
-                    tma_store(qr_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
+                store_rows(QR + off_b.to(gl.int64) * stride_qrb + q_begin.to(gl.int64) * stride_qrn
+                           + off_h.to(gl.int64) * stride_qrh, stride_qrn, row0, nq, rotated, HEAD_DIM, D_PAD,
+                           INTERLEAVED, L3)
+            tma.store_wait(0)  # the previous item's O left this buffer
+            q_mma.store(mma_tile(rotated, D_PAD, INTERLEAVED))
+            fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
 
             rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
             acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
@@ -471,12 +491,14 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
             acc = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, O_L)), 1)
-            if (row0 + WG_ROWS > nq) if VARLEN else False:  # a TMA store would also write the next document's
-                _store_rows(O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, stride_on,
-                            acc.to(dtype), q_begin, row0, nq, HEAD_DIM, D_PAD, O_L)
+            if (row0 + WG_ROWS > nq) if VARLEN else False:
+                # a document's last rows: a TMA store would also write the next document's
+                o_rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, O_L)), 1)
+                cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
+                o_ptr = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+                gl.store(o_ptr + (q_begin + o_rows).to(gl.int64) * stride_on + cols, acc.to(dtype),
+                         mask=(o_rows < nq) & (cols < HEAD_DIM))
             else:
-                if STORE_Q:
-                    tma.store_wait(0)  # Q^ left this buffer
                 q_mma.store(acc.to(dtype))
                 fence_async_shared()
                 tma_store(o_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
@@ -489,8 +511,8 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
 
 @gluon.jit
 def rope_attention_fwd_hopper_kernel(
-    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, qr_desc,
-    QR, stride_qrb, stride_qrn, stride_qrh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
+    Q, stride_qb, stride_qn, stride_qh, k_desc, v_desc, o_desc, O, stride_ob, stride_on, stride_oh, LSE, QR,
+    stride_qrb, stride_qrn, stride_qrh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
     stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
@@ -505,7 +527,7 @@ def rope_attention_fwd_hopper_kernel(
     multiplies row_scale per query. VARLEN: B = 1, documents bounded by cu_seqlens (int32
     [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
     (`kernels.documents.document_tiles`). STORE_Q: Q^, as the consumers rotate it, to QR
-    ([B, Nq, Hq, D] strides; qr_desc over it as o_desc over O)."""
+    ([B, Nq, Hq, D] strides, natural feature order)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
@@ -536,13 +558,13 @@ def rope_attention_fwd_hopper_kernel(
                      cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
-                     stride_qrn, stride_qrh, qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     stride_qrn, stride_qrh, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                      turn.index(0), turn.index(1), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
                      row_scale, rot_scale, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
                      VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
         (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
                      stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
-                     stride_qrn, stride_qrh, qr_desc, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     stride_qrn, stride_qrh, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
                      turn.index(1), turn.index(0), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
                      row_scale, rot_scale, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
                      VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
@@ -628,8 +650,6 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     o_desc = Descriptor(out, [batch, nq, hq, head_dim], [*out.stride()[:3], 1], o_block,
                         shared_layout(o_block, q.dtype))
     q_out = q_rot if store_q else out  # the kernel reads no Q^ arguments unless it stores Q^
-    qr_desc = Descriptor(q_out, [batch, nq, hq, head_dim], [*q_out.stride()[:3], 1], o_block,
-                         shared_layout(o_block, q.dtype)) if store_q else o_desc
     varlen = cu_seqlens_q is not None
     if varlen:
         # Items are (query tile, head) of the document tiles' table; their lengths vary with
@@ -655,7 +675,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
             grid = min(n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
-        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, qr_desc, q_out, *q_out.stride()[:3],
+        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, q_out, *q_out.stride()[:3],
         inv_freq, q_positions,
         *row_strides(q_positions), q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items,
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
