@@ -284,8 +284,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     """Launch the backward. Arguments as `rope_attention_fwd` (varlen included), plus do
     (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None; `q_rotated`: q
     is the Q^ that the forward saved (`save_q`), and no query rope pass runs. Returns dq, dk,
-    dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given: the strides of
-    the q that the saved Q^ came from), d inv_freq [P] float32 or None, and d temperature
+    dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given, which a caller
+    with `q_rotated` passes: the strides of the dense q that Q^ came from), d inv_freq [P]
+    float32 or None, and d temperature
     [B, Hq, Nq] float32 (per head; the caller sums) or None. gradient_kernel replaces the preprocess and
     the two kernels here between the rope passes (the Hopper backward,
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
@@ -300,7 +301,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
     # The Hopper kernel rotates the keys itself, unless the frequency gradient reads K^ or
-    # K^ would have to be in its slot order (Q^ comes from the rope pass, in the natural one).
+    # K^ would have to be in its slot order (Q^, saved or from the rope pass, is in the natural one).
     keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,

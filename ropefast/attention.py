@@ -75,7 +75,8 @@ def scaled_rope_attention(
 
     Returns:
         out (q's shape and dtype), or (out, lse) if return_lse. Differentiable in q, k, v,
-        inv_freq and q_temperature (the backward recomputes every rotation). Positions must
+        inv_freq and q_temperature (the forward saves the rotated queries in q's place where
+        that costs no memory, `ops.attention`; the backward rotates the keys again). Positions must
         satisfy |p| < 2**31.
 
     Padding: nothing is masked but what `causal` hides; positions only rotate. Right-padded

@@ -178,9 +178,20 @@ torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, 
 _EAGER_ATTENTION = _eager(_attention_fwd, _attention_setup, _attention_backward, _attention_bwd)
 
 
+def _dense(x):
+    """Whether x's elements cover the span of its storage exactly once (no gaps between rows,
+    no broadcast dimension), in any order of dimensions."""
+    span = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size != 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
 def _root(x):
-    """The tensor that owns x's storage: x, or the base of the view x (PyTorch records the
-    first base of a chain of views)."""
+    """The tensor that owns x's storage: x, or the base of the view x (for a view of a view,
+    PyTorch records the tensor at the root of the chain)."""
     return x if x._base is None else x._base
 
 
@@ -191,11 +202,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
               deterministic: bool = False) -> tuple[Tensor, Tensor]:
     """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
     autograd.Function in eager (module docstring). Where autograd records the call, the
-    forward saves Q^ for the backward (`save_q`), unless q is a view of the tensor that k or
-    v view (one fused QKV projection's output): k and v keep that alive, so Q^ would be a
-    Q-sized activation more (under torch.compile, which traces no such question, it saves)."""
+    forward saves Q^ for the backward (`save_q`) if that holds no more memory than q would:
+    q is dense (no gaps, no broadcast dimension: Q^ as large as q's storage, and dq may take
+    q's strides) and is not a view of the tensor that k or v view (one fused QKV projection's
+    output, which k and v keep alive; under torch.compile, which traces no such question,
+    only the density counts)."""
     records = _records((q, k, v, inv_freq, q_temperature))
-    save_q = records and (torch.compiler.is_compiling() or all(_root(q) is not _root(x) for x in (k, v)))
+    save_q = records and _dense(q) and (
+        torch.compiler.is_compiling() or all(_root(q) is not _root(x) for x in (k, v)))
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
             softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q)
     out, lse, _ = _call(attention_fwd, _EAGER_ATTENTION, args, records)

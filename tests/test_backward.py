@@ -139,17 +139,29 @@ def test_backward_reads_the_queries_the_forward_saved(case, rope_passes):
 
 
 @requires_kernel
-@pytest.mark.parametrize("fused_qkv", [False, True])
-def test_forward_saves_the_rotated_queries_unless_qkv_share_storage(fused_qkv, rope_passes):
-    # Q^ replaces q among the saved tensors, which costs nothing where q dies after the call;
-    # where q is a view of one QKV projection's output that k and v view too, the backward
-    # rotates q again instead of holding Q^ beside it.
-    qkv = torch.randn(1, 40, 3, 4, 32, device=DEVICE, requires_grad=True)
-    q, k, v = ((qkv[:, :, i] for i in range(3)) if fused_qkv
-               else (torch.randn(1, 40, 4, 32, device=DEVICE, requires_grad=True) for _ in range(3)))
-    out = scaled_rope_attention(q, k, v, inv_freq=schedules.DefaultRope(32).inv_freq(device=DEVICE), causal=True)
-    out.sum().backward()
-    assert [queries for queries, _ in rope_passes] == [fused_qkv]
+@pytest.mark.parametrize("inputs", ["separate", "fused_qkv", "broadcast_q"])
+def test_forward_saves_the_rotated_queries_where_that_costs_no_memory(inputs, rope_passes):
+    # Q^ replaces q among the saved tensors, which costs nothing where q is a dense tensor
+    # that dies after the call. Where q is a view of one QKV projection's output that k and v
+    # view too, or broadcast (its storage smaller than Q^), the backward rotates q again, and
+    # dq gets q's gradient right (a broadcast q's rows sum).
+    gen = torch.Generator().manual_seed(0)
+    inv_freq = schedules.DefaultRope(32).inv_freq(device=DEVICE)
+    if inputs == "fused_qkv":  # dense slices of one tensor
+        leaf = torch.randn(3, 1, 40, 4, 32, generator=gen).to(DEVICE).requires_grad_()
+        q, k, v = leaf.unbind(0)
+    else:
+        leaf = torch.randn(1, 40, 4, 32, generator=gen).to(DEVICE).requires_grad_()
+        batch = 2 if inputs == "broadcast_q" else 1
+        k, v = (torch.randn(batch, 40, 4, 32, generator=gen).to(DEVICE) for _ in range(2))
+        q = leaf.expand(2, -1, -1, -1) if inputs == "broadcast_q" else leaf
+    grad = torch.autograd.grad(scaled_rope_attention(q, k, v, inv_freq=inv_freq, causal=True).square().sum(), leaf)[0]
+    assert [queries for queries, _ in rope_passes] == [inputs != "separate"]
+    if inputs == "broadcast_q":  # against a dense copy of q, whose Q^ the forward saves
+        dense = leaf.detach().expand(2, -1, -1, -1).contiguous().requires_grad_()
+        want = torch.autograd.grad(scaled_rope_attention(dense, k, v, inv_freq=inv_freq, causal=True).square().sum(),
+                                   dense)[0].sum(0, keepdim=True)
+        assert rel_err(grad, want) < 1e-6
 
 
 @requires_kernel

@@ -1,6 +1,6 @@
 """Scaled rotary attention backward for Hopper (sm_90), in Gluon: FlashAttention-3's
 structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the rotated Q^
-that the portable backward's rope pass produces and the keys, which each program rotates
+(the one the forward saved, or a query rope pass's) and the keys, which each program rotates
 itself (K^ = R k, once per key block, as the forward rotates its queries: one rope pass of
 k's size less), or K^ from the rope pass where the frequency gradient reads it or the
 kernels' feature order is not the natural one (`kernels.rope.slot_order`). The rope passes,
