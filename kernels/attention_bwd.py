@@ -286,9 +286,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     is the Q^ that the forward saved (`save_q`), and no query rope pass runs. Returns dq, dk,
     dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given, which a caller
     with `q_rotated` passes: the strides of the dense q that Q^ came from), d inv_freq [P]
-    float32 or None, and d temperature
-    [B, Hq, Nq] float32 (per head; the caller sums) or None. gradient_kernel replaces the preprocess and
-    the two kernels here between the rope passes (the Hopper backward,
+    float32 or None, and d temperature [B, Hq, Nq] float32 (per head; the caller sums) or
+    None. gradient_kernel replaces the preprocess and the two kernels here between the rope passes (the Hopper backward,
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved)) -> (dQ^ as a [B, Nq, Hq, D] view, dv), with K^ None where it

@@ -148,8 +148,8 @@ def store_rows(X, stride_n, row0, row_end, pairs, HEAD_DIM: gl.constexpr, D_PAD:
                INTERLEAVED: gl.constexpr, L3: gl.constexpr):
     """`load_rows` backwards, for the natural feature order (interleaved, or half-split pairs
     filling D_PAD): a [64, D_PAD / 2, 2] tile to rows [row0, row0 + 64) below row_end of X,
-    features below HEAD_DIM. Evict-first: this kernel does not read them again, and in L2
-    they would push out key tiles that other programs still read."""
+    features below HEAD_DIM. Evict-first: this kernel does not read them again (against TMA
+    stores of the shared-memory tile: level on an H100, bench/RESULTS.md)."""
     if INTERLEAVED:
         RL: gl.constexpr = _row_layout(D_PAD // 2, gl.num_warps())
         rows, col = _row_index(row0, D_PAD, RL)
