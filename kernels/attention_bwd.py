@@ -11,8 +11,9 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
   and d inv_freq = sum over rows and heads of position * d theta.
 Q^ is the one the forward saved (`q_rotated`; the API's default where autograd records
 the call), or a query rope pass recomputes it. K^ comes from a rope pass into scratch for
-this call only, or, on Hopper, the Gluon kernel rotates the keys itself (unless the frequency
-gradient needs K^ or the pairs are half-split with rotary_dim < the padded head dim). Saving
+this call only, or, on Hopper, the Gluon kernel rotates the keys, and dK^ back, itself
+(unless the frequency gradient needs K^ or the pairs are half-split with rotary_dim < the
+padded head dim). Saving
 Q^ rather than K^: the forward has Q^ in shared memory anyway, and dK^ may overwrite a K^
 that nothing else holds (below).
 
@@ -291,7 +292,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved)) -> (dQ^ as a [B, Nq, Hq, D] view, dv), with K^ None where it
-    rotates the keys itself."""
+    rotates the keys itself and writes dk (like k) into the buffer."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
@@ -299,8 +300,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     if not tma_readable(do):
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
-    # The Hopper kernel rotates the keys itself, unless the frequency gradient reads K^ or
-    # K^ would have to be in its slot order (Q^, saved or from the rope pass, is in the natural one).
+    # The Hopper kernel rotates the keys, and dK^ back, itself, unless the frequency gradient
+    # reads K^ and dK^ or K^ would have to be in its slot order (Q^, saved or from the rope
+    # pass, is in the natural one).
     keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
@@ -309,10 +311,13 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         q_rot = q
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
-    # Gluon kernel's program) unless the frequency gradient still needs K^ or there is no K^
-    # (keys inside: dK^ takes its place); dQ^ and (unless the forward saved it) Q^ are freed
-    # before dk is allocated.
-    dk_hat = sequence_major(*k.shape, k) if need_dfreq or keys_inside else k_rot
+    # Gluon kernel's program) unless the frequency gradient still needs K^; with the keys
+    # inside, the kernel writes dk itself; dQ^ and (unless the forward saved it) Q^ are freed
+    # before dk is allocated otherwise.
+    if keys_inside:
+        dk = dk_hat = torch.empty_like(k)
+    else:
+        dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     if gradient_kernel is not None:
         dq_hat, dv = gradient_kernel(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, causal=causal,
                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -322,8 +327,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,
                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
-    # dq_hat and dk_hat hold dQ^ and dK^: take the temperature and frequency gradients, then
-    # rotate both back into buffers shaped like q and k.
+    # dq_hat and dk_hat hold dQ^ and dK^ (keys inside: dk): take the temperature and frequency
+    # gradients, then rotate both back into buffers shaped like q and k.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
         dtemp = (dq_hat.float() * q_rot.float()).sum(-1).transpose(1, 2) / q_temperature[:, None, :]
@@ -339,8 +344,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
               row_scale=q_temperature, inverse=True, out=dq_out,
               **q_scales(softmax_scale, rotary_scale))
     del dq_hat
-    dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
-              out=torch.empty_like(k))
+    if not keys_inside:
+        dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
+                  out=torch.empty_like(k))
     return dq, dk, dv, dfreq, dtemp
 
 

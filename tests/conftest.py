@@ -36,3 +36,20 @@ def rope_passes(monkeypatch):
         return rotate(*args, queries=queries, keys=keys, **kwargs)
     monkeypatch.setattr(attention_bwd, "rotate_q_k", spy)
     return calls
+
+
+@pytest.fixture
+def inverse_passes(monkeypatch):
+    """The shapes of the gradients that the backward's inverse rope passes rotate back: dq's,
+    and dk's unless the Hopper kernel wrote dk itself (`kernels.attention_bwd`)."""
+    from ropefast.kernels import attention_bwd
+
+    shapes = []
+    rope = attention_bwd.rope
+
+    def spy(x, *args, inverse=False, **kwargs):
+        if inverse:
+            shapes.append(tuple(x.shape))
+        return rope(x, *args, inverse=inverse, **kwargs)
+    monkeypatch.setattr(attention_bwd, "rope", spy)
+    return shapes

@@ -243,11 +243,12 @@ KEYS_INSIDE_CASES = [
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
-def test_backward_gpu_without_frequency_gradient(case, dtype, rope_passes):
+def test_backward_gpu_without_frequency_gradient(case, dtype, rope_passes, inverse_passes):
     errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
     hopper = dispatch.backward_path(torch.empty(1, 1, 1, case[0][5], device="cuda", dtype=dtype)) == "hopper"
     assert rope_passes == [(False, not hopper)]
+    assert len(inverse_passes) == (1 if hopper else 2)  # dq's; dk's unless the kernel wrote dk
 
 
 @requires_cuda

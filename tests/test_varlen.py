@@ -140,13 +140,14 @@ def test_varlen_gpu_matches_reference(case, dtype, path):
 @requires_cuda
 @pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2]],
                          ids=lambda c: "-".join(map(str, c[0][2:])) + "-" + "-".join(c[1]))
-def test_varlen_gpu_without_frequency_gradient(case, rope_passes):
-    # half-split pairs filling D: the Hopper backward rotates the documents' keys itself
+def test_varlen_gpu_without_frequency_gradient(case, rope_passes, inverse_passes):
+    # half-split pairs filling D: the Hopper backward rotates the documents' keys, and dk back, itself
     errors = varlen_errors(*case[0], torch.bfloat16, device="cuda", freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < TOLERANCE[torch.bfloat16] for err in errors.values()), errors
     head_dim = case[0][4]
     hopper = dispatch.backward_path(torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16)) == "hopper"
     assert rope_passes == [(False, not hopper)]
+    assert len(inverse_passes) == (1 if hopper else 2)
 
 
 @requires_cuda

@@ -1,11 +1,11 @@
 """Scaled rotary attention backward for Hopper (sm_90), in Gluon: FlashAttention-3's
 structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the rotated Q^
 (the one the forward saved, or a query rope pass's) and the keys, which each program rotates
-itself (K^ = R k, once per key block, as the forward rotates its queries: one rope pass of
-k's size less), or K^ from the rope pass where the frequency gradient reads it or the
-kernels' feature order is not the natural one (`kernels.rope.slot_order`). The rope passes,
-the frequency and temperature gradients and the rotation back are shared with the portable
-backward (`kernels.attention_bwd`).
+itself (K^ = R k once per key block, as the forward rotates its queries, and dk = R^T dK^ at
+the end: no rope pass and no inverse pass over k), or K^ from the rope pass where the
+frequency gradient reads it or the kernels' feature order is not the natural one
+(`kernels.rope.slot_order`). The rope passes, the frequency and temperature gradients and
+the rotation of dq back are shared with the portable backward (`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
@@ -22,8 +22,10 @@ and over their 64-query tiles, as three warpgroups
   adds it to the float32 dQ^ buffer with TMA reduce-adds (per-thread atomics cost 40% of
   the kernel's time, bench/RESULTS.md). The order of those sums varies, so this path is not
   bitwise repeatable; `deterministic=True` takes the portable kernels.
-dK^ (rotated frame) and dV go to memory once, at the end. Only steps that can see a hidden
-pair (the causal diagonal, keys past Nk, a partial first or last query tile) are masked.
+dK^ and dV go to memory once, at the end; where the program rotated the keys, dK^ goes back
+to k's frame on the way (dk = R^T dK^ from the accumulator, whose threads hold both features
+of each pair: no inverse pass over dk). Only steps that can see a hidden pair (the causal
+diagonal, keys past Nk, a partial first or last query tile) are masked.
 """
 
 from typing import NamedTuple
@@ -39,7 +41,7 @@ from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
 from .attention_fwd import (document_tile, increments, load_rows, mma_layout, mma_tile, pair_layout, rotate_rows,
-                           shared_layout)
+                           shared_layout, sincos)
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -219,6 +221,44 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
 
 
 @gluon.jit
+def _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS: gl.constexpr):
+    """The key positions' pointer at the sequence's row 0 (unused without positions)."""
+    if HAS_POS:
+        return K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
+    return K_POS
+
+
+@gluon.jit
+def _rotate_back(dk, INV_FREQ, K_POS, stride_pos_n, row0, NK, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
+                 INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, O_L: gl.constexpr):
+    """R^T dK^ of keys [row0, row0 + 64) (K_POS points at the sequence's row 0), in the
+    accumulator's layout O_L, where both features of each rotation pair lie in one thread's
+    registers. The frequencies' float64 increments are computed once per slot and spread
+    through shared memory: per element they cost this epilogue as much as a rope pass."""
+    HALF: gl.constexpr = D_PAD // 2
+    if INTERLEAVED:  # pairs (2i, 2i + 1)
+        pairs = gl.reshape(dk, [WG_KEYS, HALF, 2])
+    else:  # pairs (i, i + HALF)
+        pairs = gl.permute(gl.reshape(dk, [WG_KEYS, 2, HALF]), (0, 2, 1))
+    a, b = gl.split(pairs)
+    PL: gl.constexpr = a.type.layout
+    inc_hi, inc_lo = increments(INV_FREQ, PAIRS, HALF, gl.BlockedLayout([HALF // 32], [32], [gl.num_warps()], [0]))
+    inc_hi = gl.convert_layout(inc_hi, gl.SliceLayout(0, PL))
+    inc_lo = gl.convert_layout(inc_lo, gl.SliceLayout(0, PL))
+    rows = row0 + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, PL))
+    if HAS_POS:
+        pos = gl.load(K_POS + rows.to(gl.int64) * stride_pos_n, mask=rows < NK, other=0).to(gl.int32)
+    else:
+        pos = rows
+    cos, sin = sincos(pos, inc_hi, inc_lo)
+    rotated = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, PL)) < PAIRS, 0)
+    cos = gl.where(rotated, cos, 1.0)
+    sin = gl.where(rotated, sin, 0.0)
+    unrotated = gl.join(a * cos + b * sin, b * cos - a * sin)
+    return gl.convert_layout(mma_tile(unrotated, D_PAD, INTERLEAVED), O_L, assert_trivial=True)
+
+
+@gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
               ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, K,
               stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
@@ -244,9 +284,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         row0 = start_n + CID * WG_KEYS
         x = load_rows(K + off_b.to(gl.int64) * stride_kb + k_begin.to(gl.int64) * stride_kn
                       + off_hk.to(gl.int64) * stride_kh, stride_kn, row0, nk, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
-        pos_ptr = K_POS
-        if HAS_POS:
-            pos_ptr = K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
+        pos_ptr = _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
         inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
         k_mine.store(mma_tile(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0,
                                           D_PAD, PAIRS, INTERLEAVED, HAS_POS, False, L3), D_PAD, INTERLEAVED))
@@ -282,10 +320,15 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
     mask = gl.expand_dims(out_keys < nk, 1) & (cols < HEAD_DIM)
     rows = gl.expand_dims((k_begin + out_keys).to(gl.int64), 1)
-    dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
-    gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
     dv_ptr = DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
     gl.store(dv_ptr + rows * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=mask)
+    if ROTATE_K:  # dk = R^T dK^, the gradient of k
+        # the positions' pointer again: kept from the prologue, it took two registers through the loops
+        pos_ptr = _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
+        dk = _rotate_back(dk, INV_FREQ, pos_ptr, stride_pos_n, start_n + CID * WG_KEYS, nk, D_PAD, PAIRS,
+                          INTERLEAVED, HAS_POS, O_L)
+    dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
+    gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -303,9 +346,9 @@ def rope_attention_bwd_hopper_kernel(
     the float32 dQ^ accumulator [B, Hq, Nq rounded up to BLOCK_M, D_PAD], zeroed.
     ROTATE_K: the consumers rotate the keys k (unrotated, any strides; K^ = R k in the
     natural feature order, `kernels.rope.slot_order`) at positions K_POS ([B or 1, Nk], or
-    arange) themselves, and k_desc is not read; otherwise k_desc holds K^.
-    Writes dK^ (DK may be the K^ buffer: a program reads its rows once, before the loop)
-    and dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
+    arange) themselves, k_desc is not read, and DK gets dk = R^T dK^; otherwise k_desc
+    holds K^ and DK gets dK^ (DK may be the K^ buffer: a program reads its rows once, before
+    the loop). Writes dV. VARLEN: B = 1, documents bounded by cu_seqlens (int32 [documents + 1]), and
     TILES their key blocks (`kernels.documents.document_tiles`)."""
     dtype: gl.constexpr = k_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D_PAD], k_desc.layout)
@@ -377,20 +420,21 @@ def bwd_config(head_dim):
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
-def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, causal, cu_seqlens_q=None,
+def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal, cu_seqlens_q=None,
                               cu_seqlens_k=None, keys, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from dO,
     the forward's out and lse, dlse ([B, Hq, Nq] or None) and the rope passes' Q^ and K^
-    (sequence-major [B, N, H, D] views), dK^ into dk_hat (like k, sequence-major); returns
-    dQ^ (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
+    (sequence-major [B, N, H, D] views), dK^ into dk (like k, sequence-major); returns dQ^
+    (a float32 [B, Nq, Hq, D] view) and dv (like v). keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved): with k_rot None the kernel rotates the keys itself (K^ in the
-    natural feature order: not `kernels.rope.slot_order`). The preprocess
+    natural feature order: not `kernels.rope.slot_order`) and writes their gradient
+    dk = R^T dK^ into dk (shaped like k, any strides). The preprocess
     (`kernels.attention_bwd.preprocess`) pads each head's lse2 and delta to whole query tiles
     and zeroes the dQ^ sums. q_rot,
     k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
     cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
-    _, nk, hkv, _ = dk_hat.shape
+    _, nk, hkv, _ = dk.shape
     d_pad = dot_pad(head_dim)
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
@@ -401,9 +445,9 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
                         shared_layout(q_block, q_rot.dtype))
-    # rotating the keys itself, the kernel reads no K^: its descriptor points at dK^'s buffer
-    k_rows = dk_hat if k_rot is None else k_rot
-    k_desc = Descriptor(k_rows.transpose(1, 2), [batch * hkv * nk, head_dim], [head_dim, 1], k_block,
+    # rotating the keys itself, the kernel reads no K^: its descriptor points at Q^'s rows then
+    k_rows = (q_rot if k_rot is None else k_rot).transpose(1, 2)
+    k_desc = Descriptor(k_rows, [k_rows.numel() // head_dim, head_dim], [head_dim, 1], k_block,
                         shared_layout(k_block, k_rows.dtype))
     v_desc = Descriptor(v, list(v.shape), [*v.stride()[:3], 1], v_block, shared_layout(v_block, v.dtype))
     do_desc = Descriptor(do, list(do.shape), [*do.stride()[:3], 1], do_block, shared_layout(do_block, do.dtype))
@@ -424,7 +468,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk_hat, *, ca
         k_positions, rotary_dim, interleaved = None, 0, False
     launch(
         rope_attention_bwd_hopper_kernel, (programs,),
-        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk_hat, *dk_hat.stride()[:3], dv,
+        q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk, *dk.stride()[:3], dv,
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
         hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
         INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,

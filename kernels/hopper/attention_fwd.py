@@ -96,7 +96,7 @@ def increments(INV_FREQ, PAIRS: gl.constexpr, HALF: gl.constexpr, SL: gl.constex
 
 
 @gluon.jit
-def _sincos(pos, inc_hi, inc_lo):
+def sincos(pos, inc_hi, inc_lo):
     """cos and sin of pos[:, None] * f[None, :]: the phase in 2**-32 turns is exact
     (`kernels.rotary`), the MUFU evaluates the rest on [-pi, pi)."""
     magnitude = gl.abs(pos).to(gl.uint32)
@@ -179,7 +179,7 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
         pos = gl.load(Q_POS + rows.to(gl.int64) * stride_pos_n, mask=rows < NQ, other=0).to(gl.int32)
     else:
         pos = rows + q_pos_offset
-    cos, sin = _sincos(pos, inc_hi, inc_lo)
+    cos, sin = sincos(pos, inc_hi, inc_lo)
     scale = gl.full([WG_ROWS], row_scale, gl.float32, gl.SliceLayout(1, SL))
     if HAS_TEMP:
         scale = scale * gl.load(TEMP + rows.to(gl.int64) * stride_temp_n, mask=rows < NQ, other=0.0)
