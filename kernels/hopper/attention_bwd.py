@@ -233,8 +233,11 @@ def _rotate_back(dk, INV_FREQ, K_POS, stride_pos_n, row0, NK, D_PAD: gl.constexp
                  INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, O_L: gl.constexpr):
     """R^T dK^ of keys [row0, row0 + 64) (K_POS points at the sequence's row 0), in the
     accumulator's layout O_L, where both features of each rotation pair lie in one thread's
-    registers. The frequencies' float64 increments are computed once per slot and spread
-    through shared memory: per element they cost this epilogue as much as a rope pass."""
+    registers. The frequencies' float64 increments are computed for the HALF slots, a few per
+    thread in every warp, then converted to the pair tile's slices: per element of the tile
+    (32 a thread) they cost this epilogue as much as an inverse rope pass, and converted from
+    one slot per thread (across warps) they made ptxas keep more of the step loops' values in
+    local memory (bench/RESULTS.md)."""
     HALF: gl.constexpr = D_PAD // 2
     if INTERLEAVED:  # pairs (2i, 2i + 1)
         pairs = gl.reshape(dk, [WG_KEYS, HALF, 2])
