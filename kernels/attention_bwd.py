@@ -327,8 +327,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         dq_hat, dv = _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_config, dq_config,
                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
-    # dq_hat and dk_hat hold dQ^ and dK^ (keys inside: dk): take the temperature and frequency
-    # gradients, then rotate both back into buffers shaped like q and k.
+    # dq_hat and dk_hat hold dQ^ and dK^ (keys inside: dk, already done): take the temperature
+    # and frequency gradients, then rotate them back into buffers shaped like q and k.
     dfreq = dtemp = None
     if need_dtemp:  # <dQ^, Q^> / t per (batch, head, query)
         dtemp = (dq_hat.float() * q_rot.float()).sum(-1).transpose(1, 2) / q_temperature[:, None, :]

@@ -185,10 +185,10 @@ BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
                   (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True)]
 # ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
-# stores + loads, outside the steps): 144-420 bytes with Triton 3.6's (the GPU image's; 264
-# for interleaved keys rotated in the kernel at given positions), 744-1128 with 3.9's
-# (2026-11-26, three loops of steps: masked, unmasked, a partial last tile); more means a
-# regression.
+# stores + loads, none in the unmasked step): 136-488 bytes with Triton 3.6's (the GPU image's;
+# 296 for interleaved keys rotated in the kernel at given positions), 780-1252 with 3.9's
+# (2026-11-26, with dk rotated back in the epilogue; three loops of steps: masked, unmasked, a
+# partial last tile); more means a regression.
 BACKWARD_SPILL_BOUND = 1280
 
 

@@ -147,7 +147,9 @@ def test_varlen_gpu_without_frequency_gradient(case, rope_passes, inverse_passes
     head_dim = case[0][4]
     hopper = dispatch.backward_path(torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16)) == "hopper"
     assert rope_passes == [(False, not hopper)]
-    assert len(inverse_passes) == (1 if hopper else 2)
+    (lengths_q, lengths_k, hq, hkv, _, _), _ = case
+    dq_pass, dk_pass = (1, sum(lengths_q), hq, head_dim), (1, sum(lengths_k), hkv, head_dim)
+    assert inverse_passes == ([dq_pass] if hopper else [dq_pass, dk_pass])
 
 
 @requires_cuda

@@ -235,7 +235,7 @@ def _rotate_back(dk, INV_FREQ, K_POS, stride_pos_n, row0, NK, D_PAD: gl.constexp
     accumulator's layout O_L, where both features of each rotation pair lie in one thread's
     registers. The frequencies' float64 increments are computed for the HALF slots, a few per
     thread in every warp, then converted to the pair tile's slices: per element of the tile
-    (32 a thread) they cost this epilogue as much as an inverse rope pass, and converted from
+    (32 a thread at D = 128) they cost this epilogue as much as an inverse rope pass, and converted from
     one slot per thread (across warps) they made ptxas keep more of the step loops' values in
     local memory (bench/RESULTS.md)."""
     HALF: gl.constexpr = D_PAD // 2
