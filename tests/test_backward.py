@@ -228,15 +228,19 @@ def test_backward_gpu(case, dtype, deterministic):
     assert all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
 
 
-# Without the frequency gradient the Hopper backward rotates the keys itself where K^ is in
-# the natural feature order (`kernels.rope.slot_order`): half-split pairs filling D, or
-# interleaved ones (partial, with positions); GQA with Nq != Nk, rows that see no key, D = 64.
+# Without the frequency gradient the Hopper backward rotates the keys itself, and dK^ back,
+# where K^ is in the natural feature order (`kernels.rope.slot_order`): half-split pairs
+# filling D (with positions too), or interleaved ones (partial, with positions; partial at
+# D = 64); GQA with Nq != Nk, rows that see no key, fewer keys than a warpgroup's 64, D = 64.
 KEYS_INSIDE_CASES = [
     ((2, 1024, 1024, 16, 16, 128, 128), dict(causal=True)),
     ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),
     ((2, 1000, 1000, 8, 8, 128, 64), dict(interleaved=True, positions=True)),
+    ((2, 600, 600, 8, 2, 128, 128), dict(positions=True)),
     ((1, 700, 300, 4, 2, 128, 128), dict(causal=True)),
+    ((2, 90, 50, 4, 2, 128, 128), dict()),
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, layout="bhsd")),
+    ((2, 300, 300, 4, 2, 64, 32), dict(causal=True, interleaved=True)),
 ]
 
 
