@@ -13,9 +13,8 @@ Q^ is the one the forward saved (`q_rotated`; the API's default where autograd r
 the call), or a query rope pass recomputes it. K^ comes from a rope pass into scratch for
 this call only, or, on Hopper, the Gluon kernel rotates the keys, and dK^ back, itself
 (unless the frequency gradient needs K^ or the pairs are half-split with rotary_dim < the
-padded head dim). Saving
-Q^ rather than K^: the forward has Q^ in shared memory anyway, and dK^ may overwrite a K^
-that nothing else holds (below).
+padded head dim). Saving Q^ rather than K^: the forward has Q^ in shared memory anyway, and
+dK^ may overwrite a K^ that nothing else holds (below).
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their
@@ -288,8 +287,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given, which a caller
     with `q_rotated` passes: the strides of the dense q that Q^ came from), d inv_freq [P]
     float32 or None, and d temperature [B, Hq, Nq] float32 (per head; the caller sums) or
-    None. gradient_kernel replaces the preprocess and the two kernels here between the rope passes (the Hopper backward,
-    `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
+    None. gradient_kernel replaces the preprocess and the two kernels here between the rope
+    passes (the Hopper backward, `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
     v, dK^ buffer, causal, cu_seqlens_q, cu_seqlens_k, keys = (k, inv_freq, k_positions,
     rotary_dim, interleaved)) -> (dQ^ as a [B, Nq, Hq, D] view, dv), with K^ None where it
     rotates the keys itself and writes dk (like k) into the buffer."""

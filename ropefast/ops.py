@@ -8,9 +8,9 @@ when they run. The reference path (plain PyTorch) does not come through here.
 The API calls `attention` and `rotary`: the custom ops while torch.compile traces, and in
 eager the same implementations and autograd formulas as `torch.autograd.Function`s. A
 recorded attention call saves the rotated queries Q^ in q's place (`save_q`), so that its
-backward runs no query rope pass. The
-dispatcher's boxing of a custom op's arguments and its Python wrappers cost about 80 us a
-call on an H100 host, three times the whole of a cuDNN SDPA call (bench/RESULTS.md)."""
+backward runs no query rope pass. The dispatcher's boxing of a custom op's arguments and its
+Python wrappers cost about 80 us a call on an H100 host, three times the whole of a cuDNN
+SDPA call (bench/RESULTS.md)."""
 
 from typing import Optional
 
@@ -76,13 +76,12 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     """out (like q), lse [B, Hq, Nq] float32 and, with `save_q`, the rotated and scaled
     queries Q^ ([B, Nq, Hq, D], stored [B, Hq, Nq, D]; empty otherwise), which the backward
     reads in q's place: a training step runs no query rope pass in its backward, and holds Q^
-    instead of q. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D]
-    (any strides), q_positions [B, Nq] / k_positions [B or 1, Nk] ints or None,
-    q_temperature [B, Nq] float32 or None. Varlen (`ropefast.varlen`): B = 1 and
-    cu_seqlens_q / cu_seqlens_k int32 [documents + 1] with the longest document's lengths;
-    packed documents are the dense op with document bounds, so they share its fake shapes
-    and autograd formula (`dispatch.path` says which kernels run).
-    `deterministic` only reaches the backward (`attention_bwd`)."""
+    instead of q. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D] (any strides), q_positions
+    [B, Nq] / k_positions [B or 1, Nk] ints or None, q_temperature [B, Nq] float32 or None.
+    Varlen (`ropefast.varlen`): B = 1 and cu_seqlens_q / cu_seqlens_k int32 [documents + 1]
+    with the longest document's lengths; packed documents are the dense op with document
+    bounds, so they share its fake shapes and autograd formula (`dispatch.path` says which
+    kernels run). `deterministic` only reaches the backward (`attention_bwd`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
     forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
@@ -115,10 +114,9 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
     """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
     d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd.
     With q_stride, q is the forward's Q^ (`save_q`) and q_stride the strides of the q it
-    came from, which dq takes. On
-    the Hopper path the Gluon backward computes the gradients in the rotated frame (dQ^ summed
-    with float32 atomics: not bitwise repeatable) unless `deterministic`, which keeps the
-    portable kernels (every sum in a fixed order)."""
+    came from, which dq takes. On the Hopper path the Gluon backward computes the gradients
+    in the rotated frame (dQ^ summed with float32 atomics: not bitwise repeatable) unless
+    `deterministic`, which keeps the portable kernels (every sum in a fixed order)."""
     gradient_kernel = None
     if dispatch.backward_path(q, deterministic=deterministic) == "hopper":
         gradient_kernel = hopper_bwd.rope_attention_bwd_hopper

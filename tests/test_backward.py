@@ -248,11 +248,11 @@ KEYS_INSIDE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", KEYS_INSIDE_CASES, ids=lambda c: "-".join(map(str, c[0])) + "-" + "-".join(c[1]))
 def test_backward_gpu_without_frequency_gradient(case, dtype, rope_passes, inverse_passes):
+    B, Nq, Nk, Hq, Hkv, D, _ = case[0]
     errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
-    hopper = dispatch.backward_path(torch.empty(1, 1, 1, case[0][5], device="cuda", dtype=dtype)) == "hopper"
+    hopper = dispatch.backward_path(torch.empty(1, 1, 1, D, device="cuda", dtype=dtype)) == "hopper"
     assert rope_passes == [(False, not hopper)]
-    B, Nq, Nk, Hq, Hkv, D, _ = case[0]
     dq_pass, dk_pass = (B, Nq, Hq, D), (B, Nk, Hkv, D)  # dQ^ and dK^ sequence-major, whatever the layout
     assert inverse_passes == ([dq_pass] if hopper else [dq_pass, dk_pass])  # the kernel wrote dk itself
 

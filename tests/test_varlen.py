@@ -142,12 +142,11 @@ def test_varlen_gpu_matches_reference(case, dtype, path):
                          ids=lambda c: "-".join(map(str, c[0][2:])) + "-" + "-".join(c[1]))
 def test_varlen_gpu_without_frequency_gradient(case, rope_passes, inverse_passes):
     # half-split pairs filling D: the Hopper backward rotates the documents' keys, and dk back, itself
+    lengths_q, lengths_k, hq, hkv, head_dim, _ = case[0]
     errors = varlen_errors(*case[0], torch.bfloat16, device="cuda", freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < TOLERANCE[torch.bfloat16] for err in errors.values()), errors
-    head_dim = case[0][4]
     hopper = dispatch.backward_path(torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.bfloat16)) == "hopper"
     assert rope_passes == [(False, not hopper)]
-    (lengths_q, lengths_k, hq, hkv, _, _), _ = case
     dq_pass, dk_pass = (1, sum(lengths_q), hq, head_dim), (1, sum(lengths_k), hkv, head_dim)
     assert inverse_passes == ([dq_pass] if hopper else [dq_pass, dk_pass])
 
