@@ -37,8 +37,9 @@ def ropefast_path(case, impl):
     """The path ropefast's pipelines take on this case ("torch" for the peers)."""
     if not impl.startswith("ropefast"):
         return "torch"
+    like = torch.empty(1, case.n, 1, case.head_dim, dtype=DTYPES[case.dtype], device=DEVICE)
     with dispatch.portable_kernels() if impl == "ropefast_portable" else contextlib.nullcontext():
-        return dispatch.path(torch.empty(1, 1, 1, case.head_dim, dtype=DTYPES[case.dtype], device=DEVICE))
+        return dispatch.forward_path(like, case.causal)
 
 
 def _label(case, impl):

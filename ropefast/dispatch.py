@@ -4,13 +4,14 @@ Triton reads TRITON_INTERPRET when it compiles a kernel's decorator, which happe
 ropefast imports its kernels: from then on every kernel launch is interpreted (set) or
 compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
-  "hopper"       CUDA float16 / bfloat16 with head dim > 64 on a Hopper GPU (sm_90) with a
-                 Triton whose Gluon has what the kernels need (`kernels.hopper.compat`): the
-                 warp-specialized Gluon forward and, at head dims 64 and 128, the Gluon
-                 backward (`deterministic=True` keeps the portable backward kernels). At head
-                 dim <= 64 the portable forward is faster on H200 (bench/RESULTS.md), the
-                 Gluon backward is not: `backward_path` says which backward runs.
-                 Packed documents (varlen) too: the Gluon kernels take document bounds.
+  "hopper"       CUDA float16 / bfloat16 on a Hopper GPU (sm_90) with a Triton whose Gluon
+                 has what the kernels need (`kernels.hopper.compat`): the warp-specialized
+                 Gluon forward and, at head dims 64 and 128, the Gluon backward
+                 (`deterministic=True` keeps the portable backward kernels). At head dim <= 64
+                 the portable forward is faster on causal calls up to 8k queries and packed
+                 documents (H100, bench/RESULTS.md): `forward_path` and `backward_path` say
+                 which kernels run. Packed documents (varlen) too: the Gluon kernels take
+                 document bounds.
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
                  interpreter on the CPU (slow; for tests).
@@ -39,12 +40,17 @@ import torch
 from .kernels import device
 from .kernels.hopper import compat as hopper_compat
 
-__all__ = ["INTERPRETER", "PATHS", "backward_path", "path", "portable_kernels"]
+__all__ = ["INTERPRETER", "PATHS", "backward_path", "forward_path", "path", "portable_kernels"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
-# Up to this head dim the Gluon forward loses to the portable one (softmax-bound tiles; H200,
-# bench/RESULTS.md), so it takes larger ones only.
-HOPPER_MIN_HEAD_DIM = 64
+# Up to this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
+# three consumer warpgroups (192-query items) and beats the portable one on H100 where items
+# are long (non-causal calls: 1.02-1.15x; causal ones of 16k queries: level to 1.1x), loses
+# where they are short (causal, 1k-8k: 0.63-0.95x; bench/RESULTS.md). Packed documents count as
+# short. Tiles in the slot order (`kernels.rope.slot_order`) would spill with three: those run
+# portable.
+HOPPER_SMALL_HEAD_DIM = 64
+HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES = 16384  # causal calls from this many queries take Gluon
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
 # are head_dim wide and its dK^ and dV accumulators fill the registers at D = 128.
 HOPPER_BACKWARD_HEAD_DIMS = (64, 128)
@@ -89,15 +95,32 @@ def path(x: torch.Tensor) -> str:
         return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"
     if not x.is_cuda:
         return "reference"
-    if x.shape[-1] > HOPPER_MIN_HEAD_DIM and _gluon_serves(x):
+    if _gluon_serves(x):
         return "hopper"
     return "kernel"
+
+
+def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order: bool = False) -> str:
+    """The path of the attention forward on q [B, Nq, Hq, D] (`varlen`: packed documents;
+    `slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
+    "kernel" for "hopper" at head dims <= 64 on causal calls of fewer than
+    HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES queries, on causal packed documents and in the slot
+    order, where the portable forward is faster.
+
+        >>> dispatch.forward_path(torch.empty(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16), causal=True)
+        'kernel'   # on an H100 / H200 ('hopper' with causal=False)
+    """
+    kind = path(q)
+    short = causal and (varlen or q.shape[1] < HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES)
+    if kind == "hopper" and q.shape[-1] <= HOPPER_SMALL_HEAD_DIM and (short or slot_order):
+        return "kernel"
+    return kind
 
 
 def backward_path(x: torch.Tensor, deterministic: bool = False) -> str:
     """The path of the backward of a call on tensors like x: "hopper" where the Gluon backward
     serves (its head dims, HOPPER_BACKWARD_HEAD_DIMS, D = 64 included, where it beats the
-    portable kernels on H200 although the portable forward runs there; bench/RESULTS.md), and
+    portable kernels on H200, also where the portable forward runs; bench/RESULTS.md), and
     not for `deterministic` calls; otherwise the forward's path, with "kernel" for "hopper".
 
         >>> dispatch.backward_path(torch.empty(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16))

@@ -2,7 +2,7 @@
 fake implementations (shapes only) and autograd formulas, so torch.compile traces them
 without graph breaks and CUDA graphs capture them. The API (attention.py, rope.py) has
 validated every argument, resolved the schedule and turned the layout into [B, N, H, D]
-views: these take tensors and plain numbers only, and pick the kernels by `dispatch.path`
+views: these take tensors and plain numbers only, and pick the kernels by `dispatch`
 when they run. The reference path (plain PyTorch) does not come through here.
 
 The API calls `attention` and `rotary`: the custom ops while torch.compile traces, and in
@@ -22,7 +22,8 @@ from ._validate import check_tma_aligned
 from .kernels.attention_bwd import rope_attention_bwd
 from .kernels.attention_fwd import rope_attention_fwd
 from .kernels.hopper import compat as hopper_compat
-from .kernels.rope import frequency_grad, rope
+from .kernels.launch import dot_pad
+from .kernels.rope import frequency_grad, rope, slot_order
 
 if hopper_compat.SUPPORTED:
     from .kernels.hopper import attention_bwd as hopper_bwd
@@ -80,11 +81,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     [B, Nq] / k_positions [B or 1, Nk] ints or None, q_temperature [B, Nq] float32 or None.
     Varlen (`ropefast.varlen`): B = 1 and cu_seqlens_q / cu_seqlens_k int32 [documents + 1]
     with the longest document's lengths; packed documents are the dense op with document
-    bounds, so they share its fake shapes and autograd formula (`dispatch.path` says which
+    bounds, so they share its fake shapes and autograd formula (`dispatch.forward_path` says which
     kernels run). `deterministic` only reaches the backward (`attention_bwd`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
-    forward = rope_attention_fwd_hopper if dispatch.path(q) == "hopper" else rope_attention_fwd
+    hopper = dispatch.forward_path(q, causal, varlen=cu_seqlens_q is not None,
+                                   slot_order=slot_order(dot_pad(q.shape[-1]), rotary_dim, interleaved)) == "hopper"
+    forward = rope_attention_fwd_hopper if hopper else rope_attention_fwd
     out, lse, q_rot = forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
                               rotary_scale=rotary_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -209,6 +209,7 @@ GPU_CASES = [
     ((2, 1024, 1024, 16, 16, 128, 128), dict()),
     ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),  # Nq != Nk, GQA 8:1
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, interleaved=True)),
+    ((2, 1000, 1000, 8, 4, 64, 64), dict()),  # the Gluon forward's 192-row items save Q^
     ((1, 512, 512, 8, 2, 256, 256), dict(causal=True)),
     ((2, 1000, 1000, 8, 8, 128, 64), dict(positions=True)),  # rotary_dim = D/2
     ((1, 700, 300, 4, 2, 128, 96), dict(causal=True)),  # Nq > Nk: rows that see nothing; partial rotary

@@ -111,6 +111,17 @@ GPU_CASES = [
     (3, 129, 129, 2, 2, 128, 128, dict(causal=True, interleaved=True, temperature=True)),  # one row past a tile
     (4, 832, 832, 24, 8, 128, 128, dict(causal=True)),  # Gluon: 3 rounds of pair units, odd tile count
     (16, 64, 64, 32, 8, 128, 128, dict(causal=True)),  # one tile per sequence: units of two heads' tiles only
+    # D <= 64: the Gluon forward's items are three warpgroups' rows (192)
+    (2, 1000, 1000, 8, 8, 64, 64, dict()),  # a partial last tile
+    (3, 193, 193, 4, 4, 40, 40, dict(temperature=True)),  # one row past a tile, D no power of two
+]
+# Causal calls at D <= 64 take the Gluon forward from 16k queries (`dispatch.forward_path`):
+# these force it on shorter ones.
+SMALL_HEAD_DIM_CAUSAL_CASES = [
+    (2, 1000, 1000, 8, 8, 64, 64, dict(causal=True)),
+    (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True)),  # Nq < Nk, partial rotary
+    (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),
+    (1, 2100, 2100, 4, 2, 48, 48, dict(causal=True, temperature=True)),
 ]
 PATHS = {"default": contextlib.nullcontext, "portable": dispatch.portable_kernels}
 
@@ -127,13 +138,29 @@ def test_forward_gpu(case, dtype, path):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", SMALL_HEAD_DIM_CAUSAL_CASES, ids=lambda c: "-".join(map(str, c[:7])))
+def test_forward_gpu_small_head_dims_causal_gluon(case, dtype, monkeypatch):
+    monkeypatch.setattr(dispatch, "HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES", 0)
+    err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
+    assert err_out < TOLERANCE[dtype], err_out
+    assert err_lse < 1e-3, err_lse
+
+
+@requires_cuda
 def test_hopper_gpus_take_the_gluon_path():
     q = torch.empty(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert dispatch.path(q) == ("hopper" if hopper else "kernel")
     assert dispatch.path(q.float()) == "kernel"
-    assert dispatch.path(q[..., :64]) == "kernel"  # the portable forward is faster there
-    assert dispatch.backward_path(q[..., :64]) == ("hopper" if hopper else "kernel")  # the Gluon backward is not
+    # D <= 64: the portable forward is faster on causal calls up to 8k queries and on causal documents
+    small = torch.empty(1, 4096, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.forward_path(small, causal=True) == "kernel"
+    assert dispatch.forward_path(small, causal=False) == ("hopper" if hopper else "kernel")
+    long = torch.empty(1, 16384, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.forward_path(long, causal=True) == ("hopper" if hopper else "kernel")
+    assert dispatch.forward_path(long, causal=True, varlen=True) == "kernel"
+    assert dispatch.backward_path(small) == ("hopper" if hopper else "kernel")  # the Gluon backward is faster
     assert dispatch.backward_path(q, deterministic=True) == "kernel"
     wide = torch.empty(1, 8, 1, 256, device="cuda", dtype=torch.bfloat16)
     assert dispatch.path(wide) == ("hopper" if hopper else "kernel") and dispatch.backward_path(wide) == "kernel"

@@ -52,7 +52,6 @@ from ..rope import rope, row_strides, slot_order
 from .compat import tma_load, tma_store
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma M atom)
-BLOCK_M = gl.constexpr(128)  # two consumer warpgroups per program
 LN2 = gl.constexpr(0.6931471805599453)
 
 
@@ -208,7 +207,7 @@ def document_tile(TILES, t):
 
 @gluon.jit
 def _work_item(item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr,
-               VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr):
+               VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Work item -> (batch row, query head, KV head, first query row and query count of its
     sequence, first key row and key count, first query of the tile within the sequence, key
     tiles visible to every row, key tiles in all). A sequence is a batch row, or (VARLEN) a
@@ -289,7 +288,7 @@ def pair_unit_count(sequences, n_m):
 
 
 @gluon.jit
-def _items_end(n_items, NQ, PAIR_UNITS: gl.constexpr):
+def _items_end(n_items, NQ, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr):
     """The end of the programs' item loop: the causal units' (`_work_item`) two laps per
     round of programs, the last round's missing units included; n_items otherwise."""
     if PAIR_UNITS:
@@ -301,13 +300,14 @@ def _items_end(n_items, NQ, PAIR_UNITS: gl.constexpr):
 @gluon.jit
 def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
               CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-              PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K^ and V tiles of this program's work items into the ring; it runs
     ahead into the next item while the consumers finish the current one."""
     count = 0  # tiles loaded so far: the ring position
-    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS), gl.num_programs(0)):
+    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS, BLOCK_M), gl.num_programs(0)):
         off_b, _, off_hkv, _, _, k_begin, _, _, _, n_tiles = _work_item(
-            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N)
+            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_M,
+            BLOCK_N)
         kv_head = off_b * (HQ // GROUP) + off_hkv
         for j in range(n_tiles):
             stage = count % STAGES
@@ -373,10 +373,11 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 @gluon.jit
 def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
                 HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
-                CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, L3: gl.constexpr):
+                CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                L3: gl.constexpr):
     """`load_rows` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
     off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
-                                                             PAIR_UNITS, BLOCK_N)
+                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
     if not PAIR_UNITS:  # pair units have nq = 0 past the last
         nq = gl.where(item < n_items, nq, 0)
     return load_rows(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
@@ -384,16 +385,18 @@ def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_i
 
 
 @gluon.jit
-def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
-              stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
-              q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other, NQ, NK, HQ, GROUP,
-              n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
-              CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
-              INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr,
-              VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              STORE_Q: gl.constexpr):
-    """One consumer warpgroup: rows [q_start + 64 CID, + 64) of each work item's query tile.
-    STORE_Q: its rows of Q^ also go to QR for the backward."""
+def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
+              HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+              PAIR_UNITS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              STORE_Q: gl.constexpr, CID: gl.constexpr):
+    """Consumer CID of CONSUMERS: rows [q_start + 64 CID, + 64) of each work item's query
+    tile; it takes the tensor cores after consumer CID - 1 and hands them to CID + 1 (turn
+    barriers, cyclic). STORE_Q: its rows of Q^ also go to QR for the backward. args: the
+    kernel's runtime arguments and shared memory, as the kernel packs them."""
+    (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
+     stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh, q_smem,
+     k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
+     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale) = args
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
     O_L: gl.constexpr = mma_layout(D_PAD, NW)
@@ -403,6 +406,9 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     q_tile = q_smem.index(CID)
     q_mma = q_tile.reshape([WG_ROWS, D_PAD])
     L3: gl.constexpr = pair_layout(D_PAD // 2, INTERLEAVED, NW)
+    BLOCK_M: gl.constexpr = CONSUMERS * WG_ROWS
+    turn_mine = turn.index(CID)
+    turn_other = turn.index((CID + 1) % CONSUMERS)
 
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
@@ -412,10 +418,11 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     if PREFETCH_Q:
         x = _prefetch_q(gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
-                        HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_N, L3)
-    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS), gl.num_programs(0)):
+                        HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
+    for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS, BLOCK_M), gl.num_programs(0)):
         off_b, off_h, off_hkv, q_begin, nq, k_begin, nk, q_start, n_full, n_tiles = _work_item(
-            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N)
+            item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_M,
+            BLOCK_N)
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
             if not PREFETCH_Q:
@@ -482,7 +489,8 @@ def _consumer(Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b,
 
             if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
                 x = _prefetch_q(item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
-                                n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_N, L3)
+                                n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N,
+                                L3)
 
             # epilogue: O = acc / l through this warpgroup's (now unused) Q^ buffer and a TMA
             # store that runs on while the next item starts (rows past NQ and features past
@@ -516,10 +524,11 @@ def rope_attention_fwd_hopper_kernel(
     stride_temp_n, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-    PAIR_UNITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    STORE_Q: gl.constexpr,
+    PAIR_UNITS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, STORE_Q: gl.constexpr,
 ):
-    """Persistent: program i runs work items i, i + grid, ... (`_work_item`). Q unrotated (any
+    """Persistent: program i runs work items i, i + grid, ... (`_work_item`) of CONSUMERS * 64
+    queries, on a producer and CONSUMERS consumer warpgroups. Q unrotated (any
     strides, last dim contiguous), K^ rotated (3-D descriptor over [B * Hkv, Nk, D or D_PAD] in
     the kernel's feature order), V and O through 4-D descriptors over their [B, N, H, D]
     strides (O also as a pointer, for the last rows of packed documents); lse [B, Hq, Nq].
@@ -529,21 +538,21 @@ def rope_attention_fwd_hopper_kernel(
     (`kernels.documents.document_tiles`). STORE_Q: Q^, as the consumers rotate it, to QR
     ([B, Nq, Hq, D] strides, natural feature order)."""
     dtype: gl.constexpr = Q.dtype.element_ty
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, D_PAD], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
-        mbarrier.init(v_empty.index(i), count=2)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # every consumer releases a buffer
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 takes the first turn
 
@@ -553,30 +562,42 @@ def rope_attention_fwd_hopper_kernel(
     cu_q = CU_SEQLENS_Q if VARLEN else LSE
     cu_k = CU_SEQLENS_K if VARLEN else LSE
     tiles = TILES if VARLEN else LSE
-    gl.warp_specialize([
-        (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                     cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_N, STAGES)),
-        (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
-                     stride_qrn, stride_qrh, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                     turn.index(0), turn.index(1), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
-                     row_scale, rot_scale, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
-                     VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
-        (_consumer, (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp,
-                     stride_temp_b, stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb,
-                     stride_qrn, stride_qrh, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                     turn.index(1), turn.index(0), NQ, NK, HQ, GROUP, n_items, cu_q, cu_k, tiles, q_pos_offset,
-                     row_scale, rot_scale, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL,
-                     VARLEN, PAIR_UNITS, BLOCK_N, STAGES, STORE_Q)),
-    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    # The consumers' runtime arguments travel as one tuple; their constexprs follow it in each
+    # entry (a tuple assigned to a name turns constexprs into tensors).
+    args = (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp, stride_temp_b,
+            stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
+            q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, cu_q, cu_k,
+            tiles, q_pos_offset, row_scale, rot_scale)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
+                         cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
+            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
+            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
+        ], [4, 4], [CONSUMER_REGS] * 2)
+    else:  # D <= 64
+        gl.warp_specialize([
+            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
+                         cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
+            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
+            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
+            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 2)),
+        ], [4, 4, 4], [CONSUMER_REGS] * 3)
 
 
 # ---- launcher ----
 
 class HopperFwdConfig(NamedTuple):
-    """Launch configuration of `rope_attention_fwd_hopper_kernel`: 12 warps at `maxnreg`
-    registers fill the register file; the producer gives its share to the consumers."""
+    """Launch configuration of `rope_attention_fwd_hopper_kernel`: its 4 (1 + consumers) warps
+    at `maxnreg` registers fill the register file; the producer gives its share to the
+    consumers."""
 
+    consumers: int  # consumer warpgroups: a work item is 64 consumers queries
     block_n: int
     stages: int
     consumer_regs: int
@@ -589,12 +610,21 @@ class HopperFwdConfig(NamedTuple):
 
 # per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`);
 # pair_units_tiles from the H100 comparison there (2026-11-26)
-HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(128, 2, 240, 168, 32), 128: HopperFwdConfig(128, 2, 240, 168, 32),
-                      256: HopperFwdConfig(64, 2, 240, 168, 0)}
+# D <= 64: three consumers at 160 registers (FlashAttention-3's 192-query tiles there; H100,
+# 2026-11-26); its causal calls reach this kernel from 16k queries only (`ropefast.dispatch`),
+# beyond pair units.
+HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(3, 128, 2, 160, 128, 0), 128: HopperFwdConfig(2, 128, 2, 240, 168, 32),
+                      256: HopperFwdConfig(2, 64, 2, 240, 168, 0)}
+# Tiles in the slot order gather their features (`_pair_index`): at D <= 64 three consumers would
+# spill about 1 KB, two do not (such calls take the portable forward unless sent here directly).
+HOPPER_FWD_SLOT_ORDER_64 = HopperFwdConfig(2, 128, 2, 240, 168, 32)
 
 
-def fwd_config(head_dim_pad):
-    """The `HopperFwdConfig` for a padded head dim (16-256)."""
+def fwd_config(head_dim_pad, slot_order=False):
+    """The `HopperFwdConfig` for a padded head dim (16-256) and the tile's feature order
+    (`kernels.rope.slot_order`)."""
+    if slot_order and head_dim_pad <= 64:
+        return HOPPER_FWD_SLOT_ORDER_64
     return HOPPER_FWD_CONFIGS[max(64, head_dim_pad)]
 
 
@@ -623,8 +653,9 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
-    block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(d_pad)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
+    consumers, block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(d_pad, slot_half > 0)
+    block_m = consumers * WG_ROWS.value
     width = d_pad if slot_half else head_dim
     k_rot = torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype)
     rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, out=k_rot.transpose(1, 2),
@@ -655,7 +686,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         # Items are (query tile, head) of the document tiles' table; their lengths vary with
         # the documents', so one program per item, and the hardware hands out the next as SMs
         # free up (the table's last entries exit at once).
-        tiles = document_tiles(cu_seqlens_q, nq, BLOCK_M.value)
+        tiles = document_tiles(cu_seqlens_q, nq, block_m)
         n_items = tiles.shape[0] * hq
         grid, pair_units = n_items, False
     else:
@@ -664,7 +695,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         # causal pair units (`_work_item`). Causal items beyond `pair_units_tiles`: one
         # program each, longest first, as SMs free up.
         tiles = None
-        n_m = cdiv(nq, BLOCK_M.value)
+        n_m = cdiv(nq, block_m)
         n_items = n_m * batch * hq
         pair_units = causal and n_m <= pair_units_tiles
         if pair_units:
@@ -681,7 +712,8 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
-        PAIR_UNITS=pair_units, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs, STORE_Q=store_q,
+        PAIR_UNITS=pair_units, CONSUMERS=consumers, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
+        STORE_Q=store_q,
         num_warps=4, maxnreg=maxnreg,
     )
     return out, lse, q_rot
