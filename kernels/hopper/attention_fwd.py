@@ -1,22 +1,23 @@
 """Scaled rotary attention forward for Hopper (sm_90), in Gluon: FlashAttention-3's structure
 with the query rotation inside.
 
-A work item is BLOCK_M = 128 queries of one (batch, query head), or of one packed document
-and head (varlen: `kernels.documents` lists the documents' tiles); a program runs items in
-turn (`_work_item`: persistent for non-causal calls and short causal ones, whose items come
-in units of two tiles of equal work; one item each for longer causal calls and documents)
-as three warpgroups (`gl.warp_specialize`):
+A work item is BLOCK_M = 64 x CONSUMERS queries (128; 192 at D <= 64, where a step's softmax
+costs as much as its matmuls) of one (batch, query head), or of one packed document and head
+(varlen: `kernels.documents` lists the documents' tiles); a program runs items in turn
+(`_work_item`: persistent for non-causal calls and short causal ones, whose items come in
+units of two tiles of equal work; one item each for longer causal calls and documents) as
+1 + CONSUMERS warpgroups (`gl.warp_specialize`):
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
   of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
   ahead into the next item while the consumers finish one;
-- two consumers own 64 query rows each. Each rotates its rows of q in registers (angles
+- the consumers own 64 query rows each. Each rotates its rows of q in registers (angles
   from exact fixed-point phases, every logit scale folded in) and stores them to shared
   memory, where the QK^T wgmma reads them (for a call autograd records, they also go to
   global memory for the backward: `save_q`). Then per key tile j it issues S_j = Q K_j^T and
   O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
-  the other consumer through an mbarrier "turn" (ping-pong), so one warpgroup's
-  exponentials overlap the other's matmuls. (ptxas places the wait for PV_{j-1} before the
-  softmax's first shuffle, so within a warpgroup only the row maximum overlaps it.) The
+  the next consumer through an mbarrier "turn" (ping-pong), so one warpgroup's exponentials
+  overlap the others' matmuls. (ptxas places the wait for PV_{j-1} before the softmax's
+  first shuffle, so within a warpgroup only the row maximum overlaps it.) The
   epilogue's TMA store of O runs on while the next item starts, and up to D = 128 the next
   item's queries load during it.
 Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
@@ -593,11 +594,11 @@ def rope_attention_fwd_hopper_kernel(
 # ---- launcher ----
 
 class HopperFwdConfig(NamedTuple):
-    """Launch configuration of `rope_attention_fwd_hopper_kernel`: its 4 (1 + consumers) warps
-    at `maxnreg` registers fill the register file; the producer gives its share to the
-    consumers."""
+    """Launch configuration of `rope_attention_fwd_hopper_kernel`: its 1 + `consumers`
+    warpgroups at `maxnreg` registers fill the register file; the producer gives its share
+    to the consumers (`consumer_regs` each)."""
 
-    consumers: int  # consumer warpgroups: a work item is 64 consumers queries
+    consumers: int  # consumer warpgroups: a work item is 64 x consumers queries
     block_n: int
     stages: int
     consumer_regs: int
