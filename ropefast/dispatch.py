@@ -7,10 +7,11 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
   "hopper"       CUDA float16 / bfloat16 on a Hopper GPU (sm_90) with a Triton whose Gluon
                  has what the kernels need (`kernels.hopper.compat`): the warp-specialized
                  Gluon forward and, at head dims 64 and 128, the Gluon backward
-                 (`deterministic=True` keeps the portable backward kernels). At head dim <= 64
-                 the portable forward is faster on causal calls up to 8k queries and packed
-                 documents (H100, bench/RESULTS.md): `forward_path` and `backward_path` say
-                 which kernels run. Packed documents (varlen) too: the Gluon kernels take
+                 (`deterministic=True` keeps the portable backward kernels). Below head dim
+                 128 the portable forward runs where it is faster or the Gluon one is
+                 unmeasured (`forward_path`: head dims under 64, and at 64 causal calls under
+                 16k queries, causal packed documents, slot-order tiles); `backward_path` says
+                 which backward runs. Packed documents (varlen) too: the Gluon kernels take
                  document bounds.
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
   "interpreter"  TRITON_INTERPRET set, float16 / float32: the same kernels, run by Triton's
@@ -43,12 +44,12 @@ from .kernels.hopper import compat as hopper_compat
 __all__ = ["INTERPRETER", "PATHS", "backward_path", "forward_path", "path", "portable_kernels"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
-# Up to this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
+# At this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
 # three consumer warpgroups (192-query items) and beats the portable one on H100 where items
 # are long (non-causal calls: 1.02-1.15x; causal ones of 16k queries: level to 1.1x), loses
-# where they are short (causal, 1k-8k: 0.63-0.95x; bench/RESULTS.md). Packed documents count as
-# short. Tiles in the slot order (`kernels.rope.slot_order`) would spill with three: those run
-# portable.
+# where they are short (causal, 1k-8k: 0.63-0.95x; bench/RESULTS.md); causal packed documents
+# count as short. Tiles in the slot order (`kernels.rope.slot_order`) would spill with three,
+# and smaller head dims are unmeasured: those run portable.
 HOPPER_SMALL_HEAD_DIM = 64
 HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES = 16384  # causal calls from this many queries take Gluon
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
@@ -103,7 +104,7 @@ def path(x: torch.Tensor) -> str:
 def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order: bool = False) -> str:
     """The path of the attention forward on q [B, Nq, Hq, D] (`varlen`: packed documents;
     `slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
-    "kernel" for "hopper" at head dims <= 64 on causal calls of fewer than
+    "kernel" for "hopper" below head dim 64, and at 64 on causal calls of fewer than
     HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES queries, on causal packed documents and in the slot
     order, where the portable forward is faster.
 
@@ -111,8 +112,10 @@ def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order
         'kernel'   # on an H100 / H200 ('hopper' with causal=False)
     """
     kind = path(q)
+    head_dim = q.shape[-1]
     short = causal and (varlen or q.shape[1] < HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES)
-    if kind == "hopper" and q.shape[-1] <= HOPPER_SMALL_HEAD_DIM and (short or slot_order):
+    if kind == "hopper" and (head_dim < HOPPER_SMALL_HEAD_DIM
+                             or head_dim == HOPPER_SMALL_HEAD_DIM and (short or slot_order)):
         return "kernel"
     return kind
 

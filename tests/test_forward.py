@@ -111,17 +111,19 @@ GPU_CASES = [
     (3, 129, 129, 2, 2, 128, 128, dict(causal=True, interleaved=True, temperature=True)),  # one row past a tile
     (4, 832, 832, 24, 8, 128, 128, dict(causal=True)),  # Gluon: 3 rounds of pair units, odd tile count
     (16, 64, 64, 32, 8, 128, 128, dict(causal=True)),  # one tile per sequence: units of two heads' tiles only
-    # D <= 64: the Gluon forward's items are three warpgroups' rows (192)
+    # D = 64: the Gluon forward's items are three warpgroups' rows (192)
     (2, 1000, 1000, 8, 8, 64, 64, dict()),  # a partial last tile
-    (3, 193, 193, 4, 4, 40, 40, dict(temperature=True)),  # one row past a tile, D no power of two
+    (3, 193, 193, 4, 4, 64, 32, dict(temperature=True, interleaved=True)),  # one row past a tile, partial
+    (2, 300, 300, 4, 4, 32, 32, dict()),  # below 64: the portable forward
 ]
-# Causal calls at D <= 64 take the Gluon forward from 16k queries (`dispatch.forward_path`):
-# these force it on shorter ones.
+# Causal calls at D = 64 take the Gluon forward from 16k queries (`dispatch.forward_path`):
+# these force it on shorter ones (natural feature order: half-split pairs filling D, or
+# interleaved ones).
 SMALL_HEAD_DIM_CAUSAL_CASES = [
     (2, 1000, 1000, 8, 8, 64, 64, dict(causal=True)),
-    (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True)),  # Nq < Nk, partial rotary
+    (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True, interleaved=True)),  # Nq < Nk, partial
     (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),
-    (1, 2100, 2100, 4, 2, 48, 48, dict(causal=True, temperature=True)),
+    (1, 2100, 2100, 4, 2, 64, 64, dict(causal=True, temperature=True, layout="bhsd")),
 ]
 PATHS = {"default": contextlib.nullcontext, "portable": dispatch.portable_kernels}
 
@@ -160,6 +162,8 @@ def test_hopper_gpus_take_the_gluon_path():
     long = torch.empty(1, 16384, 1, 64, device="cuda", dtype=torch.bfloat16)
     assert dispatch.forward_path(long, causal=True) == ("hopper" if hopper else "kernel")
     assert dispatch.forward_path(long, causal=True, varlen=True) == "kernel"
+    assert dispatch.forward_path(long, causal=False, slot_order=True) == "kernel"
+    assert dispatch.forward_path(long[..., :32], causal=False) == "kernel"  # unmeasured below 64
     assert dispatch.backward_path(small) == ("hopper" if hopper else "kernel")  # the Gluon backward is faster
     assert dispatch.backward_path(q, deterministic=True) == "kernel"
     wide = torch.empty(1, 8, 1, 256, device="cuda", dtype=torch.bfloat16)

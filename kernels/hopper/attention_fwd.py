@@ -1,8 +1,9 @@
 """Scaled rotary attention forward for Hopper (sm_90), in Gluon: FlashAttention-3's structure
 with the query rotation inside.
 
-A work item is BLOCK_M = 64 x CONSUMERS queries (128; 192 at D <= 64, where a step's softmax
-costs as much as its matmuls) of one (batch, query head), or of one packed document and head
+A work item is BLOCK_M = 64 x CONSUMERS queries (128; 192 at D <= 64 in the natural feature
+order, where a step's softmax costs as much as its matmuls) of one (batch, query head), or of
+one packed document and head
 (varlen: `kernels.documents` lists the documents' tiles); a program runs items in turn
 (`_work_item`: persistent for non-causal calls and short causal ones, whose items come in
 units of two tiles of equal work; one item each for longer causal calls and documents) as
@@ -538,6 +539,7 @@ def rope_attention_fwd_hopper_kernel(
     [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
     (`kernels.documents.document_tiles`). STORE_Q: Q^, as the consumers rotate it, to QR
     ([B, Nq, Hq, D] strides, natural feature order)."""
+    gl.static_assert(CONSUMERS == 2 or CONSUMERS == 3, "two or three consumer warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, D_PAD], k_desc.layout)
