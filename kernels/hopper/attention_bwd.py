@@ -41,7 +41,7 @@ from ..launch import Descriptor, cdiv, dot_pad, launch
 from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
 from .attention_fwd import (document_tile, increments, load_rows, mma_layout, mma_tile, pair_layout, rotate_rows,
-                           shared_layout, sincos)
+                           sequence_row, shared_layout, sincos)
 from .compat import thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
@@ -221,14 +221,6 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
 
 
 @gluon.jit
-def _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS: gl.constexpr):
-    """The key positions' pointer at the sequence's row 0 (unused without positions)."""
-    if HAS_POS:
-        return K_POS + off_b.to(gl.int64) * stride_pos_b + k_begin.to(gl.int64) * stride_pos_n
-    return K_POS
-
-
-@gluon.jit
 def _rotate_back(dk, INV_FREQ, K_POS, stride_pos_n, row0, NK, D_PAD: gl.constexpr, PAIRS: gl.constexpr,
                  INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, O_L: gl.constexpr):
     """R^T dK^ of keys [row0, row0 + 64) (K_POS points at the sequence's row 0), in the
@@ -287,7 +279,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         row0 = start_n + CID * WG_KEYS
         x = load_rows(K + off_b.to(gl.int64) * stride_kb + k_begin.to(gl.int64) * stride_kn
                       + off_hk.to(gl.int64) * stride_kh, stride_kn, row0, nk, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
-        pos_ptr = _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
+        pos_ptr = sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
         inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
         k_mine.store(mma_tile(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0,
                                           D_PAD, PAIRS, INTERLEAVED, HAS_POS, False, L3), D_PAD, INTERLEAVED))
@@ -327,7 +319,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     gl.store(dv_ptr + rows * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=mask)
     if ROTATE_K:  # dk = R^T dK^, the gradient of k
         # the positions' pointer again: kept from the prologue, it took two registers through the loops
-        pos_ptr = _sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
+        pos_ptr = sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
         dk = _rotate_back(dk, INV_FREQ, pos_ptr, stride_pos_n, start_n + CID * WG_KEYS, nk, D_PAD, PAIRS,
                           INTERLEAVED, HAS_POS, O_L)
     dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh

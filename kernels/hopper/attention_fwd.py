@@ -191,6 +191,15 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
 
 
 @gluon.jit
+def sequence_row(X, off_b, begin, stride_b, stride_n, PRESENT: gl.constexpr):
+    """X [B or 1, N] (positions, temperatures) at row 0 of the sequence at (off_b, begin);
+    X itself when absent (never read then)."""
+    if PRESENT:
+        return X + off_b.to(gl.int64) * stride_b + begin.to(gl.int64) * stride_n
+    return X
+
+
+@gluon.jit
 def mma_tile(pairs, D_PAD: gl.constexpr, INTERLEAVED: gl.constexpr):
     """A [64, D_PAD / 2, 2] tile of pairs as the [64, D_PAD] tile of the kernel's feature order."""
     if not INTERLEAVED:
@@ -431,12 +440,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 x = load_rows(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
                               + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
                               INTERLEAVED, L3)
-            pos_ptr = Q_POS
-            if HAS_POS:
-                pos_ptr = Q_POS + off_b.to(gl.int64) * stride_pos_b + q_begin.to(gl.int64) * stride_pos_n
-            temp_ptr = TEMP
-            if HAS_TEMP:
-                temp_ptr = TEMP + off_b.to(gl.int64) * stride_temp_b + q_begin.to(gl.int64) * stride_temp_n
+            pos_ptr = sequence_row(Q_POS, off_b, q_begin, stride_pos_b, stride_pos_n, HAS_POS)
+            temp_ptr = sequence_row(TEMP, off_b, q_begin, stride_temp_b, stride_temp_n, HAS_TEMP)
             # recomputed per item: kept across the loop they would cost 16 registers per thread
             inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
             rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
@@ -571,26 +576,18 @@ def rope_attention_fwd_hopper_kernel(
             stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, cu_q, cu_k,
             tiles, q_pos_offset, row_scale, rot_scale)
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                         cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
-            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
-            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
-        ], [4, 4], [CONSUMER_REGS] * 2)
-    else:  # D <= 64
-        gl.warp_specialize([
-            (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
-                         cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
-            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
-            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
-            (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                         CONSUMERS, BLOCK_N, STAGES, STORE_Q, 2)),
-        ], [4, 4, 4], [CONSUMER_REGS] * 3)
+    # The producer and the first CONSUMERS of three consumer entries (a list assigned to a name,
+    # or built in a conditional expression, loses its constexprs).
+    gl.warp_specialize([
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
+                     cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
+        (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
+        (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
+        (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 2)),
+    ][:CONSUMERS + 1], [4] * CONSUMERS, [CONSUMER_REGS] * CONSUMERS)
 
 
 # ---- launcher ----
