@@ -280,12 +280,14 @@ def bwd_config(head_dim_pad, capability):
 def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_positions, q_temperature, *,
                        rotary_dim, interleaved, causal, softmax_scale, rotary_scale, need_dfreq,
                        need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-                       q_rotated=False, dq_stride=None, gradient_kernel=None, config=None):
+                       q_rotated=False, dq_stride=None, dq_out=None, gradient_kernel=None, config=None):
     """Launch the backward. Arguments as `rope_attention_fwd` (varlen included), plus do
     (dO, like q), out and lse of the forward, and dlse [B, Hq, Nq] or None; `q_rotated`: q
     is the Q^ that the forward saved (`save_q`), and no query rope pass runs. Returns dq, dk,
     dv (like q, k, v: shape, strides, dtype; dq with `dq_stride` where given, which a caller
-    with `q_rotated` passes: the strides of the dense q that Q^ came from), d inv_freq [P]
+    with `q_rotated` passes: the strides of the dense q that Q^ came from; into `dq_out`
+    where given, a tensor of q's shape, which may share Q^'s storage: Q^ is last read before
+    dq is written), d inv_freq [P]
     float32 or None, and d temperature [B, Hq, Nq] float32 (per head; the caller sums) or
     None. gradient_kernel replaces the preprocess and the two kernels here between the rope
     passes (the Hopper backward, `kernels.hopper.attention_bwd.rope_attention_bwd_hopper`): (do, out, lse, dlse, Q^, K^,
@@ -338,7 +340,8 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         dfreq = frequency_grad(dq_hat, q_rot, q_pos, **rope_args) + frequency_grad(dk_hat, k_rot, k_pos, **rope_args)
         dfreq = dfreq.float()
     del q_rot, k_rot
-    dq_out = torch.empty_like(q) if dq_stride is None else q.new_empty_strided(q.shape, dq_stride)
+    if dq_out is None:
+        dq_out = torch.empty_like(q) if dq_stride is None else q.new_empty_strided(q.shape, dq_stride)
     dq = rope(dq_hat, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
               row_scale=q_temperature, inverse=True, out=dq_out,
               **q_scales(softmax_scale, rotary_scale))

@@ -112,12 +112,15 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
                   q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool, causal: bool,
                   softmax_scale: float, rotary_scale: float, need_dfreq: bool, need_dtemp: bool,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-                  max_seqlen_k: int = 0, deterministic: bool = False,
-                  q_stride: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  max_seqlen_k: int = 0, deterministic: bool = False, q_stride: Optional[list[int]] = None,
+                  dq_into_q: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (like q, k, v), d inv_freq (float32 [R/2], or empty unless need_dfreq) and
     d temperature ([B, Nq] float32, or empty unless need_dtemp); varlen as attention_fwd.
     With q_stride, q is the forward's Q^ (`save_q`) and q_stride the strides of the q it
-    came from, which dq takes. On the Hopper path the Gluon backward computes the gradients
+    came from, which dq takes; with `dq_into_q` too, dq is written into Q^'s storage (its
+    last use: the caller must hold no other reference that reads it later), one q-sized
+    buffer less at the backward's peak. Eager calls only: a custom op's output may not alias
+    its input, so `attention_bwd` is never called with it. On the Hopper path the Gluon backward computes the gradients
     in the rotated frame (dQ^ summed with float32 atomics: not bitwise repeatable) unless
     `deterministic`, which keeps the portable kernels (every sum in a fixed order)."""
     gradient_kernel = None
@@ -128,7 +131,8 @@ def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: T
         rotary_dim=rotary_dim, interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
         rotary_scale=rotary_scale, need_dfreq=need_dfreq, need_dtemp=need_dtemp, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        q_rotated=q_stride is not None, dq_stride=q_stride, gradient_kernel=gradient_kernel)
+        q_rotated=q_stride is not None, dq_stride=q_stride,
+        dq_out=q.as_strided(q.shape, q_stride) if dq_into_q else None, gradient_kernel=gradient_kernel)
     dfreq = dfreq if need_dfreq else inv_freq.new_empty(0, dtype=torch.float32)
     dtemp = dtemp.sum(1) if need_dtemp else q.new_empty(0, dtype=torch.float32)  # heads summed: [B, Nq]
     return dq, dk, dv, dfreq, dtemp
@@ -140,12 +144,19 @@ attention_bwd = torch.library.custom_op("ropefast::attention_bwd", _attention_bw
 @attention_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, rotary_dim,
       interleaved, causal, softmax_scale, rotary_scale, need_dfreq, need_dtemp, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, deterministic=False, q_stride=None):
+      max_seqlen_q=0, max_seqlen_k=0, deterministic=False, q_stride=None, dq_into_q=False):
     batch, nq = q.shape[:2]
     dfreq = inv_freq.new_empty(inv_freq.shape[0] if need_dfreq else 0, dtype=torch.float32)
     dtemp = q.new_empty((batch, nq) if need_dtemp else (0,), dtype=torch.float32)
     dq = torch.empty_like(q) if q_stride is None else q.new_empty_strided(q.shape, q_stride)
     return dq, torch.empty_like(k), torch.empty_like(v), dfreq, dtemp
+
+
+def _graph_kept():
+    """Whether the running backward keeps the graph's saved tensors (retain_graph or
+    create_graph); True where torch cannot say."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return kept is None or kept()
 
 
 def _attention_setup(ctx, inputs, output):
@@ -165,10 +176,13 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
     need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
+    # In eager, dq takes the saved Q^'s storage unless the graph (and Q^) must outlive this
+    # backward (retain_graph, create_graph).
+    dq_into_q = gradients is not attention_bwd and ctx.q_stride is not None and not _graph_kept()
     dq, dk, dv, dfreq, dtemp = gradients(
         grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
         k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-        ctx.deterministic, ctx.q_stride)
+        ctx.deterministic, ctx.q_stride, dq_into_q)
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
             *[None] * 11)
 

@@ -166,6 +166,34 @@ def test_forward_saves_the_rotated_queries_where_that_costs_no_memory(inputs, ro
 
 
 @requires_kernel
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_dq_takes_the_saved_queries_storage_unless_the_graph_is_kept(layout):
+    # The saved Q^ is dead once the backward has read it: dq is written into its storage (one
+    # q-sized buffer less at the peak), with q's strides. retain_graph keeps Q^ for the next
+    # backward, which then gives the same gradients.
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    shape = (2, 48, 4, 64) if layout == "bshd" else (2, 4, 48, 64)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    yarn = schedules.YaRN(64, factor=4.0, original_max_position_embeddings=32)
+
+    def saved_q_and_loss():
+        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True, layout=layout)
+        node = out.grad_fn if layout == "bshd" else out.grad_fn.next_functions[0][0]  # past the transpose
+        return node.saved_tensors[0], out.float().square().sum()
+
+    saved, loss = saved_q_and_loss()
+    kept = [torch.autograd.grad(loss, (q, k, v), retain_graph=True), torch.autograd.grad(loss, (q, k, v))]
+    assert kept[0][0].untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+    saved, loss = saved_q_and_loss()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    assert grads[0].untyped_storage().data_ptr() == saved.untyped_storage().data_ptr()
+    assert grads[0].stride() == q.stride()
+    assert all(torch.equal(a, b) for a, b in zip(grads, kept[0]))
+
+
+@requires_kernel
 @pytest.mark.parametrize("dlse", [False, True])
 def test_preprocess_pads_the_row_statistics_and_zeroes_the_dq_sums(dlse):
     # the Hopper backward reads lse2 and delta in whole 128-row tiles and sums dQ^ into a
