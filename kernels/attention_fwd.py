@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import device
 from .documents import document_bounds
-from .launch import Descriptor, cdiv, dot_pad, launch
+from .launch import Descriptor, cdiv, dot_pad, launch, scratch
 from .rope import rope
 
 LOG2E = 1.4426950408889634
@@ -244,10 +244,11 @@ def rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, *, rotar
     q_rot = k_rot = None
     if queries:
         q_rot = rope(q, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
-                     row_scale=q_temperature, out=sequence_major(*q.shape, q), **q_scales(softmax_scale, rotary_scale))
+                     row_scale=q_temperature, out=scratch("q_rot", sequence_major(*q.shape, q)),
+                     **q_scales(softmax_scale, rotary_scale))
     if keys:
         k_rot = rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved,
-                     out=sequence_major(*k.shape, k))
+                     out=scratch("k_rot", sequence_major(*k.shape, k)))
     return q_rot, k_rot
 
 
@@ -279,8 +280,8 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     block_m, block_n, num_warps, num_stages, v_first = config or fwd_config(d_pad, causal, device.capability(q.device))
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
+    out = scratch("out", torch.empty_like(q))
+    lse = scratch("lse", torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32))
     seqs, most_q, _ = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     launch(
         rope_attention_fwd_kernel, (cdiv(most_q, block_m), seqs * hq),

@@ -13,6 +13,10 @@ host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's
   Triton's Python wrapper would, without its per-argument loop; other versions go through
   `CompiledKernel.run`. The first call of a key, every call under the interpreter and a
   call while Triton's launch hooks are set (profilers) take the full route.
+- `recording` collects the launches a block of code makes and the buffers it allocates for
+  them (`scratch`), and `relaunch` makes a launch again with other tensors: a public op's
+  call repeats an earlier call's launches where all that its checks and schedule read is
+  the same (`ropefast.repeat`).
 - `Descriptor` carries a host TMA descriptor's fields; Triton's own class (tl's, or
   Gluon's when it has a layout) is built from it on the full route only. The callers pass
   16-byte aligned tensors (the API checks q, k, v; scratch comes from the allocator).
@@ -20,6 +24,8 @@ host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's
 `triton.next_power_of_2` are constexpr functions, a few microseconds a call outside a kernel.
 """
 
+import contextlib
+import threading
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -106,11 +112,59 @@ def _triton_args(args):
     return [arg.triton() if type(arg) is Descriptor else arg for arg in args]
 
 
+class Recorded(NamedTuple):
+    """A launch as `launch` made it (`recording`): enough to make it again (`relaunch`)."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    entry: Optional[tuple]  # `_compiled`'s entry of its key; None where there is none (the interpreter)
+    device: int
+
+
+class Recording(NamedTuple):
+    """What a block of code under `recording` launched, and the buffers it allocated for
+    them by name (`scratch`); `repeatable` is False where a name came twice."""
+
+    launches: list
+    scratch: dict
+    repeatable: list  # [bool], set in place
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the launches this thread makes inside the block, and its `scratch` buffers."""
+    record = Recording([], {}, [True])
+    _recording.record = record
+    try:
+        yield record
+    finally:
+        _recording.record = None
+
+
+def scratch(name, tensor):
+    """tensor, a buffer just allocated for this call's launches (their output, or scratch
+    between them); under `recording`, noted by name: a repeat allocates it again."""
+    record = getattr(_recording, "record", None)
+    if record is not None:
+        if name in record.scratch:
+            record.repeatable[0] = False
+        record.scratch[name] = tensor
+    return tensor
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), with args positional (every runtime argument, in order)
     and constexprs and options by keyword."""
+    record = getattr(_recording, "record", None)
     if not (_LAUNCH_API and isinstance(kernel, JITFunction)):
         kernel[grid](*_triton_args(args), **kwargs)
+        if record is not None:
+            record.launches.append(Recorded(kernel, grid, args, kwargs, None, -1))
         return
     device = driver.active.get_current_device()
     # a JITFunction hashes its source's hash under a lock: key on its id, check it on a hit
@@ -118,17 +172,44 @@ def launch(kernel, grid, *args, **kwargs):
     entry = _compiled.get(key)
     if entry is not None and entry[0] is not kernel:  # a freed kernel's id, reused
         entry = None
-    hooks = triton.knobs.runtime
-    if entry is None or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
+    if entry is None or _hooks_set():
         if any(p.is_constexpr for p in kernel.params[:len(args)]):  # its value would be missing from the key
             raise TypeError(f"launch({kernel.fn.__name__}): pass constexprs by keyword")
         compiled = kernel[grid](*_triton_args(args), **kwargs)
         if entry is None:
             trailing = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
-            _compiled[key] = (kernel, compiled, trailing, compat.raw_launcher(compiled))
-        return
-    _, compiled, trailing, raw = entry
+            entry = _compiled[key] = (kernel, compiled, trailing, compat.raw_launcher(compiled))
+    else:
+        _direct(entry, grid, args, driver.active.get_current_stream(device))
+    if record is not None:
+        record.launches.append(Recorded(kernel, grid, args, kwargs, entry, device))
+
+
+def relaunch(launches):
+    """Each (`Recorded` launch, args) of launches again, in order, on args: its arguments but
+    for tensors and descriptors' bases, which must agree with the recorded ones in all that
+    `_arg_key` reads (dtype, 16-byte alignment; the caller's own key says so). Takes
+    Triton's route where `launch` would (another current device, launch hooks set)."""
+    device = driver.active.get_current_device()
+    full_route = _hooks_set()
     stream = driver.active.get_current_stream(device)
+    for recorded, args in launches:
+        if full_route or recorded.entry is None or device != recorded.device:
+            launch(recorded.kernel, recorded.grid, *args, **recorded.kwargs)
+        else:
+            _direct(recorded.entry, recorded.grid, args, stream)
+
+
+def _hooks_set():
+    """Whether a launch hook of `triton.knobs.runtime` is set (profilers): launches then take
+    Triton's route, which calls them."""
+    hooks = triton.knobs.runtime
+    return _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook)
+
+
+def _direct(entry, grid, args, stream):
+    """A launch of the compiled kernel of a `_compiled` entry."""
+    _, compiled, trailing, raw = entry
     grid_y, grid_z = grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
     if raw is None:
         compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,

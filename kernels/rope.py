@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, launch, next_power_of_2, scratch
 from .rotary import load_increments, load_pairs, rotate_pairs, sincos_at, store_pairs
 
 
@@ -111,7 +111,7 @@ def rope(x, inv_freq, positions, offset, *, rotary_dim, interleaved, scale=1.0, 
     kernel's feature order, 2 slot_half features wide (the module docstring). config: a
     `RopeConfig`, for sweeps (default `ROPE_CONFIG`)."""
     batch, n, heads, head_dim = x.shape
-    out = torch.empty_like(x) if out is None else out
+    out = scratch("out", torch.empty_like(x)) if out is None else out
     pairs, passthrough = rotary_dim // 2, head_dim - rotary_dim
     slots = slot_half - pairs if slot_half else passthrough  # pass-through slots per half, or features
     block_n, heads_per_program, num_warps = config or ROPE_CONFIG

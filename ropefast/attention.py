@@ -1,17 +1,24 @@
 """Public entry point: `scaled_rope_attention`: checks, schedule resolution, the layout
-turned into [B, N, H, D] views (strides carry it below here), dispatch."""
+turned into [B, N, H, D] views (strides carry it below here), dispatch; inference calls
+repeat their key's first launches (`ropefast.repeat`)."""
 
+import contextlib
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import dispatch, ops
 from ._validate import (as_batched, check_flags, check_layout, check_positions, check_positive, check_qkv, check_tensor,
                         other_layout, resolve_rotary, warn_if_layout_swapped)
+from .kernels.launch import recording
 from .reference import default_positions, scaled_rope_attention_reference
+from .repeat import NEVER, Repeats, plan, schedule_key, tensor_key
 from .schedules.base import RopeSchedule
 
 __all__ = ["scaled_rope_attention"]
+
+_REPEATS = Repeats()  # `ropefast.repeat`: `_repeat_key` -> the launches of that key's first call
 
 
 def scaled_rope_attention(
@@ -94,10 +101,30 @@ def scaled_rope_attention(
     and `ropefast::attention_bwd` (`ropefast.ops`): torch.compile traces them whole, and CUDA
     graphs capture them.
 
+    Host time: an eager call on CUDA tensors that autograd does not record (inference)
+    repeats the launches of the first call whose arguments agreed with its own in all but
+    the tensors' data (shapes, strides, dtypes, devices, alignment, the schedule object and
+    its fields, every other argument): checks, schedule and dispatch run once per such key
+    (`ropefast.repeat`). Calls with a schedule's q_temperature (computed from the positions)
+    or a temperature other than float32 run in full.
+
     Example:
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
         >>> out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
     """
+    key = _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
+                      softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic)
+    repeat = None if key is None else _REPEATS.get(key)
+    if repeat is not None and repeat is not NEVER:
+        if layout == "bhsd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        temperature = None if q_temperature is None else as_batched(q_temperature).expand(q.shape[0], q.shape[1])
+        tensors = repeat(dict(q=q, k=k, v=v, inv_freq=inv_freq, q_positions=as_batched(q_positions),
+                              k_positions=as_batched(k_positions), temperature=temperature))
+        out = tensors["out"] if layout == "bshd" else tensors["out"].transpose(1, 2)
+        return (out, tensors["lse"]) if return_lse else out
+    given_freq = inv_freq
+
     check_qkv(q, k, v)
     check_layout(layout)
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
@@ -137,6 +164,8 @@ def scaled_rope_attention(
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
     if dispatch.path(q) == "reference":
+        if key is not None and repeat is None:
+            _REPEATS.put(key, NEVER)
         out, lse = scaled_rope_attention_reference(
             q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, q_positions=q_positions,
             k_positions=k_positions, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
@@ -145,9 +174,49 @@ def scaled_rope_attention(
         # the temperature as [B, Nq]: its gradient comes back per batch row, and autograd
         # sums it into the caller's shape
         temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
-        out, lse = ops.attention(q, k, v, inv_freq, as_batched(q_positions), as_batched(k_positions), temperature,
-                                 rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
-                                 deterministic=deterministic)
+        q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
+        first = key is not None and repeat is None  # the first call of its key: recorded
+        with recording() if first else contextlib.nullcontext() as record:
+            out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
+                                     causal, softmax_scale, rotary_scale, deterministic=deterministic)
+        if first:  # the schedule's frequencies are fixed by the key; given ones are the call's
+            named = dict(q=q, k=k, v=v, inv_freq=given_freq, q_positions=q_positions, k_positions=k_positions,
+                         temperature=temperature)
+            _REPEATS.put(key, plan(record, named, constants=(inv_freq,), held=schedule))
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
+                softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic):
+    """The `ropefast.repeat` key of a call, or None for a call that runs in full: one that
+    torch.compile traces or autograd records, on other than CUDA tensors, with a schedule's
+    temperatures (computed from the positions) or one that `schedule_key` refuses, a
+    temperature other than float32, or arguments a key cannot hold (the checks then say what
+    is wrong with them)."""
+    if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor) or not q.is_cuda:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or getattr(inv_freq, "requires_grad", False)
+                                    or getattr(q_temperature, "requires_grad", False)):
+        return None
+    if schedule is not None and getattr(schedule, "has_q_temperature", False):
+        return None
+    if q_temperature is not None and getattr(q_temperature, "dtype", None) != torch.float32:
+        return None
+    try:
+        # q, k, v flat (one tuple hashes faster than nested ones); their pointers' alignment as
+        # one value: a call where any is not 16-byte aligned fails the checks and records nothing.
+        # The scalars with their types: a call with 1 for True, or 64.0 for 64, must meet the checks.
+        return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
+                v.dtype, v.device, (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16, schedule_key(schedule),
+                None if inv_freq is None else tensor_key(inv_freq),
+                type(rotary_dim), rotary_dim, type(interleaved), interleaved,
+                None if q_positions is None else tensor_key(q_positions),
+                None if k_positions is None else tensor_key(k_positions), type(causal), causal,
+                type(softmax_scale), softmax_scale, type(rotary_scale), rotary_scale,
+                None if q_temperature is None else tensor_key(q_temperature), layout, type(return_lse), return_lse,
+                type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only())
+    except TypeError:  # a non-tensor where a tensor goes
+        return None

@@ -41,7 +41,7 @@ import torch
 from .kernels import device
 from .kernels.hopper import compat as hopper_compat
 
-__all__ = ["INTERPRETER", "PATHS", "backward_path", "forward_path", "path", "portable_kernels"]
+__all__ = ["INTERPRETER", "PATHS", "backward_path", "forward_path", "path", "portable_kernels", "portable_only"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
 # At this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
@@ -140,6 +140,12 @@ def backward_path(x: torch.Tensor, deterministic: bool = False) -> str:
 def _gluon_serves(x):
     return (not _portable_only and x.dtype in (torch.float16, torch.bfloat16)
             and hopper_compat.SUPPORTED and device.capability(x.device) == (9, 0))
+
+
+def portable_only():
+    """Whether `portable_kernels` is in force (calls that repeat an earlier call's launches
+    key on it, `ropefast.repeat`)."""
+    return _portable_only
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ropefast import dispatch
+from ropefast import dispatch, repeat
 
 # Relative-error bounds vs the float64 reference (DESIGN.md), per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -11,6 +11,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # float32 on DEVICE runs the Triton kernels (compiled, or interpreted under TRITON_INTERPRET=1).
 requires_kernel = pytest.mark.skipif(dispatch.path(torch.empty(0, device=DEVICE)) == "reference",
                                      reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_repeats():
+    """Every test starts with no recorded calls (`ropefast.repeat`): tests patch the dispatch
+    and the kernels, which a repeat's key does not hold."""
+    repeat.clear()
 
 
 def rel_err(x, ref):

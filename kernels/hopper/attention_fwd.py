@@ -49,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from .. import device
 from ..attention_fwd import LOG2E, rotate_q_k, sequence_major
 from ..documents import document_bounds, document_tiles
-from ..launch import Descriptor, cdiv, dot_pad, launch
+from ..launch import Descriptor, cdiv, dot_pad, launch, scratch
 from ..rope import rope, row_strides, slot_order
 from .compat import tma_load, tma_store
 
@@ -657,7 +657,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     consumers, block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(d_pad, slot_half > 0)
     block_m = consumers * WG_ROWS.value
     width = d_pad if slot_half else head_dim
-    k_rot = torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype)
+    k_rot = scratch("k_rot", torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype))
     rope(k, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, out=k_rot.transpose(1, 2),
          slot_half=slot_half)
 
@@ -671,8 +671,8 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
         else:
             q_rot = sequence_major(*q.shape, q)
 
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32)
+    out = scratch("out", torch.empty_like(q))
+    lse = scratch("lse", torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32))
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
     k_desc = Descriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
                         shared_layout(k_block, q.dtype))

@@ -56,6 +56,8 @@ class RopeSchedule:
         super().__setattr__(name, value)
         if not name.startswith("_"):  # a changed field changes the frequencies
             super().__setattr__("_inv_freq_cache", {})
+            # counts field changes: calls that repeat an earlier call's launches key on it (`ropefast.repeat`)
+            super().__setattr__("_version", getattr(self, "_version", 0) + 1)
 
     def cached_inv_freq(self, seq_len=None, device=None):
         """float32 [rotary_dim / 2] on `device`, cached per (seq_len, device) until a field

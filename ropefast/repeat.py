@@ -1,0 +1,154 @@
+"""Calls that repeat an earlier call's launches.
+
+A public op's host time is mostly Python that depends on its arguments' shapes and flags,
+not on their data: the checks, the schedule's frequencies and amplitude, the dispatch, the
+launches' specialization. An eager call that autograd does not record (inference) and whose
+arguments agree with an earlier call's in everything but their tensors' data allocates that
+call's buffers again and makes its launches again with its own tensors
+(`kernels.launch.recording`, `scratch`, `relaunch`), and skips the rest.
+
+An op keys a call on all that its checks, schedule and launches read off the arguments but
+data: each tensor's shape, strides, dtype, device and 16-byte alignment (`tensor_key`), each
+other argument with its type (True passes checks that 1 fails), the schedule by identity and
+field version (`schedule_key`). Its first call runs in full under `recording`; `plan` then finds every tensor
+among the launches' arguments (and descriptors' bases) among the call's own by identity, the
+buffers it allocated (`scratch`; views of them too) or constants the key fixes (a schedule's
+cached frequencies). A call whose launches read any other tensor (one that torch operations
+made, such as a packed-documents tile table) never repeats: its key maps to `NEVER`.
+"""
+
+from typing import Any, NamedTuple
+
+import torch
+
+from .kernels.launch import Descriptor, Recorded, relaunch
+from .schedules.base import RopeSchedule
+
+__all__ = ["NEVER", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
+
+NEVER = "never"  # a key whose calls run in full
+
+
+class Repeat(NamedTuple):
+    """A first call's buffers (name, shape, strides, dtype, device) and launches, with where
+    each launch takes a tensor of the call: (argument index, name, view), view = None or the
+    (storage offset, shape, strides) of a view of that tensor; a descriptor's base where the
+    recorded argument is a `Descriptor`."""
+
+    buffers: tuple
+    launches: tuple[Recorded, ...]
+    slots: tuple
+    held: Any  # kept alive with the entry: the schedule whose id the key holds
+
+    def __call__(self, tensors):
+        """Allocate the buffers into `tensors` (the call's own, by name), make the launches on
+        them, and return `tensors`."""
+        for name, shape, strides, dtype, device in self.buffers:
+            tensors[name] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        launches = []
+        for recorded, slots in zip(self.launches, self.slots):
+            args = list(recorded.args)
+            for index, name, view in slots:
+                tensor = tensors[name] if view is None else tensors[name].as_strided(view[1], view[2], view[0])
+                recorded_arg = args[index]
+                args[index] = tensor if recorded_arg is None else Descriptor(tensor, *recorded_arg[1:])
+            launches.append((recorded, args))
+        relaunch(launches)
+        return tensors
+
+
+def tensor_key(t):
+    """What a repeat reads off a tensor argument (None stays None); TypeError for a subclass
+    or a non-tensor (such a call runs in full, and the checks say what is wrong)."""
+    if t is None:
+        return None
+    if type(t) is not torch.Tensor:
+        raise TypeError
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
+
+
+_CACHES = []  # every `Repeats`, for `clear`
+
+
+def clear():
+    """Forget every recorded call: the next calls run in full (tests that patch the dispatch
+    or the kernels' configs start from here; a key holds neither)."""
+    for cache in _CACHES:
+        cache.entries.clear()
+
+
+def schedule_key(schedule):
+    """What a repeat reads off a schedule: its identity and field version (None stays None);
+    TypeError for a schedule whose frequencies can change without a field being set (one that
+    does not cache them through `RopeSchedule.cached_inv_freq`, as CLEX, whose parameters
+    train in place) or for a non-schedule: such calls run in full."""
+    if schedule is None:
+        return None
+    if not isinstance(schedule, RopeSchedule) or type(schedule).cached_inv_freq is not RopeSchedule.cached_inv_freq:
+        raise TypeError
+    return id(schedule), getattr(schedule, "_version", 0)
+
+
+class Repeats:
+    """key -> `Repeat` or `NEVER`, at most `limit` keys (cleared when full: a model makes few)."""
+
+    def __init__(self, limit=256):
+        self.limit, self.entries = limit, {}
+        _CACHES.append(self)
+
+    def get(self, key):
+        """The entry of key; `NEVER` for a key that cannot be one (an unhashable argument: the
+        call runs in full, and the checks say what is wrong with it)."""
+        try:
+            return self.entries.get(key)
+        except TypeError:
+            return NEVER
+
+    def put(self, key, value):
+        if len(self.entries) >= self.limit:
+            self.entries.clear()
+        self.entries[key] = value
+
+
+def _slot(tensor, named, buffers):
+    """(name, view) of a launch's tensor argument among the call's tensors and buffers; None
+    where it is neither (a constant, or a tensor a repeat cannot make)."""
+    for name, t in (*named.items(), *buffers.items()):
+        if t is tensor:
+            return name, None
+    for name, t in buffers.items():
+        if t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() and t.dtype == tensor.dtype:
+            return name, (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+    return None
+
+
+def plan(record, named, constants=(), held=None):
+    """The `Repeat` of a call's `recording` (record), or `NEVER` where a launch argument is a
+    tensor that is none of `named` (the call's own tensors, which a repeat passes again), the
+    call's `scratch` buffers (or their views) and `constants`, or where a launch has no
+    compiled entry (the interpreter) or a buffer's name came twice."""
+    if not record.launches or not record.repeatable[0] or any(r.entry is None for r in record.launches):
+        return NEVER
+    buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in record.scratch.items())
+    slots = []
+    for recorded in record.launches:
+        launch_slots = []
+        for index, arg in enumerate(recorded.args):
+            tensor = arg.base if type(arg) is Descriptor else arg
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            slot = _slot(tensor, named, record.scratch)
+            if slot is None:
+                if not any(tensor is c for c in constants):
+                    return NEVER
+                continue
+            launch_slots.append((index, *slot))
+        slots.append(tuple(launch_slots))
+    # the first call's own tensors leave the record (a repeat passes its own): it must not keep them alive
+    launches = []
+    for recorded, launch_slots in zip(record.launches, slots):
+        args = list(recorded.args)
+        for index, _, _ in launch_slots:
+            args[index] = args[index]._replace(base=None) if type(args[index]) is Descriptor else None
+        launches.append(recorded._replace(args=tuple(args)))
+    return Repeat(buffers, tuple(launches), tuple(slots), held)

@@ -1,0 +1,148 @@
+"""Calls that repeat an earlier call's launches (`ropefast.repeat`): the same results as a
+call in full, for every argument a key holds, and never where the first call could not."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from ropefast import apply_scaled_rope, attention, repeat, rope, scaled_rope_attention, schedules
+from ropefast.kernels.launch import Descriptor, Recorded, Recording
+
+from conftest import requires_cuda
+
+
+def _recorded(*args):
+    return Recorded(kernel=None, grid=(1,), args=args, kwargs={}, entry=("kernel", "compiled", (), None), device=0)
+
+
+def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch):
+    # A launch's tensors are the call's own (by identity), its buffers or their views, or
+    # constants; a repeat allocates the buffers again and passes the new call's tensors.
+    x, freq = torch.randn(2, 8, 3, 4), torch.randn(2)
+    out = torch.empty(2, 3, 8, 4)
+    view = out.transpose(1, 2)
+    record = Recording([_recorded(x, view, freq, 7), _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5)], {},
+                       [True])
+    record.scratch["out"] = out
+    planned = repeat.plan(record, dict(x=x), constants=(freq,))
+    assert planned.slots == (((0, "x", None), (1, "out", (0, (2, 8, 3, 4), (96, 4, 32, 1)))), ((0, "out", None),))
+    assert planned.launches[0].args == (None, None, freq, 7) and planned.launches[1].args[0].base is None
+
+    launched = []
+    monkeypatch.setattr(repeat, "relaunch", launched.extend)
+    new_x = torch.randn(2, 8, 3, 4)
+    tensors = planned(dict(x=new_x))
+    (first, first_args), (second, second_args) = launched
+    assert first_args[0] is new_x and first_args[2] is freq and first_args[3] == 7
+    assert first_args[1].data_ptr() == tensors["out"].data_ptr() and first_args[1].stride() == view.stride()
+    assert second_args[0].base is tensors["out"] and second_args[0].block_shape == [2, 4]
+    assert tensors["out"].shape == out.shape and tensors["out"].data_ptr() != out.data_ptr()
+
+
+def test_plan_refuses_what_a_repeat_cannot_make():
+    x, other = torch.randn(4), torch.randn(4)
+    assert repeat.plan(Recording([_recorded(x, other)], {}, [True]), dict(x=x)) is repeat.NEVER
+    assert repeat.plan(Recording([], {}, [True]), dict(x=x)) is repeat.NEVER
+    no_entry = _recorded(x)._replace(entry=None)  # the interpreter's launches
+    assert repeat.plan(Recording([no_entry], {}, [True]), dict(x=x)) is repeat.NEVER
+    assert repeat.plan(Recording([_recorded(x)], {}, [False]), dict(x=x)) is repeat.NEVER
+
+
+def _attention_cases():
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=256)
+    return {
+        "hopper-causal": dict(shape=(2, 300, 8, 2, 128), kwargs=dict(schedule=yarn, causal=True)),
+        "bhsd-positions-temperature-lse": dict(
+            shape=(1, 200, 4, 4, 128), layout="bhsd",
+            kwargs=dict(schedule=yarn, q_positions=torch.arange(5, 205), k_positions=torch.arange(200),
+                        q_temperature=torch.linspace(0.8, 1.2, 200), return_lse=True)),
+        "portable-d64-causal": dict(shape=(2, 256, 4, 4, 64),
+                                    kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
+        "given-frequencies-partial": dict(shape=(1, 130, 4, 1, 128),
+                                          kwargs=dict(inv_freq=schedules.DefaultRope(64).inv_freq(), rotary_dim=64,
+                                                      interleaved=True, softmax_scale=0.1)),
+    }
+
+
+def _inputs(shape, layout, seed):
+    batch, n, hq, hkv, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, n, h, head_dim) if layout == "bshd" else (batch, h, n, head_dim) for h in (hq, hkv, hkv)]
+    return [torch.randn(s, generator=gen).to("cuda", torch.bfloat16) for s in shapes]
+
+
+def _to_cuda(kwargs):
+    return {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", list(_attention_cases()))
+def test_repeated_attention_calls_equal_full_calls(case):
+    spec = _attention_cases()[case]
+    layout, kwargs = spec.get("layout", "bshd"), _to_cuda(spec["kwargs"])
+    first, second = _inputs(spec["shape"], layout, 0), _inputs(spec["shape"], layout, 1)
+    with torch.no_grad():
+        scaled_rope_attention(*first, layout=layout, **kwargs)
+        assert all(isinstance(entry, repeat.Repeat) for entry in attention._REPEATS.entries.values())
+        repeated = scaled_rope_attention(*second, layout=layout, **kwargs)
+        repeat.clear()
+        full = scaled_rope_attention(*second, layout=layout, **kwargs)
+    for got, want in zip(*((r if isinstance(r, tuple) else (r,)) for r in (repeated, full))):
+        assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("given", [False, True])
+def test_repeated_rotations_equal_full_calls(layout, given):
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
+    kwargs = dict(inv_freq=yarn.inv_freq(device="cuda"), rotary_scale=1.3) if given else dict(schedule=yarn)
+    kwargs["positions"] = torch.arange(7, 107, device="cuda")
+    shape = (2, 100, 4, 128) if layout == "bshd" else (2, 4, 100, 128)
+    x, y = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    apply_scaled_rope(x, layout=layout, **kwargs)
+    assert isinstance(next(iter(rope._REPEATS.entries.values())), repeat.Repeat)
+    repeated = apply_scaled_rope(y, layout=layout, **kwargs)
+    repeat.clear()
+    assert torch.equal(repeated, apply_scaled_rope(y, layout=layout, **kwargs))
+
+
+@requires_cuda
+def test_a_changed_schedule_or_bad_argument_is_never_repeated():
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
+    q, k, v = _inputs((1, 100, 4, 4, 128), "bshd", 0)
+    scaled_rope_attention(q, k, v, schedule=yarn)
+    yarn.factor = 8.0  # a field: new frequencies, and a new key
+    repeated = scaled_rope_attention(q, k, v, schedule=yarn)
+    fresh = schedules.YaRN(128, factor=8.0, original_max_position_embeddings=64)
+    assert torch.equal(repeated, scaled_rope_attention(q, k, v, schedule=fresh))
+    x = q.clone()
+    apply_scaled_rope(x, schedule=yarn, interleaved=True)
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        apply_scaled_rope(x, schedule=yarn, interleaved=1)  # equal to True, and hashed alike
+
+
+@requires_cuda
+def test_recorded_calls_keep_no_tensors_alive_and_recorded_autograd_calls_run_in_full():
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
+    q, k, v = _inputs((1, 100, 4, 4, 128), "bshd", 0)
+    out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+    refs = [weakref.ref(t) for t in (q, k, v, out)]
+    del q, k, v, out
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    q, k, v = (x.requires_grad_() for x in _inputs((1, 100, 4, 4, 128), "bshd", 1))
+    repeat.clear()
+    scaled_rope_attention(q, k, v, schedule=yarn, causal=True).sum().backward()
+    assert not attention._REPEATS.entries
+
+
+def test_only_schedules_whose_fields_fix_their_frequencies_have_a_key():
+    yarn = schedules.YaRN(64, factor=4.0, original_max_position_embeddings=64)
+    before = repeat.schedule_key(yarn)
+    yarn.beta_fast = 16.0
+    assert repeat.schedule_key(yarn) != before and repeat.schedule_key(None) is None
+    with pytest.raises(TypeError):  # its parameters train in place, no field set
+        repeat.schedule_key(schedules.CLEX(64, original_max_position_embeddings=64))
