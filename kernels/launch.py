@@ -14,9 +14,9 @@ host 34 us for the Gluon forward's launch, of which 14 are the compiled kernel's
   `CompiledKernel.run`. The first call of a key, every call under the interpreter and a
   call while Triton's launch hooks are set (profilers) take the full route.
 - `recording` collects the launches a block of code makes and the buffers it allocates for
-  them (`scratch`), and `relaunch` makes a launch again with other tensors: a public op's
-  call repeats an earlier call's launches where all that its checks and schedule read is
-  the same (`ropefast.repeat`).
+  them (`scratch`); `direct_stream` and `direct` make such a launch again with other
+  tensors: a public op's call repeats an earlier call's launches where all that its checks
+  and schedule read is the same (`ropefast.repeat`).
 - `Descriptor` carries a host TMA descriptor's fields; Triton's own class (tl's, or
   Gluon's when it has a layout) is built from it on the full route only. The callers pass
   16-byte aligned tensors (the API checks q, k, v; scratch comes from the allocator).
@@ -113,7 +113,7 @@ def _triton_args(args):
 
 
 class Recorded(NamedTuple):
-    """A launch as `launch` made it (`recording`): enough to make it again (`relaunch`)."""
+    """A launch as `launch` made it (`recording`): enough to make it again (`direct`, or `launch`)."""
 
     kernel: Any
     grid: tuple
@@ -180,24 +180,18 @@ def launch(kernel, grid, *args, **kwargs):
             trailing = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
             entry = _compiled[key] = (kernel, compiled, trailing, compat.raw_launcher(compiled))
     else:
-        _direct(entry, grid, args, driver.active.get_current_stream(device))
+        direct(entry, grid, args, driver.active.get_current_stream(device))
     if record is not None:
         record.launches.append(Recorded(kernel, grid, args, kwargs, entry, device))
 
 
-def relaunch(launches):
-    """Each (`Recorded` launch, args) of launches again, in order, on args: its arguments but
-    for tensors and descriptors' bases, which must agree with the recorded ones in all that
-    `_arg_key` reads (dtype, 16-byte alignment; the caller's own key says so). Takes
-    Triton's route where `launch` would (another current device, launch hooks set)."""
-    device = driver.active.get_current_device()
-    full_route = _hooks_set()
-    stream = driver.active.get_current_stream(device)
-    for recorded, args in launches:
-        if full_route or recorded.entry is None or device != recorded.device:
-            launch(recorded.kernel, recorded.grid, *args, **recorded.kwargs)
-        else:
-            _direct(recorded.entry, recorded.grid, args, stream)
+def direct_stream(device):
+    """The current stream, where a launch recorded on `device` may take the direct route now
+    (the same current device, no launch hooks set: `launch` would take it too); None where
+    it must take Triton's (`launch`)."""
+    if _hooks_set() or driver.active.get_current_device() != device:
+        return None
+    return driver.active.get_current_stream(device)
 
 
 def _hooks_set():
@@ -207,8 +201,10 @@ def _hooks_set():
     return _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook)
 
 
-def _direct(entry, grid, args, stream):
-    """A launch of the compiled kernel of a `_compiled` entry."""
+def direct(entry, grid, args, stream):
+    """A launch of the compiled kernel of a `_compiled` entry (the direct route). Where the
+    entry has Triton 3.6's C launcher (`entry[3]`), a pointer argument may be an int: the
+    launcher then skips asking the driver about it."""
     _, compiled, trailing, raw = entry
     grid_y, grid_z = grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
     if raw is None:

@@ -5,7 +5,7 @@ not on their data: the checks, the schedule's frequencies and amplitude, the dis
 launches' specialization. An eager call that autograd does not record (inference) and whose
 arguments agree with an earlier call's in everything but their tensors' data allocates that
 call's buffers again and makes its launches again with its own tensors
-(`kernels.launch.recording`, `scratch`, `relaunch`), and skips the rest.
+(`kernels.launch.recording`, `scratch`, `direct`), and skips the rest.
 
 An op keys a call on all that its checks, schedule and launches read off the arguments but
 data: each tensor's shape, strides, dtype, device and 16-byte alignment (`tensor_key`), each
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .kernels.launch import Descriptor, Recorded, relaunch
+from .kernels.launch import Descriptor, Recorded, direct, direct_stream, launch
 from .schedules.base import RopeSchedule
 
 __all__ = ["NEVER", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
@@ -30,14 +30,15 @@ NEVER = "never"  # a key whose calls run in full
 
 
 class Repeat(NamedTuple):
-    """A first call's buffers (name, shape, strides, dtype, device) and launches, with where
-    each launch takes a tensor of the call: (argument index, name, view), view = None or the
-    (storage offset, shape, strides) of a view of that tensor; a descriptor's base where the
-    recorded argument is a `Descriptor`."""
+    """A first call's buffers (name, shape, strides, dtype, device) and launches (on one
+    device), with where each launch takes a tensor of the call: (argument index, name, view),
+    view = None or the (storage offset, shape, strides) of a view of that tensor; a
+    descriptor's base where the recorded argument is a `Descriptor`."""
 
     buffers: tuple
     launches: tuple[Recorded, ...]
     slots: tuple
+    device: int
     held: Any  # kept alive with the entry: the schedule whose id the key holds
 
     def __call__(self, tensors):
@@ -45,15 +46,23 @@ class Repeat(NamedTuple):
         them, and return `tensors`."""
         for name, shape, strides, dtype, device in self.buffers:
             tensors[name] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
-        launches = []
+        stream = direct_stream(self.device)
         for recorded, slots in zip(self.launches, self.slots):
+            # on the C launcher, a pointer goes as an int: no view to make, no driver query
+            pointers = stream is not None and recorded.entry[3] is not None
             args = list(recorded.args)
             for index, name, view in slots:
-                tensor = tensors[name] if view is None else tensors[name].as_strided(view[1], view[2], view[0])
-                recorded_arg = args[index]
-                args[index] = tensor if recorded_arg is None else Descriptor(tensor, *recorded_arg[1:])
-            launches.append((recorded, args))
-        relaunch(launches)
+                tensor = tensors[name]
+                if args[index] is None and pointers:
+                    args[index] = tensor.data_ptr() + (0 if view is None else view[0] * tensor.element_size())
+                    continue
+                if view is not None:
+                    tensor = tensor.as_strided(view[1], view[2], view[0])
+                args[index] = tensor if args[index] is None else Descriptor(tensor, *args[index][1:])
+            if stream is None:
+                launch(recorded.kernel, recorded.grid, *args, **recorded.kwargs)
+            else:
+                direct(recorded.entry, recorded.grid, args, stream)
         return tensors
 
 
@@ -127,7 +136,8 @@ def plan(record, named, constants=(), held=None):
     tensor that is none of `named` (the call's own tensors, which a repeat passes again), the
     call's `scratch` buffers (or their views) and `constants`, or where a launch has no
     compiled entry (the interpreter) or a buffer's name came twice."""
-    if not record.launches or not record.repeatable[0] or any(r.entry is None for r in record.launches):
+    if (not record.launches or not record.repeatable[0] or any(r.entry is None for r in record.launches)
+            or len({r.device for r in record.launches}) > 1):
         return NEVER
     buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in record.scratch.items())
     slots = []
@@ -151,4 +161,4 @@ def plan(record, named, constants=(), held=None):
         for index, _, _ in launch_slots:
             args[index] = args[index]._replace(base=None) if type(args[index]) is Descriptor else None
         launches.append(recorded._replace(args=tuple(args)))
-    return Repeat(buffers, tuple(launches), tuple(slots), held)
+    return Repeat(buffers, tuple(launches), tuple(slots), record.launches[0].device, held)

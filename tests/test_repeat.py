@@ -13,31 +13,39 @@ from ropefast.kernels.launch import Descriptor, Recorded, Recording
 from conftest import requires_cuda
 
 
-def _recorded(*args):
-    return Recorded(kernel=None, grid=(1,), args=args, kwargs={}, entry=("kernel", "compiled", (), None), device=0)
+def _recorded(*args, raw=None):
+    return Recorded(kernel=None, grid=(1,), args=args, kwargs={}, entry=("kernel", "compiled", (), raw), device=0)
 
 
-def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch):
+@pytest.mark.parametrize("c_launcher", [False, True])
+def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch, c_launcher):
     # A launch's tensors are the call's own (by identity), its buffers or their views, or
-    # constants; a repeat allocates the buffers again and passes the new call's tensors.
+    # constants; a repeat allocates the buffers again and passes the new call's tensors (to
+    # Triton 3.6's C launcher, a plain pointer as an int).
     x, freq = torch.randn(2, 8, 3, 4), torch.randn(2)
     out = torch.empty(2, 3, 8, 4)
     view = out.transpose(1, 2)
-    record = Recording([_recorded(x, view, freq, 7), _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5)], {},
-                       [True])
+    raw = "C launcher" if c_launcher else None
+    record = Recording([_recorded(x, view, freq, 7, raw=raw),
+                        _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5, raw=raw)], {}, [True])
     record.scratch["out"] = out
     planned = repeat.plan(record, dict(x=x), constants=(freq,))
     assert planned.slots == (((0, "x", None), (1, "out", (0, (2, 8, 3, 4), (96, 4, 32, 1)))), ((0, "out", None),))
     assert planned.launches[0].args == (None, None, freq, 7) and planned.launches[1].args[0].base is None
 
     launched = []
-    monkeypatch.setattr(repeat, "relaunch", launched.extend)
+    monkeypatch.setattr(repeat, "direct_stream", lambda device: "stream")
+    monkeypatch.setattr(repeat, "direct", lambda entry, grid, args, stream: launched.append(args))
     new_x = torch.randn(2, 8, 3, 4)
     tensors = planned(dict(x=new_x))
-    (first, first_args), (second, second_args) = launched
-    assert first_args[0] is new_x and first_args[2] is freq and first_args[3] == 7
-    assert first_args[1].data_ptr() == tensors["out"].data_ptr() and first_args[1].stride() == view.stride()
-    assert second_args[0].base is tensors["out"] and second_args[0].block_shape == [2, 4]
+    first, second = launched
+    assert first[2] is freq and first[3] == 7
+    if c_launcher:
+        assert first[:2] == [new_x.data_ptr(), tensors["out"].data_ptr()]
+    else:
+        assert first[0] is new_x and first[1].stride() == view.stride()
+        assert first[1].data_ptr() == tensors["out"].data_ptr()
+    assert second[0].base is tensors["out"] and second[0].block_shape == [2, 4]
     assert tensors["out"].shape == out.shape and tensors["out"].data_ptr() != out.data_ptr()
 
 

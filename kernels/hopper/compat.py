@@ -70,10 +70,26 @@ def raw_launcher(compiled):
         cells = dict(zip(c_launch.__code__.co_freevars, (cell.cell_contents for cell in c_launch.__closure__)))
         c_launch = cells["launcher"]
         metas = cells["tensordesc_meta"] or [None] * len(cells["tensordesc_indices"])
-        descriptors = tuple(
-            (index, lambda arg, meta=meta: make_tensordesc_arg(arg, meta))
-            for index, meta in reversed(list(zip(sorted(cells["tensordesc_indices"]), metas))))
+        descriptors = tuple((index, _expansion(make_tensordesc_arg, meta))
+                            for index, meta in reversed(list(zip(sorted(cells["tensordesc_indices"]), metas))))
     # cooperative grid, PDL, global and profile scratch, the kernel's metadata, launch
     # metadata and the enter / exit hooks (none: `launch` takes the full route under hooks)
     leading = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
     return c_launch, leading, descriptors
+
+
+def _expansion(make_tensordesc_arg, meta):
+    """Triton's expansion of a host descriptor (a CUtensorMap, its shape and strides), kept
+    for the last few (address, shape, strides, padding): the caching allocator hands a call's
+    buffers back at the same addresses, and the CUtensorMap is passed by value."""
+    expansions = {}
+
+    def expand(arg):
+        key = (arg.base.data_ptr(), *arg.shape, *arg.strides, arg.padding)
+        expanded = expansions.get(key)
+        if expanded is None:
+            if len(expansions) >= 16:
+                expansions.clear()
+            expanded = expansions[key] = make_tensordesc_arg(arg, meta)
+        return expanded
+    return expand
