@@ -1,6 +1,6 @@
 """Public entry point: `scaled_rope_attention`: checks, schedule resolution, the layout
 turned into [B, N, H, D] views (strides carry it below here), dispatch; inference calls
-repeat their key's first launches (`ropefast.repeat`)."""
+repeat the launches recorded for their key (`ropefast.repeat`)."""
 
 import contextlib
 from typing import Optional, Union
@@ -13,12 +13,12 @@ from ._validate import (as_batched, check_flags, check_layout, check_positions, 
                         other_layout, resolve_rotary, warn_if_layout_swapped)
 from .kernels.launch import recording
 from .reference import default_positions, scaled_rope_attention_reference
-from .repeat import NEVER, Repeats, plan, schedule_key, tensor_key
+from .repeat import NEVER, SEEN, Repeats, plan, schedule_key, tensor_key
 from .schedules.base import RopeSchedule
 
 __all__ = ["scaled_rope_attention"]
 
-_REPEATS = Repeats()  # `ropefast.repeat`: `_repeat_key` -> the launches of that key's first call
+_REPEATS = Repeats()  # `ropefast.repeat`: `_repeat_key` -> the launches recorded for that key
 
 
 def scaled_rope_attention(
@@ -102,10 +102,10 @@ def scaled_rope_attention(
     graphs capture them.
 
     Host time: an eager call on CUDA tensors that autograd does not record (inference)
-    repeats the launches of the first call whose arguments agreed with its own in all but
+    repeats the launches of an earlier call whose arguments agreed with its own in all but
     the tensors' data (shapes, strides, dtypes, devices, alignment, the schedule object and
-    its fields, every other argument): checks, schedule and dispatch run once per such key
-    (`ropefast.repeat`). Calls with a schedule's q_temperature (computed from the positions)
+    its fields, every other argument): checks, schedule and dispatch run twice per such key
+    (the second call is recorded, `ropefast.repeat`). Calls with a schedule's q_temperature (computed from the positions)
     or a temperature other than float32 run in full.
 
     Example:
@@ -115,7 +115,7 @@ def scaled_rope_attention(
     key = _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
                       softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic)
     repeat = None if key is None else _REPEATS.get(key)
-    if repeat is not None and repeat is not NEVER:
+    if repeat is not None and repeat is not NEVER and repeat is not SEEN:
         if layout == "bhsd":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         temperature = None if q_temperature is None else as_batched(q_temperature).expand(q.shape[0], q.shape[1])
@@ -164,7 +164,7 @@ def scaled_rope_attention(
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
     if dispatch.path(q) == "reference":
-        if key is not None and repeat is None:
+        if key is not None and repeat is not NEVER:
             _REPEATS.put(key, NEVER)
         out, lse = scaled_rope_attention_reference(
             q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, q_positions=q_positions,
@@ -175,11 +175,13 @@ def scaled_rope_attention(
         # sums it into the caller's shape
         temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
         q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
-        first = key is not None and repeat is None  # the first call of its key: recorded
-        with recording() if first else contextlib.nullcontext() as record:
+        if key is not None and repeat is None:
+            _REPEATS.put(key, SEEN)
+        second = repeat is SEEN  # the second call of its key: recorded
+        with recording() if second else contextlib.nullcontext() as record:
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
                                      causal, softmax_scale, rotary_scale, deterministic=deterministic)
-        if first:  # the schedule's frequencies are fixed by the key; given ones are the call's
+        if second:  # the schedule's frequencies are fixed by the key; given ones are the call's
             named = dict(q=q, k=k, v=v, inv_freq=given_freq, q_positions=q_positions, k_positions=k_positions,
                          temperature=temperature)
             _REPEATS.put(key, plan(record, named, constants=(inv_freq,), held=schedule))

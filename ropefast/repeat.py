@@ -10,11 +10,13 @@ call's buffers again and makes its launches again with its own tensors
 An op keys a call on all that its checks, schedule and launches read off the arguments but
 data: each tensor's shape, strides, dtype, device and 16-byte alignment (`tensor_key`), each
 other argument with its type (True passes checks that 1 fails), the schedule by identity and
-field version (`schedule_key`). Its first call runs in full under `recording`; `plan` then finds every tensor
-among the launches' arguments (and descriptors' bases) among the call's own by identity, the
-buffers it allocated (`scratch`; views of them too) or constants the key fixes (a schedule's
-cached frequencies). A call whose launches read any other tensor (one that torch operations
-made, such as a packed-documents tile table) never repeats: its key maps to `NEVER`.
+field version (`schedule_key`). A key's first call only marks it `SEEN` (calls whose shapes
+never come back, as a growing sequence's, pay no recording); its second runs in full under
+`recording`, and `plan` finds every tensor among the launches' arguments (and descriptors'
+bases) among the call's own by identity, the buffers it allocated (`scratch`; views of them
+too) or constants the key fixes (a schedule's cached frequencies). A call whose launches read
+any other tensor (one that torch operations made, such as a packed-documents tile table)
+never repeats: its key maps to `NEVER`.
 """
 
 from typing import Any, NamedTuple
@@ -24,13 +26,14 @@ import torch
 from .kernels.launch import Descriptor, Recorded, direct, direct_stream, launch
 from .schedules.base import RopeSchedule
 
-__all__ = ["NEVER", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
+__all__ = ["NEVER", "SEEN", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
 
 NEVER = "never"  # a key whose calls run in full
+SEEN = "seen"  # a key met once: its next call runs in full under `recording`
 
 
 class Repeat(NamedTuple):
-    """A first call's buffers (name, shape, strides, dtype, device) and launches (on one
+    """A recorded call's buffers (name, shape, strides, dtype, device) and launches (on one
     device), with where each launch takes a tensor of the call: (argument index, name, view),
     view = None or the (storage offset, shape, strides) of a view of that tensor; a
     descriptor's base where the recorded argument is a `Descriptor`."""
@@ -125,8 +128,9 @@ def _slot(tensor, named, buffers):
     for name, t in (*named.items(), *buffers.items()):
         if t is tensor:
             return name, None
-    for name, t in buffers.items():
-        if t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() and t.dtype == tensor.dtype:
+    root = tensor if tensor._base is None else tensor._base
+    for name, t in buffers.items():  # a view of a buffer (sharing its base tensor)
+        if (t if t._base is None else t._base) is root and t.dtype == tensor.dtype:
             return name, (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
     return None
 
@@ -137,7 +141,7 @@ def plan(record, named, constants=(), held=None):
     call's `scratch` buffers (or their views) and `constants`, or where a launch has no
     compiled entry (the interpreter) or a buffer's name came twice."""
     if (not record.launches or not record.repeatable[0] or any(r.entry is None for r in record.launches)
-            or len({r.device for r in record.launches}) > 1):
+            or len({r.device for r in record.launches}) > 1 or any(t.storage_offset() for t in record.scratch.values())):
         return NEVER
     buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in record.scratch.items())
     slots = []
@@ -154,7 +158,7 @@ def plan(record, named, constants=(), held=None):
                 continue
             launch_slots.append((index, *slot))
         slots.append(tuple(launch_slots))
-    # the first call's own tensors leave the record (a repeat passes its own): it must not keep them alive
+    # the recorded call's own tensors leave the record (a repeat passes its own): it must not keep them alive
     launches = []
     for recorded, launch_slots in zip(record.launches, slots):
         args = list(recorded.args)

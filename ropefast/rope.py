@@ -13,12 +13,12 @@ from ._validate import (as_batched, check_head_tensor, check_layout, check_posit
                         warn_if_layout_swapped)
 from .kernels.launch import recording
 from .reference import default_positions, rotate
-from .repeat import NEVER, Repeats, plan, schedule_key, tensor_key
+from .repeat import NEVER, SEEN, Repeats, plan, schedule_key, tensor_key
 from .schedules.base import RopeSchedule
 
 __all__ = ["apply_scaled_rope"]
 
-_REPEATS = Repeats()  # `ropefast.repeat`: `_repeat_key` -> the launch of that key's first call
+_REPEATS = Repeats()  # `ropefast.repeat`: `_repeat_key` -> the launch recorded for that key
 
 
 def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv_freq: Optional[Tensor] = None,
@@ -36,7 +36,7 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     d inv_freq = sum over positions of p * d theta). Angles are exact (fixed-point phases)
     for |p| < 2**31. Runs the Triton kernel or `reference.rotate`, as
     `ropefast.dispatch.path(x)` says (as `scaled_rope_attention`); an eager call that autograd
-    does not record repeats its key's first launch (`ropefast.repeat`, as there).
+    does not record repeats the launch recorded for its key (`ropefast.repeat`, as there).
 
     Example:
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
@@ -44,7 +44,7 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     """
     key = _repeat_key(x, schedule, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout, seq_len)
     repeat = None if key is None else _REPEATS.get(key)
-    if repeat is not None and repeat is not NEVER:
+    if repeat is not None and repeat is not NEVER and repeat is not SEEN:
         out = repeat(dict(x=x if layout == "bshd" else x.transpose(1, 2), positions=as_batched(positions),
                           inv_freq=inv_freq))["out"]
         return out if layout == "bshd" else out.transpose(1, 2)
@@ -63,14 +63,16 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     positions = as_batched(positions)
 
     if dispatch.path(x) != "reference":
-        first = key is not None and repeat is None  # the first call of its key: recorded
-        with recording() if first else contextlib.nullcontext() as record:
+        if key is not None and repeat is None:
+            _REPEATS.put(key, SEEN)
+        second = repeat is SEEN  # the second call of its key: recorded
+        with recording() if second else contextlib.nullcontext() as record:
             out = ops.rotary(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
-        if first:  # the schedule's frequencies are fixed by the key; given ones are the call's
+        if second:  # the schedule's frequencies are fixed by the key; given ones are the call's
             _REPEATS.put(key, plan(record, dict(x=x, positions=positions, inv_freq=given_freq), constants=(inv_freq,),
                                    held=schedule))
     else:
-        if key is not None and repeat is None:
+        if key is not None and repeat is not NEVER:
             _REPEATS.put(key, NEVER)
         positions = default_positions(1, n, 0, x.device) if positions is None else positions
         out = rotate(x, positions.expand(batch, n), inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
