@@ -182,8 +182,11 @@ def scaled_rope_attention(
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
                                      causal, softmax_scale, rotary_scale, deterministic=deterministic)
         if second:  # the schedule's frequencies are fixed by the key; given ones are the call's
-            named = dict(q=q, k=k, v=v, inv_freq=given_freq, q_positions=q_positions, k_positions=k_positions,
-                         temperature=temperature)
+            named = dict(q=q, inv_freq=given_freq, q_positions=q_positions, temperature=temperature)
+            # a tensor passed twice goes by its first name (the key says which were one object)
+            named.update({name: x for name, x, earlier in (("k", k, (q,)), ("v", v, (q, k)),
+                                                           ("k_positions", k_positions, (q_positions,)))
+                          if x is None or all(x is not e for e in earlier)})
             _REPEATS.put(key, plan(record, named, constants=(inv_freq,), held=schedule))
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -193,11 +196,13 @@ def scaled_rope_attention(
 def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
                 softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic):
     """The `ropefast.repeat` key of a call, or None for a call that runs in full: one that
-    torch.compile traces or autograd records, on other than CUDA tensors, with a schedule's
+    torch.compile traces or autograd records, on other than CUDA tensors, after
+    TRITON_INTERPRET changed (`dispatch.env_changed`: the reference runs), with a schedule's
     temperatures (computed from the positions) or one that `schedule_key` refuses, a
     temperature other than float32, or arguments a key cannot hold (the checks then say what
     is wrong with them)."""
-    if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor) or not q.is_cuda:
+    if (torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor) or not q.is_cuda
+            or dispatch.env_changed()):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or getattr(inv_freq, "requires_grad", False)
@@ -219,6 +224,8 @@ def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_position
                 None if k_positions is None else tensor_key(k_positions), type(causal), causal,
                 type(softmax_scale), softmax_scale, type(rotary_scale), rotary_scale,
                 None if q_temperature is None else tensor_key(q_temperature), layout, type(return_lse), return_lse,
-                type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only())
+                type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only(),
+                # one tensor passed twice (self-attention on x): the record passes it twice
+                q is k, k is v, q is v, q_positions is k_positions)
     except TypeError:  # a non-tensor where a tensor goes
         return None

@@ -41,7 +41,8 @@ import torch
 from .kernels import device
 from .kernels.hopper import compat as hopper_compat
 
-__all__ = ["INTERPRETER", "PATHS", "backward_path", "forward_path", "path", "portable_kernels", "portable_only"]
+__all__ = ["INTERPRETER", "PATHS", "backward_path", "env_changed", "forward_path", "path", "portable_kernels",
+           "portable_only"]
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
 # At this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
@@ -72,8 +73,9 @@ _warned_env_change = False
 _portable_only = False
 
 
-def _env_changed():
-    """Whether TRITON_INTERPRET differs from its value at import; warns the first time."""
+def env_changed():
+    """Whether TRITON_INTERPRET differs from its value at import; warns the first time (calls
+    then run the reference, and none repeats a recorded launch: `ropefast.repeat`)."""
     global _warned_env_change
     if _interpret_env() == INTERPRETER:
         return False
@@ -90,7 +92,7 @@ def _env_changed():
 def path(x: torch.Tensor) -> str:
     """The path ("hopper", "kernel", "interpreter" or "reference") a call on tensors like x
     takes, on packed documents (`scaled_rope_attention_varlen`) too."""
-    if x.dtype == torch.float64 or _env_changed():
+    if x.dtype == torch.float64 or env_changed():
         return "reference"
     if INTERPRETER:
         return "interpreter" if _interpreter_runs and x.dtype != torch.bfloat16 else "reference"

@@ -15,8 +15,11 @@ never come back, as a growing sequence's, pay no recording); its second runs in 
 `recording`, and `plan` finds every tensor among the launches' arguments (and descriptors'
 bases) among the call's own by identity, the buffers it allocated (`scratch`; views of them
 too) or constants the key fixes (a schedule's cached frequencies). A call whose launches read
-any other tensor (one that torch operations made, such as a packed-documents tile table)
-never repeats: its key maps to `NEVER`.
+any other tensor (one that torch operations made, such as a packed-documents tile table), or
+one object the call passed twice unless its key says so (q, k and v of self-attention), never
+repeats: its key maps to `NEVER`. Warnings of the checks (a layout that looks swapped) come
+from a key's first two calls only; a schedule's subclass must change what its outputs depend
+on through public fields (their setattr counts the version).
 """
 
 from typing import Any, NamedTuple
@@ -124,10 +127,13 @@ class Repeats:
 
 def _slot(tensor, named, buffers):
     """(name, view) of a launch's tensor argument among the call's tensors and buffers; None
-    where it is neither (a constant, or a tensor a repeat cannot make)."""
-    for name, t in (*named.items(), *buffers.items()):
-        if t is tensor:
-            return name, None
+    where it is neither (a constant, or a tensor a repeat cannot make); NEVER where it is two
+    of the call's tensors (one object passed twice, which the op's key must say)."""
+    names = [name for name, t in (*named.items(), *buffers.items()) if t is tensor]
+    if len(names) > 1:
+        return NEVER
+    if names:
+        return names[0], None
     root = tensor if tensor._base is None else tensor._base
     for name, t in buffers.items():  # a view of a buffer (sharing its base tensor)
         if (t if t._base is None else t._base) is root and t.dtype == tensor.dtype:
@@ -152,6 +158,8 @@ def plan(record, named, constants=(), held=None):
             if not isinstance(tensor, torch.Tensor):
                 continue
             slot = _slot(tensor, named, record.scratch)
+            if slot is NEVER:
+                return NEVER
             if slot is None:
                 if not any(tensor is c for c in constants):
                     return NEVER

@@ -84,7 +84,7 @@ def _repeat_key(x, schedule, inv_freq, positions, rotary_dim, interleaved, rotar
     """The `ropefast.repeat` key of a call, or None for a call that runs in full: one that
     torch.compile traces or autograd records, on other than a CUDA tensor, or with arguments a
     key cannot hold (the checks then say what is wrong with them)."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cuda:
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cuda or dispatch.env_changed():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or getattr(inv_freq, "requires_grad", False)):
         return None

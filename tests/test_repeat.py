@@ -160,3 +160,30 @@ def test_only_schedules_whose_fields_fix_their_frequencies_have_a_key():
     assert repeat.schedule_key(yarn) != before and repeat.schedule_key(None) is None
     with pytest.raises(TypeError):  # its parameters train in place, no field set
         repeat.schedule_key(schedules.CLEX(64, original_max_position_embeddings=64))
+
+
+@requires_cuda
+def test_one_tensor_passed_twice_repeats_only_as_such():
+    # self-attention on one tensor is recorded with that tensor in three places; a later call
+    # with three tensors of the same layout has another key (and the full path's result)
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
+    x, = _inputs((1, 100, 4, 4, 128), "bshd", 0)[:1]
+    q, k, v = _inputs((1, 100, 4, 4, 128), "bshd", 1)
+    positions = torch.arange(100, device="cuda")[None]
+    with torch.no_grad():
+        for _ in range(3):
+            self_attention = scaled_rope_attention(x, x, x, schedule=yarn, q_positions=positions,
+                                                   k_positions=positions)
+        assert any(isinstance(entry, repeat.Repeat) for entry in attention._REPEATS.entries.values())
+        separate = [scaled_rope_attention(q, k, v, schedule=yarn, q_positions=positions, k_positions=positions + 1)
+                    for _ in range(3)]
+        repeat.clear()
+        assert torch.equal(self_attention, scaled_rope_attention(x, x, x, schedule=yarn, q_positions=positions,
+                                                                 k_positions=positions))
+        full = scaled_rope_attention(q, k, v, schedule=yarn, q_positions=positions, k_positions=positions + 1)
+    assert all(torch.equal(out, full) for out in separate)
+
+
+def test_plan_refuses_one_object_under_two_names():
+    x = torch.randn(4)
+    assert repeat.plan(Recording([_recorded(x)], {}, [True]), dict(q=x, k=x)) is repeat.NEVER

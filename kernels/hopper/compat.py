@@ -70,7 +70,8 @@ def raw_launcher(compiled):
         cells = dict(zip(c_launch.__code__.co_freevars, (cell.cell_contents for cell in c_launch.__closure__)))
         c_launch = cells["launcher"]
         metas = cells["tensordesc_meta"] or [None] * len(cells["tensordesc_indices"])
-        descriptors = tuple((index, _expansion(make_tensordesc_arg, meta))
+        descriptors = tuple((index, _expansion(make_tensordesc_arg, meta) if meta is not None
+                             else lambda arg: make_tensordesc_arg(arg, None))
                             for index, meta in reversed(list(zip(sorted(cells["tensordesc_indices"]), metas))))
     # cooperative grid, PDL, global and profile scratch, the kernel's metadata, launch
     # metadata and the enter / exit hooks (none: `launch` takes the full route under hooks)
@@ -79,9 +80,10 @@ def raw_launcher(compiled):
 
 
 def _expansion(make_tensordesc_arg, meta):
-    """Triton's expansion of a host descriptor (a CUtensorMap, its shape and strides), kept
+    """Triton's expansion of a host descriptor into a CUtensorMap, its shape and strides, kept
     for the last few (address, shape, strides, padding): the caching allocator hands a call's
-    buffers back at the same addresses, and the CUtensorMap is passed by value."""
+    buffers back at the same addresses, and the CUtensorMap is passed by value. (Without TMA
+    metadata the expansion holds the tensor itself: not kept, `raw_launcher`.)"""
     expansions = {}
 
     def expand(arg):
