@@ -124,12 +124,11 @@ class Recorded(NamedTuple):
 
 
 class Recording(NamedTuple):
-    """What a block of code under `recording` launched, and the buffers it allocated for
-    them by name (`scratch`); `repeatable` is False where a name came twice."""
+    """What a block of code under `recording` launched (`Recorded`s), and the buffers it
+    allocated for them, as (name, tensor) in order (`scratch`)."""
 
     launches: list
-    scratch: dict
-    repeatable: list  # [bool], set in place
+    scratch: list
 
 
 _recording = threading.local()
@@ -138,7 +137,7 @@ _recording = threading.local()
 @contextlib.contextmanager
 def recording():
     """Collect the launches this thread makes inside the block, and its `scratch` buffers."""
-    record = Recording([], {}, [True])
+    record = Recording([], [])
     _recording.record = record
     try:
         yield record
@@ -151,9 +150,7 @@ def scratch(name, tensor):
     between them); under `recording`, noted by name: a repeat allocates it again."""
     record = getattr(_recording, "record", None)
     if record is not None:
-        if name in record.scratch:
-            record.repeatable[0] = False
-        record.scratch[name] = tensor
+        record.scratch.append((name, tensor))
     return tensor
 
 

@@ -2,7 +2,6 @@
 turned into [B, N, H, D] views (strides carry it below here), dispatch; inference calls
 repeat the launches recorded for their key (`ropefast.repeat`)."""
 
-import contextlib
 from typing import Optional, Union
 
 import torch
@@ -11,9 +10,8 @@ from torch import Tensor
 from . import dispatch, ops
 from ._validate import (as_batched, check_flags, check_layout, check_positions, check_positive, check_qkv, check_tensor,
                         other_layout, resolve_rotary, warn_if_layout_swapped)
-from .kernels.launch import recording
 from .reference import default_positions, scaled_rope_attention_reference
-from .repeat import NEVER, SEEN, Repeats, plan, schedule_key, tensor_key
+from .repeat import Repeats, schedule_key, tensor_key
 from .schedules.base import RopeSchedule
 
 __all__ = ["scaled_rope_attention"]
@@ -105,8 +103,8 @@ def scaled_rope_attention(
     repeats the launches of an earlier call whose arguments agreed with its own in all but
     the tensors' data (shapes, strides, dtypes, devices, alignment, the schedule object and
     its fields, every other argument): checks, schedule and dispatch run twice per such key
-    (the second call is recorded, `ropefast.repeat`). Calls with a schedule's q_temperature (computed from the positions)
-    or a temperature other than float32 run in full.
+    (the second call is recorded, `ropefast.repeat`). Calls with a schedule's q_temperature
+    (computed from the positions) or a temperature other than float32 run in full.
 
     Example:
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
@@ -114,8 +112,8 @@ def scaled_rope_attention(
     """
     key = _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
                       softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic)
-    repeat = None if key is None else _REPEATS.get(key)
-    if repeat is not None and repeat is not NEVER and repeat is not SEEN:
+    repeat = _REPEATS.get(key)
+    if repeat is not None:
         if layout == "bhsd":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         temperature = None if q_temperature is None else as_batched(q_temperature).expand(q.shape[0], q.shape[1])
@@ -164,8 +162,7 @@ def scaled_rope_attention(
             raise ValueError(f"q_temperature is on {q_temperature.device}, q is on {q.device}")
 
     if dispatch.path(q) == "reference":
-        if key is not None and repeat is not NEVER:
-            _REPEATS.put(key, NEVER)
+        _REPEATS.never(key)
         out, lse = scaled_rope_attention_reference(
             q, k, v, inv_freq=inv_freq, rotary_dim=rotary_dim, interleaved=interleaved, q_positions=q_positions,
             k_positions=k_positions, causal=causal, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
@@ -175,19 +172,16 @@ def scaled_rope_attention(
         # sums it into the caller's shape
         temperature = None if q_temperature is None else as_batched(q_temperature.float()).expand(batch, nq)
         q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
-        if key is not None and repeat is None:
-            _REPEATS.put(key, SEEN)
-        second = repeat is SEEN  # the second call of its key: recorded
-        with recording() if second else contextlib.nullcontext() as record:
+        with _REPEATS.recording(key) as record:
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
                                      causal, softmax_scale, rotary_scale, deterministic=deterministic)
-        if second:  # the schedule's frequencies are fixed by the key; given ones are the call's
+        if record is not None:  # the schedule's frequencies are fixed by the key; given ones are the call's
             named = dict(q=q, inv_freq=given_freq, q_positions=q_positions, temperature=temperature)
             # a tensor passed twice goes by its first name (the key says which were one object)
             named.update({name: x for name, x, earlier in (("k", k, (q,)), ("v", v, (q, k)),
                                                            ("k_positions", k_positions, (q_positions,)))
                           if x is None or all(x is not e for e in earlier)})
-            _REPEATS.put(key, plan(record, named, constants=(inv_freq,), held=schedule))
+            _REPEATS.keep(key, record, named, constants=(inv_freq,), held=schedule)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -22,11 +22,12 @@ from a key's first two calls only; a schedule's subclass must change what its ou
 on through public fields (their setattr counts the version).
 """
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
 
-from .kernels.launch import Descriptor, Recorded, direct, direct_stream, launch
+from .kernels.launch import Descriptor, Recorded, direct, direct_stream, launch, recording
 from .schedules.base import RopeSchedule
 
 __all__ = ["NEVER", "SEEN", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
@@ -105,21 +106,48 @@ def schedule_key(schedule):
 
 
 class Repeats:
-    """key -> `Repeat` or `NEVER`, at most `limit` keys (cleared when full: a model makes few)."""
+    """An op's keys: each maps to `SEEN` after its first call, then to the `Repeat` of its
+    second (or `NEVER`); at most `limit` keys (cleared when full: a model makes few)."""
 
     def __init__(self, limit=256):
         self.limit, self.entries = limit, {}
         _CACHES.append(self)
 
     def get(self, key):
-        """The entry of key; `NEVER` for a key that cannot be one (an unhashable argument: the
-        call runs in full, and the checks say what is wrong with it)."""
+        """The `Repeat` of key (None: the call runs in full)."""
+        entry = self._entry(key)
+        return entry if type(entry) is Repeat else None
+
+    def recording(self, key):
+        """The context of a call of key that runs in full: `kernels.launch.recording` on the
+        key's second call (it yields the record for `keep`), none otherwise (yielding None);
+        the first call marks the key `SEEN`."""
+        entry = self._entry(key)
+        if entry is None:
+            self._put(key, SEEN)
+        return recording() if entry is SEEN else contextlib.nullcontext()
+
+    def keep(self, key, record, named, constants=(), held=None):
+        """After a call under `recording(key)`: the `plan` of its record (None: nothing to keep)."""
+        if record is not None:
+            self._put(key, plan(record, named, constants, held))
+
+    def never(self, key):
+        """A call of key ran without launches that repeat (the reference): its calls run in full."""
+        if self._entry(key) is not NEVER:
+            self._put(key, NEVER)
+
+    def _entry(self, key):
+        """key's entry; `NEVER` for a call without a key (None) or one whose key cannot be one
+        (an unhashable argument: the call runs in full, and the checks say what is wrong)."""
+        if key is None:
+            return NEVER
         try:
             return self.entries.get(key)
         except TypeError:
             return NEVER
 
-    def put(self, key, value):
+    def _put(self, key, value):
         if len(self.entries) >= self.limit:
             self.entries.clear()
         self.entries[key] = value
@@ -146,10 +174,11 @@ def plan(record, named, constants=(), held=None):
     tensor that is none of `named` (the call's own tensors, which a repeat passes again), the
     call's `scratch` buffers (or their views) and `constants`, or where a launch has no
     compiled entry (the interpreter) or a buffer's name came twice."""
-    if (not record.launches or not record.repeatable[0] or any(r.entry is None for r in record.launches)
-            or len({r.device for r in record.launches}) > 1 or any(t.storage_offset() for t in record.scratch.values())):
+    scratch = dict(record.scratch)
+    if (not record.launches or len(scratch) < len(record.scratch) or any(r.entry is None for r in record.launches)
+            or len({r.device for r in record.launches}) > 1 or any(t.storage_offset() for t in scratch.values())):
         return NEVER
-    buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in record.scratch.items())
+    buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in scratch.items())
     slots = []
     for recorded in record.launches:
         launch_slots = []
@@ -157,7 +186,7 @@ def plan(record, named, constants=(), held=None):
             tensor = arg.base if type(arg) is Descriptor else arg
             if not isinstance(tensor, torch.Tensor):
                 continue
-            slot = _slot(tensor, named, record.scratch)
+            slot = _slot(tensor, named, scratch)
             if slot is NEVER:
                 return NEVER
             if slot is None:

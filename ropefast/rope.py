@@ -2,7 +2,6 @@
 `torch.library` ops `ropefast::rope` / `ropefast::rope_bwd`), for users who keep another
 attention backend, and the "best unfused pipeline" of the benchmarks."""
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -11,9 +10,8 @@ from torch import Tensor
 from . import dispatch, ops
 from ._validate import (as_batched, check_head_tensor, check_layout, check_positions, resolve_rotary,
                         warn_if_layout_swapped)
-from .kernels.launch import recording
 from .reference import default_positions, rotate
-from .repeat import NEVER, SEEN, Repeats, plan, schedule_key, tensor_key
+from .repeat import Repeats, schedule_key, tensor_key
 from .schedules.base import RopeSchedule
 
 __all__ = ["apply_scaled_rope"]
@@ -43,8 +41,8 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
         >>> q_rot = apply_scaled_rope(q, schedule=yarn)
     """
     key = _repeat_key(x, schedule, inv_freq, positions, rotary_dim, interleaved, rotary_scale, layout, seq_len)
-    repeat = None if key is None else _REPEATS.get(key)
-    if repeat is not None and repeat is not NEVER and repeat is not SEEN:
+    repeat = _REPEATS.get(key)
+    if repeat is not None:
         out = repeat(dict(x=x if layout == "bshd" else x.transpose(1, 2), positions=as_batched(positions),
                           inv_freq=inv_freq))["out"]
         return out if layout == "bshd" else out.transpose(1, 2)
@@ -63,17 +61,13 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
     positions = as_batched(positions)
 
     if dispatch.path(x) != "reference":
-        if key is not None and repeat is None:
-            _REPEATS.put(key, SEEN)
-        second = repeat is SEEN  # the second call of its key: recorded
-        with recording() if second else contextlib.nullcontext() as record:
+        with _REPEATS.recording(key) as record:
             out = ops.rotary(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
-        if second:  # the schedule's frequencies are fixed by the key; given ones are the call's
-            _REPEATS.put(key, plan(record, dict(x=x, positions=positions, inv_freq=given_freq), constants=(inv_freq,),
-                                   held=schedule))
+        # the schedule's frequencies are fixed by the key; given ones are the call's
+        _REPEATS.keep(key, record, dict(x=x, positions=positions, inv_freq=given_freq), constants=(inv_freq,),
+                      held=schedule)
     else:
-        if key is not None and repeat is not NEVER:
-            _REPEATS.put(key, NEVER)
+        _REPEATS.never(key)
         positions = default_positions(1, n, 0, x.device) if positions is None else positions
         out = rotate(x, positions.expand(batch, n), inv_freq, rotary_dim=rotary_dim, interleaved=interleaved,
                      rotary_scale=rotary_scale).to(x.dtype)

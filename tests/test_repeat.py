@@ -27,8 +27,7 @@ def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch, c_launc
     view = out.transpose(1, 2)
     raw = "C launcher" if c_launcher else None
     record = Recording([_recorded(x, view, freq, 7, raw=raw),
-                        _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5, raw=raw)], {}, [True])
-    record.scratch["out"] = out
+                        _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5, raw=raw)], [("out", out)])
     planned = repeat.plan(record, dict(x=x), constants=(freq,))
     assert planned.slots == (((0, "x", None), (1, "out", (0, (2, 8, 3, 4), (96, 4, 32, 1)))), ((0, "out", None),))
     assert planned.launches[0].args == (None, None, freq, 7) and planned.launches[1].args[0].base is None
@@ -51,11 +50,12 @@ def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch, c_launc
 
 def test_plan_refuses_what_a_repeat_cannot_make():
     x, other = torch.randn(4), torch.randn(4)
-    assert repeat.plan(Recording([_recorded(x, other)], {}, [True]), dict(x=x)) is repeat.NEVER
-    assert repeat.plan(Recording([], {}, [True]), dict(x=x)) is repeat.NEVER
+    assert repeat.plan(Recording([_recorded(x, other)], []), dict(x=x)) is repeat.NEVER
+    assert repeat.plan(Recording([], []), dict(x=x)) is repeat.NEVER
     no_entry = _recorded(x)._replace(entry=None)  # the interpreter's launches
-    assert repeat.plan(Recording([no_entry], {}, [True]), dict(x=x)) is repeat.NEVER
-    assert repeat.plan(Recording([_recorded(x)], {}, [False]), dict(x=x)) is repeat.NEVER
+    assert repeat.plan(Recording([no_entry], []), dict(x=x)) is repeat.NEVER
+    twice = Recording([_recorded(x, other)], [("out", other), ("out", torch.randn(4))])  # a buffer's name came twice
+    assert repeat.plan(twice, dict(x=x)) is repeat.NEVER
 
 
 def _attention_cases():
@@ -186,4 +186,4 @@ def test_one_tensor_passed_twice_repeats_only_as_such():
 
 def test_plan_refuses_one_object_under_two_names():
     x = torch.randn(4)
-    assert repeat.plan(Recording([_recorded(x)], {}, [True]), dict(q=x, k=x)) is repeat.NEVER
+    assert repeat.plan(Recording([_recorded(x)], []), dict(q=x, k=x)) is repeat.NEVER
