@@ -39,7 +39,7 @@ import triton.language as tl
 from .attention_fwd import (q_scales, rotate_q_k, row_tiles, row_view, sequence_bounds,
                             sequence_major, sequences, tile_descriptor, tma_readable)
 from . import device
-from .launch import cdiv, dot_pad, launch
+from .launch import cdiv, dot_pad, launch, scratch
 from .rope import frequency_grad, rope, slot_order
 
 LN2 = tl.constexpr(0.6931471805599453)  # a kernel reads only constexpr globals
@@ -238,7 +238,7 @@ def preprocess(out, do, lse, dlse, rows=None, dq_acc=None):
     dQ^ there, and one launch less is 10-20 us less host time at short sequences."""
     batch, nq, hq, head_dim = out.shape
     rows = rows or nq
-    delta, lse2 = (lse.new_empty(batch, hq, rows) for _ in range(2))
+    delta, lse2 = scratch("delta", lse.new_empty(batch, hq, rows)), scratch("lse2", lse.new_empty(batch, hq, rows))
     launch(
         bwd_preprocess_kernel, (cdiv(rows, 64), batch * hq),
         out, do, lse, dlse, delta, lse2, dq_acc, *out.stride()[:3], *do.stride()[:3], nq, rows, hq,
@@ -316,7 +316,7 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
     # inside, the kernel writes dk itself; dQ^ and (unless the forward saved it) Q^ are freed
     # before dk is allocated otherwise.
     if keys_inside:
-        dk = dk_hat = torch.empty_like(k)
+        dk = dk_hat = scratch("dk", torch.empty_like(k))
     else:
         dk_hat = sequence_major(*k.shape, k) if need_dfreq else k_rot
     if gradient_kernel is not None:
@@ -341,14 +341,14 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         dfreq = dfreq.float()
     del q_rot, k_rot
     if dq_out is None:
-        dq_out = torch.empty_like(q) if dq_stride is None else q.new_empty_strided(q.shape, dq_stride)
+        dq_out = scratch("dq", torch.empty_like(q) if dq_stride is None else q.new_empty_strided(q.shape, dq_stride))
     dq = rope(dq_hat, inv_freq, q_positions, nk - nq, rotary_dim=rotary_dim, interleaved=interleaved,
               row_scale=q_temperature, inverse=True, out=dq_out,
               **q_scales(softmax_scale, rotary_scale))
     del dq_hat
     if not keys_inside:
         dk = rope(dk_hat, inv_freq, k_positions, 0, rotary_dim=rotary_dim, interleaved=interleaved, inverse=True,
-                  out=torch.empty_like(k))
+                  out=scratch("dk", torch.empty_like(k)))
     return dq, dk, dv, dfreq, dtemp
 
 
@@ -360,8 +360,8 @@ def _gradient_kernels(do, q_rot, k_rot, v, lse2, delta, dk_hat, causal, dkdv_con
     d_pad = dot_pad(head_dim)
     # V is a dot's left operand: 2-D tiles, from a sequence-major copy if v has no `row_view`.
     v_rows = v if row_view(v, d_pad) else sequence_major(*v.shape, v).copy_(v)
-    dq_hat = sequence_major(batch, nq, hq, head_dim, q_rot)
-    dv = torch.empty_like(v)
+    dq_hat = scratch("dq_hat", sequence_major(batch, nq, hq, head_dim, q_rot))
+    dv = scratch("dv", torch.empty_like(v))
     common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
                   DOT_PRECISION="ieee" if q_rot.dtype == torch.float32 else "tf32")
     seqs, most_q, most_k = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)

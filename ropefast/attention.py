@@ -1,6 +1,6 @@
 """Public entry point: `scaled_rope_attention`: checks, schedule resolution, the layout
-turned into [B, N, H, D] views (strides carry it below here), dispatch; inference calls
-repeat the launches recorded for their key (`ropefast.repeat`)."""
+turned into [B, N, H, D] views (strides carry it below here), dispatch; calls repeat the
+launches recorded for their key (`ropefast.repeat`)."""
 
 from typing import Optional, Union
 
@@ -99,12 +99,13 @@ def scaled_rope_attention(
     and `ropefast::attention_bwd` (`ropefast.ops`): torch.compile traces them whole, and CUDA
     graphs capture them.
 
-    Host time: an eager call on CUDA tensors that autograd does not record (inference)
-    repeats the launches of an earlier call whose arguments agreed with its own in all but
-    the tensors' data (shapes, strides, dtypes, devices, alignment, the schedule object and
-    its fields, every other argument): checks, schedule and dispatch run twice per such key
-    (the second call is recorded, `ropefast.repeat`). Calls with a schedule's q_temperature
-    (computed from the positions) or a temperature other than float32 run in full.
+    Host time: an eager call on CUDA tensors repeats the launches of an earlier call whose
+    arguments agreed with its own in all but the tensors' data (shapes, strides, dtypes,
+    devices, alignment, the schedule object and its fields, every other argument): checks,
+    schedule and dispatch run twice per such key (the second call is recorded,
+    `ropefast.repeat`). In training the backward repeats its launches too, unless it takes the
+    gradient of inv_freq or q_temperature. Calls with a schedule's q_temperature (computed
+    from the positions) or a temperature other than float32 run in full.
 
     Example:
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
@@ -117,10 +118,15 @@ def scaled_rope_attention(
         if layout == "bhsd":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         temperature = None if q_temperature is None else as_batched(q_temperature).expand(q.shape[0], q.shape[1])
-        tensors = repeat(dict(q=q, k=k, v=v, inv_freq=inv_freq, q_positions=as_batched(q_positions),
-                              k_positions=as_batched(k_positions), temperature=temperature))
-        out = tensors["out"] if layout == "bshd" else tensors["out"].transpose(1, 2)
-        return (out, tensors["lse"]) if return_lse else out
+        q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
+        named = dict(q=q, k=k, v=v, inv_freq=inv_freq, q_positions=q_positions, k_positions=k_positions,
+                     temperature=temperature)
+        schedule_freq, rotary_dim, interleaved, softmax_scale, rotary_scale = repeat.held[1]
+        out, lse = ops.attention(q, k, v, schedule_freq if inv_freq is None else inv_freq, q_positions, k_positions,
+                                 temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
+                                 deterministic=deterministic, repeat=lambda: repeat(named), repeat_key=key)
+        out = out if layout == "bshd" else out.transpose(1, 2)
+        return (out, lse) if return_lse else out
     given_freq = inv_freq
 
     check_qkv(q, k, v)
@@ -174,14 +180,18 @@ def scaled_rope_attention(
         q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
         with _REPEATS.recording(key) as record:
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
-                                     causal, softmax_scale, rotary_scale, deterministic=deterministic)
+                                     causal, softmax_scale, rotary_scale, deterministic=deterministic, repeat_key=key)
         if record is not None:  # the schedule's frequencies are fixed by the key; given ones are the call's
             named = dict(q=q, inv_freq=given_freq, q_positions=q_positions, temperature=temperature)
             # a tensor passed twice goes by its first name (the key says which were one object)
             named.update({name: x for name, x, earlier in (("k", k, (q,)), ("v", v, (q, k)),
                                                            ("k_positions", k_positions, (q_positions,)))
                           if x is None or all(x is not e for e in earlier)})
-            _REPEATS.keep(key, record, named, constants=(inv_freq,), held=schedule)
+            # a repeat passes ops.attention what this call resolved (the schedule's frequencies
+            # only: given ones are the call's, and an entry must not keep them alive)
+            resolved = (None if given_freq is not None else inv_freq, rotary_dim, interleaved, softmax_scale,
+                        rotary_scale)
+            _REPEATS.keep(key, record, named, constants=(inv_freq,), held=(schedule, resolved))
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -190,18 +200,17 @@ def scaled_rope_attention(
 def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
                 softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic):
     """The `ropefast.repeat` key of a call, or None for a call that runs in full: one that
-    torch.compile traces or autograd records, on other than CUDA tensors, after
-    TRITON_INTERPRET changed (`dispatch.env_changed`: the reference runs), with a schedule's
-    temperatures (computed from the positions) or one that `schedule_key` refuses, a
-    temperature other than float32, or arguments a key cannot hold (the checks then say what
-    is wrong with them)."""
+    torch.compile traces, on other than CUDA tensors, after TRITON_INTERPRET changed
+    (`dispatch.env_changed`: the reference runs), with a schedule's temperatures (computed
+    from the positions) or one that `schedule_key` refuses, a temperature other than float32,
+    or arguments a key cannot hold (the checks then say what is wrong with them). A call that
+    autograd records keys on whether its forward saves Q^ (`ops.saves_queries`)."""
     if (torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor) or not q.is_cuda
             or dispatch.env_changed()):
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or getattr(inv_freq, "requires_grad", False)
-                                    or getattr(q_temperature, "requires_grad", False)):
-        return None
+    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                           or getattr(inv_freq, "requires_grad", False)
+                                           or getattr(q_temperature, "requires_grad", False))
     if schedule is not None and getattr(schedule, "has_q_temperature", False):
         return None
     if q_temperature is not None and getattr(q_temperature, "dtype", None) != torch.float32:
@@ -220,6 +229,6 @@ def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_position
                 None if q_temperature is None else tensor_key(q_temperature), layout, type(return_lse), return_lse,
                 type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only(),
                 # one tensor passed twice (self-attention on x): the record passes it twice
-                q is k, k is v, q is v, q_positions is k_positions)
+                q is k, k is v, q is v, q_positions is k_positions, records and ops.saves_queries(q, k, v, records))
     except TypeError:  # a non-tensor where a tensor goes
         return None

@@ -8,11 +8,13 @@ when they run. The reference path (plain PyTorch) does not come through here.
 The API calls `attention` and `rotary`: the custom ops while torch.compile traces, and in
 eager the same implementations and autograd formulas as `torch.autograd.Function`s. A
 recorded attention call saves the rotated queries Q^ in q's place (`save_q`), so that its
-backward runs no query rope pass. The dispatcher's boxing of a custom op's arguments and its
+backward runs no query rope pass. A call that the API keyed (`ropefast.repeat`) may repeat
+recorded launches: the forward in the implementation's place (`attention`'s `repeat`), the
+eager backward its own (`_attention_backward`). The dispatcher's boxing of a custom op's arguments and its
 Python wrappers cost about 80 us a call on an H100 host, three times the whole of a cuDNN
 SDPA call (bench/RESULTS.md)."""
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -24,30 +26,36 @@ from .kernels.attention_fwd import rope_attention_fwd
 from .kernels.hopper import compat as hopper_compat
 from .kernels.launch import dot_pad
 from .kernels.rope import frequency_grad, rope, slot_order
+from .repeat import Repeats, first_names, tensor_key
 
 if hopper_compat.SUPPORTED:
     from .kernels.hopper import attention_bwd as hopper_bwd
     from .kernels.hopper.attention_fwd import rope_attention_fwd_hopper
 
 
-def _eager(implementation, setup_context, backward, gradients):
+def _eager(implementation, setup_context, backward, gradients, tensors):
     """The autograd.Function of a custom op's eager calls: `implementation`, and the op's
     autograd formula with `gradients` (the backward's implementation) in place of the backward
     op. The forward takes ctx itself: with a separate setup_context, `apply` binds its
-    arguments through `inspect.signature` on every call (tens of microseconds)."""
+    arguments through `inspect.signature` on every call (tens of microseconds). `apply` takes
+    the op's first `tensors` inputs (every differentiable one among them) one by one, the rest
+    as one tuple: its cost grows with its arguments' count."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *inputs):
-            output = implementation(*inputs)
+        def forward(ctx, *args):  # then `implementation` or a repeat of its launches, and a key (`_call`)
+            *head, tail, run, ctx.repeat_key = args
+            inputs = (*head, *tail)
+            output = run(*inputs)
             setup_context(ctx, inputs, output)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads, gradients=gradients)
+            return *backward(ctx, *grads, gradients=gradients)[:tensors], None, None, None
 
     Eager.implementation = staticmethod(implementation)
+    Eager.tensors = tensors
     return Eager
 
 
@@ -57,14 +65,16 @@ def _records(differentiable):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
 
 
-def _call(op, eager, args, records):
+def _call(op, eager, args, records, run=None, key=None):
     """op(*args) while torch.compile traces; in eager `eager.apply` when autograd records the
-    call (`_records`), the bare implementation otherwise."""
+    call (`_records`), the bare implementation otherwise; `run` (eager only) in the
+    implementation's place. `key`: the API's `ropefast.repeat` key of the call, kept on the
+    Function's ctx as `repeat_key` (None: the call has none)."""
     if torch.compiler.is_compiling():
         return op(*args)
     if records:
-        return eager.apply(*args)
-    return eager.implementation(*args)
+        return eager.apply(*args[:eager.tensors], args[eager.tensors:], run or eager.implementation, key)
+    return (run or eager.implementation)(*args)
 
 
 # ---- scaled rotary attention ----
@@ -165,24 +175,49 @@ def _attention_setup(ctx, inputs, output):
     out, lse, q_rot = output
     ctx.save_for_backward(q_rot if save_q else q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature,
                           cu_seqlens_q, cu_seqlens_k)
-    ctx.args, ctx.max_seqlens, ctx.deterministic = args, (max_q, max_k), deterministic
+    ctx.args, ctx.max_seqlens, ctx.deterministic = tuple(args), (max_q, max_k), deterministic
     ctx.q_stride = list(q.stride()) if save_q else None
     ctx.mark_non_differentiable(q_rot)
     ctx.set_materialize_grads(False)  # no zeros of Q^'s size (or lse's) for outputs the loss never read
 
 
+_BACKWARD_REPEATS = Repeats()  # `_attention_backward`'s keys -> the launches recorded for them
+_SAVED_TENSORS = ("q", "k", "v", "out", "lse", "inv_freq", "q_positions", "k_positions", "q_temperature",
+                  "cu_seqlens_q", "cu_seqlens_k")
+
+
 def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=attention_bwd):
-    q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature, cu_seqlens_q, cu_seqlens_k = saved
     need_dfreq, need_dtemp = ctx.needs_input_grad[3], ctx.needs_input_grad[6]
     if grad_out is None:  # only lse was used
         grad_out = torch.zeros_like(out)
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
     # In eager, dq takes the saved Q^'s storage unless the graph (and Q^) must outlive this
     # backward (retain_graph, create_graph).
     dq_into_q = gradients is not attention_bwd and ctx.q_stride is not None and not _graph_kept()
-    dq, dk, dv, dfreq, dtemp = gradients(
-        grad_out, None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, inv_freq, q_positions,
-        k_positions, q_temperature, *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-        ctx.deterministic, ctx.q_stride, dq_into_q)
+    args = (grad_out, grad_lse, *saved[:9], *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k,
+            *ctx.max_seqlens, ctx.deterministic, ctx.q_stride, dq_into_q)
+    # An eager backward of a call that the API keyed (`ropefast.repeat`) repeats its launches
+    # too, keyed on that key (it fixes every saved tensor's layout), the numbers the schedule
+    # resolved to (this entry does not hold the schedule, whose id the key holds) and what the
+    # key cannot know: the incoming gradients' layouts and whether dq takes Q^'s place.
+    # Frequency and temperature gradients take torch operations a repeat cannot make: in full.
+    if gradients is attention_bwd or getattr(ctx, "repeat_key", None) is None or need_dfreq or need_dtemp:
+        dq, dk, dv, dfreq, dtemp = gradients(*args)
+    else:
+        key = (ctx.repeat_key, ctx.args, tensor_key(grad_out), None if grad_lse is None else tensor_key(grad_lse),
+               dq_into_q, dispatch.portable_only())
+        named = first_names(("grad_out", "grad_lse", *_SAVED_TENSORS), (grad_out, grad_lse, *saved))
+        repeat = _BACKWARD_REPEATS.get(key)
+        if repeat is not None:
+            buffers = repeat(named)
+            dq = q.as_strided(q.shape, ctx.q_stride) if dq_into_q else buffers["dq"]
+            return dq, buffers["dk"], buffers["dv"], *[None] * 15
+        with _BACKWARD_REPEATS.recording(key) as record:
+            dq, dk, dv, dfreq, dtemp = gradients(*args)
+        _BACKWARD_REPEATS.keep(key, record, named)
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
             *[None] * 11)
 
@@ -190,12 +225,14 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
 
 
-_EAGER_ATTENTION = _eager(_attention_fwd, _attention_setup, _attention_backward, _attention_bwd)
+_EAGER_ATTENTION = _eager(_attention_fwd, _attention_setup, _attention_backward, _attention_bwd, tensors=7)
 
 
 def _dense(x):
     """Whether x's elements cover the span of its storage exactly once (no gaps between rows,
     no broadcast dimension), in any order of dimensions."""
+    if x.is_contiguous():
+        return True
     span = 1
     for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size != 1):
         if stride != span:
@@ -214,21 +251,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
               k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
               causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-              deterministic: bool = False) -> tuple[Tensor, Tensor]:
+              deterministic: bool = False, repeat: Optional[Callable[[], dict]] = None,
+              repeat_key: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
     """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
     autograd.Function in eager (module docstring). Where autograd records the call, the
-    forward saves Q^ for the backward (`save_q`) if that holds no more memory than q would:
-    q is dense (no gaps, no broadcast dimension: Q^ as large as q's storage, and dq may take
-    q's strides) and is not a view of the tensor that k or v view (one fused QKV projection's
-    output, which k and v keep alive; under torch.compile, which traces no such question,
-    only the density counts)."""
+    forward saves Q^ for the backward (`save_q`, `saves_queries`). `repeat_key` (eager): the
+    API's `ropefast.repeat` key of the call, on which its backward keys its own; `repeat`:
+    returns the buffers of a repeat of the launches recorded for that key, which then run in
+    the implementation's place."""
     records = _records((q, k, v, inv_freq, q_temperature))
-    save_q = records and _dense(q) and (
-        torch.compiler.is_compiling() or all(_root(q) is not _root(x) for x in (k, v)))
+    save_q = saves_queries(q, k, v, records)
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
             softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q)
-    out, lse, _ = _call(attention_fwd, _EAGER_ATTENTION, args, records)
+    run = None
+    if repeat is not None:
+        def run(*_):
+            buffers = repeat()
+            return buffers["out"], buffers["lse"], buffers["q_rot"] if save_q else q.new_empty(0)
+    out, lse, _ = _call(attention_fwd, _EAGER_ATTENTION, args, records, run, repeat_key)
     return out, lse
+
+
+def saves_queries(q: Tensor, k: Tensor, v: Tensor, records: bool) -> bool:
+    """Whether a call's forward saves Q^ for the backward in q's place (`save_q`): autograd
+    records it, and Q^ holds no more memory than q would: q is dense (no gaps, no broadcast
+    dimension: Q^ as large as q's storage, and dq may take q's strides) and is not a view of
+    the tensor that k or v view (one fused QKV projection's output, which k and v keep
+    alive; under torch.compile, which traces no such question, only the density counts)."""
+    return records and _dense(q) and (torch.compiler.is_compiling() or all(_root(q) is not _root(x) for x in (k, v)))
 
 
 # ---- the standalone rope pass ----
@@ -288,7 +338,7 @@ def _rope_backward(ctx, grad, gradients=rope_bwd):
 torch.library.register_autograd("ropefast::rope", _rope_backward, setup_context=_rope_setup)
 
 
-_EAGER_ROPE = _eager(_rope_fwd, _rope_setup, _rope_backward, _rope_bwd)
+_EAGER_ROPE = _eager(_rope_fwd, _rope_setup, _rope_backward, _rope_bwd, tensors=3)
 
 
 def rotary(x: Tensor, inv_freq: Tensor, positions: Optional[Tensor], rotary_dim: int, interleaved: bool,

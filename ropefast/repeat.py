@@ -2,10 +2,12 @@
 
 A public op's host time is mostly Python that depends on its arguments' shapes and flags,
 not on their data: the checks, the schedule's frequencies and amplitude, the dispatch, the
-launches' specialization. An eager call that autograd does not record (inference) and whose
-arguments agree with an earlier call's in everything but their tensors' data allocates that
-call's buffers again and makes its launches again with its own tensors
-(`kernels.launch.recording`, `scratch`, `direct`), and skips the rest.
+launches' specialization. An eager call whose arguments agree with an earlier call's in
+everything but their tensors' data allocates that call's buffers again and makes its launches
+again with its own tensors (`kernels.launch.recording`, `scratch`, `direct`), and skips the
+rest. Where autograd records the call, the repeat runs inside the op's autograd.Function, and
+the backward repeats its own launches the same way, keyed on the forward's key
+(`ops._attention_backward`).
 
 An op keys a call on all that its checks, schedule and launches read off the arguments but
 data: each tensor's shape, strides, dtype, device and 16-byte alignment (`tensor_key`), each
@@ -13,11 +15,13 @@ other argument with its type (True passes checks that 1 fails), the schedule by 
 field version (`schedule_key`). A key's first call only marks it `SEEN` (calls whose shapes
 never come back, as a growing sequence's, pay no recording); its second runs in full under
 `recording`, and `plan` finds every tensor among the launches' arguments (and descriptors'
-bases) among the call's own by identity, the buffers it allocated (`scratch`; views of them
-too) or constants the key fixes (a schedule's cached frequencies). A call whose launches read
-any other tensor (one that torch operations made, such as a packed-documents tile table), or
-one object the call passed twice unless its key says so (q, k and v of self-attention), never
-repeats: its key maps to `NEVER`. Warnings of the checks (a layout that looks swapped) come
+bases) among the call's own by identity, the buffers it allocated (`scratch`: each written
+whole by the launches, never by a torch operation) or views of either, or constants the key
+fixes (a schedule's cached frequencies). A call whose launches read any other tensor (one that
+torch operations made, such as a packed-documents tile table), one object the call passed
+twice unless its key says so (q, k and v of self-attention), or a view of storage that two of
+its tensors share (q, k and v sliced from one projection) never repeats: its key maps to
+`NEVER`. Warnings of the checks (a layout that looks swapped) come
 from a key's first two calls only; a schedule's subclass must change what its outputs depend
 on through public fields (their setattr counts the version).
 """
@@ -30,7 +34,7 @@ import torch
 from .kernels.launch import Descriptor, Recorded, direct, direct_stream, launch, recording
 from .schedules.base import RopeSchedule
 
-__all__ = ["NEVER", "SEEN", "Repeat", "Repeats", "clear", "plan", "schedule_key", "tensor_key"]
+__all__ = ["NEVER", "SEEN", "Repeat", "Repeats", "clear", "first_names", "plan", "schedule_key", "tensor_key"]
 
 NEVER = "never"  # a key whose calls run in full
 SEEN = "seen"  # a key met once: its next call runs in full under `recording`
@@ -39,7 +43,7 @@ SEEN = "seen"  # a key met once: its next call runs in full under `recording`
 class Repeat(NamedTuple):
     """A recorded call's buffers (name, shape, strides, dtype, device) and launches (on one
     device), with where each launch takes a tensor of the call: (argument index, name, view),
-    view = None or the (storage offset, shape, strides) of a view of that tensor; a
+    view = None or the (storage offset from that tensor's, shape, strides) of a view of it; a
     descriptor's base where the recorded argument is a `Descriptor`."""
 
     buffers: tuple
@@ -64,7 +68,7 @@ class Repeat(NamedTuple):
                     args[index] = tensor.data_ptr() + (0 if view is None else view[0] * tensor.element_size())
                     continue
                 if view is not None:
-                    tensor = tensor.as_strided(view[1], view[2], view[0])
+                    tensor = tensor.as_strided(view[1], view[2], tensor.storage_offset() + view[0])
                 args[index] = tensor if args[index] is None else Descriptor(tensor, *args[index][1:])
             if stream is None:
                 launch(recorded.kernel, recorded.grid, *args, **recorded.kwargs)
@@ -81,6 +85,18 @@ def tensor_key(t):
     if type(t) is not torch.Tensor:
         raise TypeError
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
+
+
+def first_names(names, values):
+    """{name: value} of the tensors among values, each object under the first name it came
+    with (a repeat passes one object given twice by that name; the key must say which were
+    one object)."""
+    named, seen = {}, set()
+    for name, value in zip(names, values):
+        if isinstance(value, torch.Tensor) and id(value) not in seen:
+            seen.add(id(value))
+            named[name] = value
+    return named
 
 
 _CACHES = []  # every `Repeats`, for `clear`
@@ -154,19 +170,31 @@ class Repeats:
 
 
 def _slot(tensor, named, buffers):
-    """(name, view) of a launch's tensor argument among the call's tensors and buffers; None
-    where it is neither (a constant, or a tensor a repeat cannot make); NEVER where it is two
-    of the call's tensors (one object passed twice, which the op's key must say)."""
-    names = [name for name, t in (*named.items(), *buffers.items()) if t is tensor]
+    """(name, view) of a launch's tensor argument among the call's tensors and buffers, or
+    of a view of one of them (the only one of them on its storage); None where it is neither
+    (a constant, or a tensor a repeat cannot make); NEVER where it is two of the call's
+    tensors (one object passed twice, which the op's key must say) or a view whose owner is
+    ambiguous (q, k and v slices of one fused buffer)."""
+    candidates = [(name, t) for name, t in (*named.items(), *buffers.items()) if t is not None]
+    names = [name for name, t in candidates if t is tensor]
     if len(names) > 1:
         return NEVER
     if names:
         return names[0], None
-    root = tensor if tensor._base is None else tensor._base
-    for name, t in buffers.items():  # a view of a buffer (sharing its base tensor)
-        if (t if t._base is None else t._base) is root and t.dtype == tensor.dtype:
-            return name, (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
-    return None
+    root = _root(tensor)
+    owners = [(name, t) for name, t in candidates if _root(t) is root]
+    if not owners:
+        return None
+    if len(owners) > 1 or owners[0][1].dtype != tensor.dtype:
+        return NEVER
+    name, owner = owners[0]
+    return name, (tensor.storage_offset() - owner.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _root(tensor):
+    """The tensor at the root of tensor's chain of views (PyTorch records the root for a view
+    of a view)."""
+    return tensor if tensor._base is None else tensor._base
 
 
 def plan(record, named, constants=(), held=None):

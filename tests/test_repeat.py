@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from ropefast import apply_scaled_rope, attention, repeat, rope, scaled_rope_attention, schedules
+from ropefast import apply_scaled_rope, attention, dispatch, ops, repeat, rope, scaled_rope_attention, schedules
 from ropefast.kernels.launch import Descriptor, Recorded, Recording
 
 from conftest import requires_cuda
@@ -137,20 +137,88 @@ def test_a_changed_schedule_or_bad_argument_is_never_repeated():
 
 
 @requires_cuda
-def test_recorded_calls_keep_no_tensors_alive_and_recorded_autograd_calls_run_in_full():
+@pytest.mark.parametrize("train", [False, True])
+def test_recorded_calls_keep_no_tensors_alive(train):
     yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
-    q, k, v = _inputs((1, 100, 4, 4, 128), "bshd", 0)
-    scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
-    out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)  # recorded
+    q, k, v = (x.requires_grad_(train) for x in _inputs((1, 100, 4, 4, 128), "bshd", 0))
+    for _ in range(2):  # the second call (and backward) is recorded
+        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+        if train:
+            out.backward(torch.ones_like(out))
     assert isinstance(next(iter(attention._REPEATS.entries.values())), repeat.Repeat)
+    assert not train or isinstance(next(iter(ops._BACKWARD_REPEATS.entries.values())), repeat.Repeat)
     refs = [weakref.ref(t) for t in (q, k, v, out)]
     del q, k, v, out
     gc.collect()
     assert all(ref() is None for ref in refs)
-    q, k, v = (x.requires_grad_() for x in _inputs((1, 100, 4, 4, 128), "bshd", 1))
+
+
+def _training_cases():
+    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=256)
+    return {
+        "hopper-gqa-causal": dict(shape=(2, 300, 8, 2, 128), kwargs=dict(schedule=yarn, causal=True)),
+        "deterministic-bhsd-positions-lse": dict(
+            shape=(1, 200, 4, 4, 128), layout="bhsd",
+            kwargs=dict(schedule=yarn, q_positions=torch.arange(5, 205), k_positions=torch.arange(200),
+                        return_lse=True, deterministic=True)),
+        "d64-causal": dict(shape=(2, 256, 4, 4, 64), kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
+        "d256-portable": dict(shape=(1, 160, 2, 2, 256), kwargs=dict(schedule=schedules.DefaultRope(256))),
+        "learned-temperature": dict(shape=(1, 130, 4, 1, 128), grads=("q_temperature",),
+                                    kwargs=dict(schedule=yarn, q_temperature=torch.linspace(0.8, 1.2, 130))),
+        "learned-frequencies": dict(shape=(1, 130, 4, 1, 128), grads=("inv_freq",),
+                                    kwargs=dict(inv_freq=schedules.DefaultRope(64).inv_freq(), rotary_dim=64,
+                                                interleaved=True)),
+        "fused-qkv": dict(shape=(2, 96, 4, 4, 128), fused=True, kwargs=dict(schedule=yarn, causal=True)),
+    }
+
+
+def _step(q, k, v, leaves, layout, kwargs, retain_graph):
+    """Outputs and gradients (leaves and the kwargs' tensors that require grad) of one step."""
+    result = scaled_rope_attention(q, k, v, layout=layout, **kwargs)
+    outputs = result if isinstance(result, tuple) else (result,)
+    leaves = [*leaves, *(x for x in kwargs.values() if isinstance(x, torch.Tensor) and x.requires_grad)]
+    gen = torch.Generator().manual_seed(2)
+    grad_outputs = [torch.randn(o.shape, generator=gen).to(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs, retain_graph=retain_graph)
+    return [o.detach() for o in outputs], list(grads)
+
+
+@requires_cuda
+@pytest.mark.parametrize("retain_graph", [False, True])
+@pytest.mark.parametrize("case", list(_training_cases()))
+def test_repeated_training_steps_equal_full_steps(case, retain_graph):
+    # a recorded step's forward and backward repeat (the backward in full where it takes the
+    # frequencies' or temperature's gradient); dQ^ of the Hopper backward sums with atomics
+    # in a varying order, so dq matches closely, everything else bitwise
+    spec = _training_cases()[case]
+    layout, kwargs = spec.get("layout", "bshd"), _to_cuda(spec["kwargs"])
+    for name in spec.get("grads", ()):
+        kwargs[name] = kwargs[name].float().requires_grad_()
+
+    def inputs(seed):
+        q, k, v = _inputs(spec["shape"], layout, seed)
+        if not spec.get("fused"):
+            return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), (q, k, v)
+        # q, k, v slices of one projection's output: the forward saves no Q^
+        qkv = torch.cat([q, k, v], dim=2).requires_grad_()
+        return *qkv.split([q.shape[2], k.shape[2], v.shape[2]], dim=2), (qkv,)
+
+    first, second = inputs(0), inputs(1)
+    for _ in range(3):  # seen, recorded, repeated
+        _step(*first, layout, kwargs, retain_graph)
+    assert any(isinstance(entry, repeat.Repeat) for entry in attention._REPEATS.entries.values())
+    backward_repeats = any(isinstance(entry, repeat.Repeat) for entry in ops._BACKWARD_REPEATS.entries.values())
+    assert backward_repeats == (not spec.get("grads"))
+    repeated = _step(*second, layout, kwargs, retain_graph)
     repeat.clear()
-    scaled_rope_attention(q, k, v, schedule=yarn, causal=True).sum().backward()
-    assert not attention._REPEATS.entries
+    full = _step(*second, layout, kwargs, retain_graph)
+    atomic_dq = dispatch.backward_path(second[0], deterministic=kwargs.get("deterministic", False)) == "hopper"
+    for index, (got, want) in enumerate(zip(repeated[0] + repeated[1], full[0] + full[1])):
+        assert got.shape == want.shape and got.stride() == want.stride()
+        if atomic_dq and index == len(repeated[0]):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+        else:
+            assert torch.equal(got, want), index
 
 
 def test_only_schedules_whose_fields_fix_their_frequencies_have_a_key():
@@ -187,3 +255,23 @@ def test_one_tensor_passed_twice_repeats_only_as_such():
 def test_plan_refuses_one_object_under_two_names():
     x = torch.randn(4)
     assert repeat.plan(Recording([_recorded(x)], []), dict(q=x, k=x)) is repeat.NEVER
+
+
+def test_plan_places_views_of_the_calls_tensors_and_refuses_ambiguous_ones(monkeypatch):
+    base = torch.randn(3, 8, 4)
+    x = base[1]  # storage offset 32: a view's offset is kept from x's
+    planned = repeat.plan(Recording([_recorded(x[2:].t())], []), dict(x=x))
+    assert planned.slots == (((0, "x", (8, (4, 6), (1, 4))),),)
+    launched = []
+    monkeypatch.setattr(repeat, "direct_stream", lambda device: "stream")
+    monkeypatch.setattr(repeat, "direct", lambda entry, grid, args, stream: launched.append(args))
+    y = torch.randn(2, 8, 4)[0]
+    planned(dict(x=y))
+    assert torch.equal(launched[0][0], y[2:].t()) and launched[0][0].data_ptr() == y[2:].data_ptr()
+    # x and k slices of one buffer (fused q, k, v): a view of one could be of the other
+    assert repeat.plan(Recording([_recorded(x[2:])], []), dict(x=x, k=base[2])) is repeat.NEVER
+
+
+def test_first_names_name_each_tensor_object_once():
+    x = torch.randn(4)
+    assert repeat.first_names("abcd", (x, None, x, 3)) == dict(a=x)

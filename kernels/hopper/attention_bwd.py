@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from ..attention_bwd import preprocess
-from ..launch import Descriptor, cdiv, dot_pad, launch
+from ..launch import Descriptor, cdiv, dot_pad, launch, scratch
 from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
 from .attention_fwd import (document_tile, increments, load_rows, mma_layout, mma_tile, pair_layout, rotate_rows,
@@ -433,9 +433,9 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     d_pad = dot_pad(head_dim)
     stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
-    dq_acc = torch.empty(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32)
+    dq_acc = scratch("dq_acc", torch.empty(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32))
     delta, lse2 = preprocess(out, do, lse, dlse, rows=nq_tiles, dq_acc=dq_acc)
-    dv = torch.empty_like(v)
+    dv = scratch("dv", torch.empty_like(v))
     q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
     v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,

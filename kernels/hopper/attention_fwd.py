@@ -669,7 +669,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
                                   interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                                   keys=False)
         else:
-            q_rot = sequence_major(*q.shape, q)
+            q_rot = scratch("q_rot", sequence_major(*q.shape, q))
 
     out = scratch("out", torch.empty_like(q))
     lse = scratch("lse", torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32))
