@@ -191,7 +191,8 @@ def scaled_rope_attention(
             # only: given ones are the call's, and an entry must not keep them alive)
             resolved = (None if given_freq is not None else inv_freq, rotary_dim, interleaved, softmax_scale,
                         rotary_scale)
-            _REPEATS.keep(key, record, named, constants=(inv_freq,), held=(schedule, resolved))
+            _REPEATS.keep(key, record, named, ("out", "lse", "q_rot"), constants=(inv_freq,),
+                          held=(schedule, resolved))
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -217,7 +217,7 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
             return dq, buffers["dk"], buffers["dv"], *[None] * 15
         with _BACKWARD_REPEATS.recording(key) as record:
             dq, dk, dv, dfreq, dtemp = gradients(*args)
-        _BACKWARD_REPEATS.keep(key, record, named)
+        _BACKWARD_REPEATS.keep(key, record, named, ("dq", "dk", "dv"))
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
             *[None] * 11)
 

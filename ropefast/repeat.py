@@ -41,24 +41,28 @@ SEEN = "seen"  # a key met once: its next call runs in full under `recording`
 
 
 class Repeat(NamedTuple):
-    """A recorded call's buffers (name, shape, strides, dtype, device) and launches (on one
-    device), with where each launch takes a tensor of the call: (argument index, name, view),
-    view = None or the (storage offset from that tensor's, shape, strides) of a view of it; a
-    descriptor's base where the recorded argument is a `Descriptor`."""
+    """A recorded call's launches (on one device), with where each launch takes a tensor of
+    the call: (argument index, name, view), view = None or the (storage offset from that
+    tensor's, shape, strides) of a view of it, a descriptor's base where the recorded argument
+    is a `Descriptor`; the buffers (name, shape, strides, dtype, device) allocated before each
+    launch, at their first use, and the names of those released after it, at their last use
+    (unless the caller reads them): a repeat's peak memory is the full call's."""
 
-    buffers: tuple
     launches: tuple[Recorded, ...]
     slots: tuple
+    allocations: tuple
+    releases: tuple
     device: int
     held: Any  # kept alive with the entry: the schedule whose id the key holds
 
     def __call__(self, tensors):
-        """Allocate the buffers into `tensors` (the call's own, by name), make the launches on
-        them, and return `tensors`."""
-        for name, shape, strides, dtype, device in self.buffers:
-            tensors[name] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        """Make the launches on `tensors` (the call's own, by name) and the buffers, allocated
+        into `tensors` as they come; return `tensors`, with the buffers the caller reads."""
         stream = direct_stream(self.device)
-        for recorded, slots in zip(self.launches, self.slots):
+        for recorded, slots, allocations, releases in zip(self.launches, self.slots, self.allocations,
+                                                          self.releases):
+            for name, shape, strides, dtype, device in allocations:
+                tensors[name] = torch.empty_strided(shape, strides, dtype=dtype, device=device)
             # on the C launcher, a pointer goes as an int: no view to make, no driver query
             pointers = stream is not None and recorded.entry[3] is not None
             args = list(recorded.args)
@@ -74,6 +78,8 @@ class Repeat(NamedTuple):
                 launch(recorded.kernel, recorded.grid, *args, **recorded.kwargs)
             else:
                 direct(recorded.entry, recorded.grid, args, stream)
+            for name in releases:
+                del tensors[name]
         return tensors
 
 
@@ -143,10 +149,10 @@ class Repeats:
             self._put(key, SEEN)
         return recording() if entry is SEEN else contextlib.nullcontext()
 
-    def keep(self, key, record, named, constants=(), held=None):
+    def keep(self, key, record, named, outputs, constants=(), held=None):
         """After a call under `recording(key)`: the `plan` of its record (None: nothing to keep)."""
         if record is not None:
-            self._put(key, plan(record, named, constants, held))
+            self._put(key, plan(record, named, outputs, constants, held))
 
     def never(self, key):
         """A call of key ran without launches that repeat (the reference): its calls run in full."""
@@ -197,16 +203,16 @@ def _root(tensor):
     return tensor if tensor._base is None else tensor._base
 
 
-def plan(record, named, constants=(), held=None):
+def plan(record, named, outputs=(), constants=(), held=None):
     """The `Repeat` of a call's `recording` (record), or `NEVER` where a launch argument is a
     tensor that is none of `named` (the call's own tensors, which a repeat passes again), the
     call's `scratch` buffers (or their views) and `constants`, or where a launch has no
-    compiled entry (the interpreter) or a buffer's name came twice."""
+    compiled entry (the interpreter) or a buffer's name came twice. `outputs`: the names of
+    the buffers that the caller reads after a repeat (kept to its end)."""
     scratch = dict(record.scratch)
     if (not record.launches or len(scratch) < len(record.scratch) or any(r.entry is None for r in record.launches)
             or len({r.device for r in record.launches}) > 1 or any(t.storage_offset() for t in scratch.values())):
         return NEVER
-    buffers = tuple((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for name, t in scratch.items())
     slots = []
     for recorded in record.launches:
         launch_slots = []
@@ -230,4 +236,13 @@ def plan(record, named, constants=(), held=None):
         for index, _, _ in launch_slots:
             args[index] = args[index]._replace(base=None) if type(args[index]) is Descriptor else None
         launches.append(recorded._replace(args=tuple(args)))
-    return Repeat(buffers, tuple(launches), tuple(slots), record.launches[0].device, held)
+    # each buffer lives from its first launch to its last, as in the full call (where it came
+    # or went with the Python names that held it)
+    allocations, releases = [[] for _ in launches], [[] for _ in launches]
+    for name, t in scratch.items():
+        uses = [i for i, launch_slots in enumerate(slots) if any(slot[1] == name for slot in launch_slots)]
+        allocations[uses[0] if uses else 0].append((name, tuple(t.shape), tuple(t.stride()), t.dtype, t.device))
+        if uses and name not in outputs:
+            releases[uses[-1]].append(name)
+    return Repeat(tuple(launches), tuple(slots), tuple(map(tuple, allocations)), tuple(map(tuple, releases)),
+                  record.launches[0].device, held)

@@ -64,8 +64,8 @@ def apply_scaled_rope(x: Tensor, *, schedule: Optional[RopeSchedule] = None, inv
         with _REPEATS.recording(key) as record:
             out = ops.rotary(x, inv_freq, positions, rotary_dim, interleaved, rotary_scale)
         # the schedule's frequencies are fixed by the key; given ones are the call's
-        _REPEATS.keep(key, record, dict(x=x, positions=positions, inv_freq=given_freq), constants=(inv_freq,),
-                      held=schedule)
+        _REPEATS.keep(key, record, dict(x=x, positions=positions, inv_freq=given_freq), ("out",),
+                      constants=(inv_freq,), held=schedule)
     else:
         _REPEATS.never(key)
         positions = default_positions(1, n, 0, x.device) if positions is None else positions

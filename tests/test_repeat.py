@@ -28,7 +28,7 @@ def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch, c_launc
     raw = "C launcher" if c_launcher else None
     record = Recording([_recorded(x, view, freq, 7, raw=raw),
                         _recorded(Descriptor(out, [6, 4], [4, 1], [2, 4]), 1.5, raw=raw)], [("out", out)])
-    planned = repeat.plan(record, dict(x=x), constants=(freq,))
+    planned = repeat.plan(record, dict(x=x), ("out",), constants=(freq,))
     assert planned.slots == (((0, "x", None), (1, "out", (0, (2, 8, 3, 4), (96, 4, 32, 1)))), ((0, "out", None),))
     assert planned.launches[0].args == (None, None, freq, 7) and planned.launches[1].args[0].base is None
 
@@ -46,6 +46,19 @@ def test_plan_finds_each_tensor_and_keeps_none_of_the_calls(monkeypatch, c_launc
         assert first[1].data_ptr() == tensors["out"].data_ptr()
     assert second[0].base is tensors["out"] and second[0].block_shape == [2, 4]
     assert tensors["out"].shape == out.shape and tensors["out"].data_ptr() != out.data_ptr()
+
+
+def test_buffers_live_from_their_first_launch_to_their_last_unless_the_caller_reads_them(monkeypatch):
+    # as in the full call, where a launcher's Python names held them: a repeat's peak memory
+    x, a, b, out = (torch.empty(4) for _ in range(4))
+    record = Recording([_recorded(x, a), _recorded(a, b), _recorded(b, out)], [("a", a), ("out", out), ("b", b)])
+    planned = repeat.plan(record, dict(x=x), ("out",))
+    assert planned.releases == ((), ("a",), ("b",))
+    tensors, live = dict(x=torch.empty(4)), []
+    monkeypatch.setattr(repeat, "direct_stream", lambda device: "stream")
+    monkeypatch.setattr(repeat, "direct", lambda entry, grid, args, stream: live.append(sorted(tensors)))
+    planned(tensors)
+    assert live == [["a", "x"], ["a", "b", "x"], ["b", "out", "x"]] and sorted(tensors) == ["out", "x"]
 
 
 def test_plan_refuses_what_a_repeat_cannot_make():
