@@ -200,16 +200,21 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
     args = (grad_out, grad_lse, *saved[:9], *ctx.args, need_dfreq, need_dtemp, cu_seqlens_q, cu_seqlens_k,
             *ctx.max_seqlens, ctx.deterministic, ctx.q_stride, dq_into_q)
     # An eager backward of a call that the API keyed (`ropefast.repeat`) repeats its launches
-    # too, keyed on that key (it fixes every saved tensor's layout), the numbers the schedule
-    # resolved to (this entry does not hold the schedule, whose id the key holds) and what the
-    # key cannot know: the incoming gradients' layouts and whether dq takes Q^'s place.
+    # too, keyed on that key, the numbers the schedule resolved to (this entry does not hold
+    # the schedule, whose id the key holds), every tensor's layout and which are one object
+    # (gradients and saved tensors as they come here), and whether dq takes Q^'s place.
     # Frequency and temperature gradients take torch operations a repeat cannot make: in full.
     if gradients is attention_bwd or getattr(ctx, "repeat_key", None) is None or need_dfreq or need_dtemp:
         dq, dk, dv, dfreq, dtemp = gradients(*args)
     else:
-        key = (ctx.repeat_key, ctx.args, tensor_key(grad_out), None if grad_lse is None else tensor_key(grad_lse),
-               dq_into_q, dispatch.portable_only())
-        named = first_names(("grad_out", "grad_lse", *_SAVED_TENSORS), (grad_out, grad_lse, *saved))
+        tensors, first = (grad_out, grad_lse, *saved), {}
+        try:  # saved-tensor hooks may hand back other layouts, or a gradient may be a saved tensor
+            key = (ctx.repeat_key, ctx.args, tuple([tensor_key(t) for t in tensors]),
+                   tuple([first.setdefault(id(t), i) for i, t in enumerate(tensors)]), dq_into_q,
+                   dispatch.portable_only())
+        except TypeError:  # a tensor subclass: in full
+            key = None
+        named = first_names(("grad_out", "grad_lse", *_SAVED_TENSORS), tensors)
         repeat = _BACKWARD_REPEATS.get(key)
         if repeat is not None:
             buffers = repeat(named)
