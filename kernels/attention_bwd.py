@@ -309,7 +309,9 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               queries=not q_rotated, keys=not keys_inside)
     if q_rotated:
-        q_rot = q
+        # Q^ as the forward wrote it (sequence-major), the layout the kernels' tiles read; a
+        # saved-tensor hook (save_on_cpu) may hand it back in another, which is copied
+        q_rot = q if q.transpose(1, 2).is_contiguous() else sequence_major(*q.shape, q).copy_(q)
     # Buffers, for SDPA's peak memory: dK^ overwrites K^ (each key tile is read only by the
     # program that writes it, before it writes: after the dQ kernel here, at the start of the
     # Gluon kernel's program) unless the frequency gradient still needs K^; with the keys

@@ -194,6 +194,27 @@ def test_dq_takes_the_saved_queries_storage_unless_the_graph_is_kept(layout):
 
 
 @requires_kernel
+@pytest.mark.parametrize("head_dim", [64, 40] if DEVICE == "cpu" else [128, 80])
+def test_saved_queries_handed_back_in_another_layout(head_dim):
+    # A saved-tensor hook may hand the saved Q^ back in another layout than the forward wrote
+    # (save_on_cpu copies it into a contiguous pinned buffer): the gradients stay the same.
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(2, 48, 4, head_dim, generator=gen).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    yarn = schedules.YaRN(head_dim, factor=4.0, original_max_position_embeddings=32)
+
+    def gradients(unpack):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+        return torch.autograd.grad(out.float().square().sum(), (q, k, v))
+
+    want, got = gradients(lambda t: t), gradients(lambda t: t.contiguous())
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    # dq of the Hopper backward sums with float32 atomics, in no fixed order
+    assert torch.equal(got[0], want[0]) if DEVICE == "cpu" else rel_err(got[0], want[0]) < 1e-2
+
+
+@requires_kernel
 @pytest.mark.parametrize("dlse", [False, True])
 def test_preprocess_pads_the_row_statistics_and_zeroes_the_dq_sums(dlse):
     # the Hopper backward reads lse2 and delta in whole 128-row tiles and sums dQ^ into a
