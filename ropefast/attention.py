@@ -111,8 +111,9 @@ def scaled_rope_attention(
         >>> yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=4096)
         >>> out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
     """
-    key = _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
-                      softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic)
+    key, records, save_q = _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions,
+                                       causal, softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len,
+                                       deterministic)
     repeat = _REPEATS.get(key)
     if repeat is not None:
         if layout == "bhsd":
@@ -124,7 +125,8 @@ def scaled_rope_attention(
         schedule_freq, rotary_dim, interleaved, softmax_scale, rotary_scale = repeat.held[1]
         out, lse = ops.attention(q, k, v, schedule_freq if inv_freq is None else inv_freq, q_positions, k_positions,
                                  temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
-                                 deterministic=deterministic, repeat=lambda: repeat(named), repeat_key=key)
+                                 deterministic=deterministic, repeat=lambda: repeat(named), repeat_key=key,
+                                 records=records, save_q=save_q)
         out = out if layout == "bshd" else out.transpose(1, 2)
         return (out, lse) if return_lse else out
     given_freq = inv_freq
@@ -180,7 +182,8 @@ def scaled_rope_attention(
         q_positions, k_positions = as_batched(q_positions), as_batched(k_positions)
         with _REPEATS.recording(key) as record:
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
-                                     causal, softmax_scale, rotary_scale, deterministic=deterministic, repeat_key=key)
+                                     causal, softmax_scale, rotary_scale, deterministic=deterministic, repeat_key=key,
+                                     records=records, save_q=save_q)
         if record is not None:  # the schedule's frequencies are fixed by the key; given ones are the call's
             named = dict(q=q, inv_freq=given_freq, q_positions=q_positions, temperature=temperature)
             # a tensor passed twice goes by its first name (the key says which were one object)
@@ -200,36 +203,41 @@ def scaled_rope_attention(
 
 def _repeat_key(q, k, v, schedule, inv_freq, rotary_dim, interleaved, q_positions, k_positions, causal,
                 softmax_scale, rotary_scale, q_temperature, layout, return_lse, seq_len, deterministic):
-    """The `ropefast.repeat` key of a call, or None for a call that runs in full: one that
-    torch.compile traces, on other than CUDA tensors, after TRITON_INTERPRET changed
+    """(key, records, save_q): the `ropefast.repeat` key of a call, whether autograd records
+    the call and whether its forward saves Q^ (`ops.saves_queries`; the key holds it), for
+    `ops.attention`, which then need not find them again (a keyed call's inv_freq is the given
+    one or the schedule's cached frequencies, which require no grad, and its temperature is
+    float32: it would find the same). (None, None, None) for a call that runs in full: one
+    that torch.compile traces, on other than CUDA tensors, after TRITON_INTERPRET changed
     (`dispatch.env_changed`: the reference runs), with a schedule's temperatures (computed
     from the positions) or one that `schedule_key` refuses, a temperature other than float32,
-    or arguments a key cannot hold (the checks then say what is wrong with them). A call that
-    autograd records keys on whether its forward saves Q^ (`ops.saves_queries`)."""
+    or arguments a key cannot hold (the checks then say what is wrong with them)."""
     if (torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor) or not q.is_cuda
             or dispatch.env_changed()):
-        return None
+        return None, None, None
     records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                            or getattr(inv_freq, "requires_grad", False)
                                            or getattr(q_temperature, "requires_grad", False))
     if schedule is not None and getattr(schedule, "has_q_temperature", False):
-        return None
+        return None, None, None
     if q_temperature is not None and getattr(q_temperature, "dtype", None) != torch.float32:
-        return None
+        return None, None, None
+    save_q = records and ops.saves_queries(q, k, v, records)
     try:
         # q, k, v flat (one tuple hashes faster than nested ones); their pointers' alignment as
         # one value: a call where any is not 16-byte aligned fails the checks and records nothing.
         # The scalars with their types: a call with 1 for True, or 64.0 for 64, must meet the checks.
-        return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
-                v.dtype, v.device, (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16, schedule_key(schedule),
-                None if inv_freq is None else tensor_key(inv_freq),
-                type(rotary_dim), rotary_dim, type(interleaved), interleaved,
-                None if q_positions is None else tensor_key(q_positions),
-                None if k_positions is None else tensor_key(k_positions), type(causal), causal,
-                type(softmax_scale), softmax_scale, type(rotary_scale), rotary_scale,
-                None if q_temperature is None else tensor_key(q_temperature), layout, type(return_lse), return_lse,
-                type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only(),
-                # one tensor passed twice (self-attention on x): the record passes it twice
-                q is k, k is v, q is v, q_positions is k_positions, records and ops.saves_queries(q, k, v, records))
+        key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
+               v.dtype, v.device, (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16, schedule_key(schedule),
+               None if inv_freq is None else tensor_key(inv_freq),
+               type(rotary_dim), rotary_dim, type(interleaved), interleaved,
+               None if q_positions is None else tensor_key(q_positions),
+               None if k_positions is None else tensor_key(k_positions), type(causal), causal,
+               type(softmax_scale), softmax_scale, type(rotary_scale), rotary_scale,
+               None if q_temperature is None else tensor_key(q_temperature), layout, type(return_lse), return_lse,
+               type(seq_len), seq_len, type(deterministic), deterministic, dispatch.portable_only(),
+               # one tensor passed twice (self-attention on x): the record passes it twice
+               q is k, k is v, q is v, q_positions is k_positions, save_q)
     except TypeError:  # a non-tensor where a tensor goes
-        return None
+        return None, None, None
+    return key, records, save_q

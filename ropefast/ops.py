@@ -207,14 +207,13 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
     if gradients is attention_bwd or getattr(ctx, "repeat_key", None) is None or need_dfreq or need_dtemp:
         dq, dk, dv, dfreq, dtemp = gradients(*args)
     else:
-        tensors, first = (grad_out, grad_lse, *saved), {}
+        tensors = (grad_out, grad_lse, *saved)
+        named, same = first_names(("grad_out", "grad_lse", *_SAVED_TENSORS), tensors)
         try:  # saved-tensor hooks may hand back other layouts, or a gradient may be a saved tensor
-            key = (ctx.repeat_key, ctx.args, tuple([tensor_key(t) for t in tensors]),
-                   tuple([first.setdefault(id(t), i) for i, t in enumerate(tensors)]), dq_into_q,
+            key = (ctx.repeat_key, ctx.args, tuple([tensor_key(t) for t in tensors]), same, dq_into_q,
                    dispatch.portable_only())
         except TypeError:  # a tensor subclass: in full
             key = None
-        named = first_names(("grad_out", "grad_lse", *_SAVED_TENSORS), tensors)
         repeat = _BACKWARD_REPEATS.get(key)
         if repeat is not None:
             buffers = repeat(named)
@@ -257,15 +256,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
               causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
               deterministic: bool = False, repeat: Optional[Callable[[], dict]] = None,
-              repeat_key: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+              repeat_key: Optional[tuple] = None, records: Optional[bool] = None,
+              save_q: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
     autograd.Function in eager (module docstring). Where autograd records the call, the
     forward saves Q^ for the backward (`save_q`, `saves_queries`). `repeat_key` (eager): the
     API's `ropefast.repeat` key of the call, on which its backward keys its own; `repeat`:
     returns the buffers of a repeat of the launches recorded for that key, which then run in
-    the implementation's place."""
-    records = _records((q, k, v, inv_freq, q_temperature))
-    save_q = saves_queries(q, k, v, records)
+    the implementation's place. `records` and `save_q`: whether autograd records the call
+    (`_records`) and whether its forward saves Q^, where the caller has them (the API computes
+    both for its key); None: computed here."""
+    if records is None:
+        records = _records((q, k, v, inv_freq, q_temperature))
+    if save_q is None:
+        save_q = saves_queries(q, k, v, records)
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
             softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q)
     run = None

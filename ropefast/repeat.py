@@ -94,15 +94,20 @@ def tensor_key(t):
 
 
 def first_names(names, values):
-    """{name: value} of the tensors among values, each object under the first name it came
-    with (a repeat passes one object given twice by that name; the key must say which were
-    one object)."""
-    named, seen = {}, set()
-    for name, value in zip(names, values):
-        if isinstance(value, torch.Tensor) and id(value) not in seen:
-            seen.add(id(value))
+    """(named, same): {name: value} of the tensors among values, each object under the first
+    name it came with (a repeat passes one object given twice by that name), and the tuple of,
+    for each value, the index of the first value that is the same object (None for a
+    non-tensor): a key holds it to say which were one object."""
+    named, first, same = {}, {}, []
+    for index, (name, value) in enumerate(zip(names, values)):
+        if not isinstance(value, torch.Tensor):
+            same.append(None)
+            continue
+        if id(value) not in first:
+            first[id(value)] = index
             named[name] = value
-    return named
+        same.append(first[id(value)])
+    return named, tuple(same)
 
 
 _CACHES = []  # every `Repeats`, for `clear`

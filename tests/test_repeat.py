@@ -287,4 +287,5 @@ def test_plan_places_views_of_the_calls_tensors_and_refuses_ambiguous_ones(monke
 
 def test_first_names_name_each_tensor_object_once():
     x = torch.randn(4)
-    assert repeat.first_names("abcd", (x, None, x, 3)) == dict(a=x)
+    y = torch.randn(4)
+    assert repeat.first_names("abcde", (x, None, x, 3, y)) == (dict(a=x, e=y), (0, None, 0, None, 4))
