@@ -71,19 +71,24 @@ def test_plan_refuses_what_a_repeat_cannot_make():
     assert repeat.plan(twice, dict(x=x)) is repeat.NEVER
 
 
-def _attention_cases():
+def _cases():
+    """Calls that repeat, for inference and training: `grads` names the keyword tensors that
+    learn (their backward runs in full), `fused` slices q, k and v from one tensor."""
     yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=256)
     return {
-        "hopper-causal": dict(shape=(2, 300, 8, 2, 128), kwargs=dict(schedule=yarn, causal=True)),
-        "bhsd-positions-temperature-lse": dict(
+        "hopper-gqa-causal": dict(shape=(2, 300, 8, 2, 128), kwargs=dict(schedule=yarn, causal=True)),
+        "deterministic-bhsd-positions-temperature-lse": dict(
             shape=(1, 200, 4, 4, 128), layout="bhsd",
             kwargs=dict(schedule=yarn, q_positions=torch.arange(5, 205), k_positions=torch.arange(200),
-                        q_temperature=torch.linspace(0.8, 1.2, 200), return_lse=True)),
-        "portable-d64-causal": dict(shape=(2, 256, 4, 4, 64),
-                                    kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
-        "given-frequencies-partial": dict(shape=(1, 130, 4, 1, 128),
-                                          kwargs=dict(inv_freq=schedules.DefaultRope(64).inv_freq(), rotary_dim=64,
-                                                      interleaved=True, softmax_scale=0.1)),
+                        q_temperature=torch.linspace(0.8, 1.2, 200), return_lse=True, deterministic=True)),
+        "d64-causal": dict(shape=(2, 256, 4, 4, 64), kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
+        "d256-portable": dict(shape=(1, 160, 2, 2, 256), kwargs=dict(schedule=schedules.DefaultRope(256))),
+        "learned-temperature": dict(shape=(1, 130, 4, 1, 128), grads=("q_temperature",),
+                                    kwargs=dict(schedule=yarn, q_temperature=torch.linspace(0.8, 1.2, 130))),
+        "learned-frequencies-partial": dict(shape=(1, 130, 4, 1, 128), grads=("inv_freq",),
+                                            kwargs=dict(inv_freq=schedules.DefaultRope(64).inv_freq(), rotary_dim=64,
+                                                        interleaved=True, softmax_scale=0.1)),
+        "fused-qkv": dict(shape=(2, 96, 4, 4, 128), fused=True, kwargs=dict(schedule=yarn, causal=True)),
     }
 
 
@@ -94,16 +99,26 @@ def _inputs(shape, layout, seed):
     return [torch.randn(s, generator=gen).to("cuda", torch.bfloat16) for s in shapes]
 
 
+def _case_inputs(spec, layout, seed, train):
+    """q, k, v of a `_cases` entry, and the leaves that learn: q, k and v (or, fused, the one
+    tensor they are sliced from: the forward then saves no Q^); none unless train."""
+    q, k, v = _inputs(spec["shape"], layout, seed)
+    if spec.get("fused"):
+        qkv = torch.cat([q, k, v], dim=2).requires_grad_(train)
+        return *qkv.split([q.shape[2], k.shape[2], v.shape[2]], dim=2), (qkv,)
+    return q.requires_grad_(train), k.requires_grad_(train), v.requires_grad_(train), (q, k, v)
+
+
 def _to_cuda(kwargs):
     return {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
 
 
 @requires_cuda
-@pytest.mark.parametrize("case", list(_attention_cases()))
+@pytest.mark.parametrize("case", list(_cases()))
 def test_repeated_attention_calls_equal_full_calls(case):
-    spec = _attention_cases()[case]
+    spec = _cases()[case]
     layout, kwargs = spec.get("layout", "bshd"), _to_cuda(spec["kwargs"])
-    first, second = _inputs(spec["shape"], layout, 0), _inputs(spec["shape"], layout, 1)
+    first, second = (_case_inputs(spec, layout, seed, train=False)[:3] for seed in (0, 1))
     with torch.no_grad():
         for _ in range(2):  # the key's second call is recorded
             scaled_rope_attention(*first, layout=layout, **kwargs)
@@ -166,25 +181,6 @@ def test_recorded_calls_keep_no_tensors_alive(train):
     assert all(ref() is None for ref in refs)
 
 
-def _training_cases():
-    yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=256)
-    return {
-        "hopper-gqa-causal": dict(shape=(2, 300, 8, 2, 128), kwargs=dict(schedule=yarn, causal=True)),
-        "deterministic-bhsd-positions-lse": dict(
-            shape=(1, 200, 4, 4, 128), layout="bhsd",
-            kwargs=dict(schedule=yarn, q_positions=torch.arange(5, 205), k_positions=torch.arange(200),
-                        return_lse=True, deterministic=True)),
-        "d64-causal": dict(shape=(2, 256, 4, 4, 64), kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
-        "d256-portable": dict(shape=(1, 160, 2, 2, 256), kwargs=dict(schedule=schedules.DefaultRope(256))),
-        "learned-temperature": dict(shape=(1, 130, 4, 1, 128), grads=("q_temperature",),
-                                    kwargs=dict(schedule=yarn, q_temperature=torch.linspace(0.8, 1.2, 130))),
-        "learned-frequencies": dict(shape=(1, 130, 4, 1, 128), grads=("inv_freq",),
-                                    kwargs=dict(inv_freq=schedules.DefaultRope(64).inv_freq(), rotary_dim=64,
-                                                interleaved=True)),
-        "fused-qkv": dict(shape=(2, 96, 4, 4, 128), fused=True, kwargs=dict(schedule=yarn, causal=True)),
-    }
-
-
 def _step(q, k, v, leaves, layout, kwargs, retain_graph):
     """Outputs and gradients (leaves and the kwargs' tensors that require grad) of one step."""
     result = scaled_rope_attention(q, k, v, layout=layout, **kwargs)
@@ -198,25 +194,16 @@ def _step(q, k, v, leaves, layout, kwargs, retain_graph):
 
 @requires_cuda
 @pytest.mark.parametrize("retain_graph", [False, True])
-@pytest.mark.parametrize("case", list(_training_cases()))
+@pytest.mark.parametrize("case", list(_cases()))
 def test_repeated_training_steps_equal_full_steps(case, retain_graph):
     # a recorded step's forward and backward repeat (the backward in full where it takes the
     # frequencies' or temperature's gradient); dQ^ of the Hopper backward sums with atomics
     # in a varying order, so dq matches closely, everything else bitwise
-    spec = _training_cases()[case]
+    spec = _cases()[case]
     layout, kwargs = spec.get("layout", "bshd"), _to_cuda(spec["kwargs"])
     for name in spec.get("grads", ()):
         kwargs[name] = kwargs[name].float().requires_grad_()
-
-    def inputs(seed):
-        q, k, v = _inputs(spec["shape"], layout, seed)
-        if not spec.get("fused"):
-            return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), (q, k, v)
-        # q, k, v slices of one projection's output: the forward saves no Q^
-        qkv = torch.cat([q, k, v], dim=2).requires_grad_()
-        return *qkv.split([q.shape[2], k.shape[2], v.shape[2]], dim=2), (qkv,)
-
-    first, second = inputs(0), inputs(1)
+    first, second = (_case_inputs(spec, layout, seed, train=True) for seed in (0, 1))
     for _ in range(3):  # seen, recorded, repeated
         _step(*first, layout, kwargs, retain_graph)
     assert any(isinstance(entry, repeat.Repeat) for entry in attention._REPEATS.entries.values())
