@@ -18,7 +18,8 @@ units of two tiles of equal work; one item each for longer causal calls and docu
   O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
   the next consumer through an mbarrier "turn" (ping-pong), so one warpgroup's exponentials
   overlap the others' matmuls. (ptxas places the wait for PV_{j-1} before the softmax's
-  first shuffle, so within a warpgroup only the row maximum overlaps it.) The
+  first shuffle, so within a warpgroup only the row maximum overlaps it; holding the wait
+  back behind a shared-memory store of the row sums ran slower: bench/RESULTS.md.) The
   epilogue's TMA store of O runs on while the next item starts, and up to D = 128 the next
   item's queries load during it.
 Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
