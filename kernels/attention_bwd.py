@@ -12,8 +12,8 @@ logits are s = ln2 Q^ . K^. With dS = P * (dP - delta), delta = rowsum(dO * O) -
 Q^ is the one the forward saved (`q_rotated`; the API's default where autograd records
 the call), or a query rope pass recomputes it. K^ comes from a rope pass into scratch for
 this call only, or, on Hopper, the Gluon kernel rotates the keys, and dK^ back, itself
-(unless the frequency gradient needs K^ or the pairs are half-split with rotary_dim < the
-padded head dim). Saving Q^ rather than K^: the forward has Q^ in shared memory anyway, and
+(unless the frequency gradient needs K^, the pairs are half-split with rotary_dim < the
+padded head dim, or D = 256). Saving Q^ rather than K^: the forward has Q^ in shared memory anyway, and
 dK^ may overwrite a K^ that nothing else holds (below).
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
@@ -302,9 +302,10 @@ def rope_attention_bwd(do, q, k, v, out, lse, dlse, inv_freq, q_positions, k_pos
         do = do.contiguous()  # autograd may hand a broadcast gradient
 
     # The Hopper kernel rotates the keys, and dK^ back, itself, unless the frequency gradient
-    # reads K^ and dK^ or K^ would have to be in its slot order (Q^, saved or from the rope
-    # pass, is in the natural one).
-    keys_inside = gradient_kernel is not None and not need_dfreq and not slot_order(d_pad, rotary_dim, interleaved)
+    # reads K^ and dK^, K^ would have to be in its slot order (Q^, saved or from the rope
+    # pass, is in the natural one), or (D > 128) its warpgroups split each key's features.
+    keys_inside = (gradient_kernel is not None and not need_dfreq and d_pad <= 128
+                   and not slot_order(d_pad, rotary_dim, interleaved))
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale,
                               queries=not q_rotated, keys=not keys_inside)

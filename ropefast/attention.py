@@ -91,7 +91,7 @@ def scaled_rope_attention(
 
     Dispatch (`ropefast.dispatch`, fixed at import): CUDA tensors run the fused kernels (on
     Hopper the Gluon forward from head dim 64 up, at 64 where it is faster, and the Gluon
-    backward at head dims 64 and 128; the portable Triton kernels elsewhere);
+    backward at head dims 64, 128 and 256; the portable Triton kernels elsewhere);
     with TRITON_INTERPRET=1 set before the import, float16/float32 run them through the
     Triton interpreter; everything else (CPU tensors without it, bfloat16 under the
     interpreter, float64) runs `ropefast.reference` (plain PyTorch, float32 math, float64

@@ -6,7 +6,7 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
 
   "hopper"       CUDA float16 / bfloat16 on a Hopper GPU (sm_90) with a Triton whose Gluon
                  has what the kernels need (`kernels.hopper.compat`): the warp-specialized
-                 Gluon forward and, at head dims 64 and 128, the Gluon backward
+                 Gluon forward and, at head dims 64, 128 and 256, the Gluon backward
                  (`deterministic=True` keeps the portable backward kernels). Below head dim
                  128 the portable forward runs where it is faster or the Gluon one is
                  unmeasured (`forward_path`: head dims under 64, and at 64 causal calls under
@@ -54,8 +54,8 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 HOPPER_SMALL_HEAD_DIM = 64
 HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES = 16384  # causal calls from this many queries take Gluon
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
-# are head_dim wide and its dK^ and dV accumulators fill the registers at D = 128.
-HOPPER_BACKWARD_HEAD_DIMS = (64, 128)
+# are head_dim wide; at D = 256 its warpgroups split the features of 64 keys.
+HOPPER_BACKWARD_HEAD_DIMS = (64, 128, 256)
 
 
 def _interpret_env():

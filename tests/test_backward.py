@@ -260,6 +260,9 @@ GPU_CASES = [
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, interleaved=True)),
     ((2, 1000, 1000, 8, 4, 64, 64), dict()),  # the Gluon forward's 192-row items save Q^
     ((1, 512, 512, 8, 2, 256, 256), dict(causal=True)),
+    ((2, 1000, 1000, 8, 4, 256, 256), dict()),  # D = 256: the Gluon warpgroups split the features
+    ((1, 300, 1100, 4, 2, 256, 128), dict(causal=True, interleaved=True, layout="bhsd")),
+    ((1, 700, 300, 4, 1, 256, 192), dict(causal=True, positions=True)),
     ((2, 1000, 1000, 8, 8, 128, 64), dict(positions=True)),  # rotary_dim = D/2
     ((1, 700, 300, 4, 2, 128, 96), dict(causal=True)),  # Nq > Nk: rows that see nothing; partial rotary
     ((1, 300, 1100, 8, 2, 128, 128), dict(causal=True, layout="bhsd")),  # Nq < Nk, partial tiles
@@ -282,6 +285,7 @@ def test_backward_gpu(case, dtype, deterministic):
 # where K^ is in the natural feature order (`kernels.rope.slot_order`): half-split pairs
 # filling D (with positions too), or interleaved ones (partial, with positions; partial at
 # D = 64); GQA with Nq != Nk, rows that see no key, fewer keys than a warpgroup's 64, D = 64.
+# At D = 256 (last) it takes K^ from the rope pass: its warpgroups split each key's features.
 KEYS_INSIDE_CASES = [
     ((2, 1024, 1024, 16, 16, 128, 128), dict(causal=True)),
     ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),
@@ -291,6 +295,7 @@ KEYS_INSIDE_CASES = [
     ((2, 90, 50, 4, 2, 128, 128), dict()),
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, layout="bhsd")),
     ((2, 300, 300, 4, 2, 64, 32), dict(causal=True, interleaved=True)),
+    ((1, 512, 1024, 8, 2, 256, 256), dict(causal=True)),
 ]
 
 
@@ -301,10 +306,10 @@ def test_backward_gpu_without_frequency_gradient(case, dtype, rope_passes, inver
     B, Nq, Nk, Hq, Hkv, D, _ = case[0]
     errors = grad_errors(*case[0], dtype, freq_grad=False, **case[1])
     assert "dinv_freq" not in errors and all(err < 2 * TOLERANCE[dtype] for err in errors.values()), errors
-    hopper = dispatch.backward_path(torch.empty(1, 1, 1, D, device="cuda", dtype=dtype)) == "hopper"
-    assert rope_passes == [(False, not hopper)]
+    inside = D <= 128 and dispatch.backward_path(torch.empty(1, 1, 1, D, device="cuda", dtype=dtype)) == "hopper"
+    assert rope_passes == [(False, not inside)]
     dq_pass, dk_pass = (B, Nq, Hq, D), (B, Nk, Hkv, D)  # dQ^ and dK^ sequence-major, whatever the layout
-    assert inverse_passes == ([dq_pass] if hopper else [dq_pass, dk_pass])  # the kernel wrote dk itself
+    assert inverse_passes == ([dq_pass] if inside else [dq_pass, dk_pass])  # the kernel wrote dk itself
 
 
 @requires_cuda

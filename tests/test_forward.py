@@ -167,7 +167,7 @@ def test_hopper_gpus_take_the_gluon_path():
     assert dispatch.backward_path(small) == ("hopper" if hopper else "kernel")  # the Gluon backward is faster
     assert dispatch.backward_path(q, deterministic=True) == "kernel"
     wide = torch.empty(1, 8, 1, 256, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.path(wide) == ("hopper" if hopper else "kernel") and dispatch.backward_path(wide) == "kernel"
+    assert dispatch.path(wide) == dispatch.backward_path(wide) == ("hopper" if hopper else "kernel")
     with dispatch.portable_kernels():
         assert dispatch.path(q) == "kernel" and dispatch.backward_path(q) == "kernel"
 

@@ -157,14 +157,14 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.hopper.attention_fwd import shared_layout
 
     def compile_bwd(head_dim, causal, dtype, varlen=False, rotate_k=True, interleaved=False, positions=False):
-        stages, consumer_regs, maxnreg = hopper_bwd.bwd_config(head_dim)
+        stages, consumer_regs, maxnreg, block_n = hopper_bwd.bwd_config(head_dim)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         def desc(block, dtype=dtype, layout=None):
             layout = layout or shared_layout(block, torch_dtype)
             return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
         rows = desc([64], "fp32", hopper_bwd.ROW_STATS_LAYOUT)
         dq_block = [64, hopper_bwd.DQ_CHUNK.value]
-        args = dict(q_desc=desc([64, head_dim]), k_desc=desc([128, head_dim]), v_desc=desc([1, 128, 1, head_dim]),
+        args = dict(q_desc=desc([64, head_dim]), k_desc=desc([block_n, head_dim]), v_desc=desc([1, block_n, 1, head_dim]),
                     do_desc=desc([1, 64, 1, head_dim]), lse2_desc=rows, delta_desc=rows,
                     dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),
@@ -176,7 +176,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
                     HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
-                    STAGES=[stages], CONSUMER_REGS=[consumer_regs])
+                    STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -193,20 +193,24 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
 # pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with positions)
 BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
-                  (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True)]
-# ptxas keeps a few loop-invariant values of the D = 128 consumers in local memory (spill
-# stores + loads, none in the unmasked step): 136-488 bytes with Triton 3.6's (the GPU image's;
-# 296 for interleaved keys rotated in the kernel at given positions), 780-1252 with 3.9's
-# (2026-11-26, with dk rotated back in the epilogue; three loops of steps: masked, unmasked, a
-# partial last tile); more means a regression.
-BACKWARD_SPILL_BOUND = 1280
+                  (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True),
+                  (256, True, "bf16", False, False), (256, False, "fp16", True, False)]
+# ptxas keeps a few loop-invariant values of the D >= 128 consumers in local memory (spill
+# stores + loads, none in the unmasked step): at D = 128 136-488 bytes with Triton 3.6's (the
+# GPU image's; 296 for interleaved keys rotated in the kernel at given positions), 780-1252
+# with 3.9's (2026-11-26, with dk rotated back in the epilogue; three loops of steps: masked,
+# unmasked, a partial last tile); at D = 256 (features split between the warpgroups;
+# 2026-11-27) 1204-1356 with 3.6's, 2180-2240 with 3.9's, two registers of them around the
+# masked step's first matmul. More means a regression.
+BACKWARD_SPILL_BOUND = {64: 1280, 128: 1280, 256: 2304}
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
 def test_hopper_backward_compiles_for_sm90():
     results = compile_in_subprocess(BACKWARD_COMPILE, BACKWARD_CASES)
-    for case, facts in results.items():
-        assert facts["spills"] <= BACKWARD_SPILL_BOUND, (case, facts)
+    for case in BACKWARD_CASES:
+        facts = results[repr(list(case))]
+        assert facts["spills"] <= BACKWARD_SPILL_BOUND[case[0]], (case, facts)
         # warp-specialized, async wgmma, and dQ^ summed by TMA reduce-adds
         assert facts["setmaxnreg"] > 0 and facts["wgmma"] > 0 and facts["reduce"] > 0, (case, facts)
 

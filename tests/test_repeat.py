@@ -82,7 +82,7 @@ def _cases():
             kwargs=dict(schedule=yarn, q_positions=torch.arange(5, 205), k_positions=torch.arange(200),
                         q_temperature=torch.linspace(0.8, 1.2, 200), return_lse=True, deterministic=True)),
         "d64-causal": dict(shape=(2, 256, 4, 4, 64), kwargs=dict(schedule=schedules.DefaultRope(64), causal=True)),
-        "d256-portable": dict(shape=(1, 160, 2, 2, 256), kwargs=dict(schedule=schedules.DefaultRope(256))),
+        "d256": dict(shape=(1, 160, 2, 2, 256), kwargs=dict(schedule=schedules.DefaultRope(256))),
         "learned-temperature": dict(shape=(1, 130, 4, 1, 128), grads=("q_temperature",),
                                     kwargs=dict(schedule=yarn, q_temperature=torch.linspace(0.8, 1.2, 130))),
         "learned-frequencies-partial": dict(shape=(1, 130, 4, 1, 128), grads=("inv_freq",),

@@ -3,14 +3,14 @@ structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the
 (the one the forward saved, or a query rope pass's) and the keys, which each program rotates
 itself (K^ = R k once per key block, as the forward rotates its queries, and dk = R^T dK^ at
 the end: no rope pass and no inverse pass over k), or K^ from the rope pass where the
-frequency gradient reads it or the kernels' feature order is not the natural one
-(`kernels.rope.slot_order`). The rope passes, the frequency and temperature gradients and
+frequency gradient reads it, the kernels' feature order is not the natural one
+(`kernels.rope.slot_order`) or D = 256. The rope passes, the frequency and temperature gradients and
 the rotation of dq back are shared with the portable backward (`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
 and over their 64-query tiles, as three warpgroups
-(`gl.warp_specialize`):
+(`gl.warp_specialize`; D = 256 below):
 - a producer (few registers) loads V (and K^) once, then streams each step's Q^ and dO tiles
   through TMA into a ring of STAGES buffers guarded by "ready" / "empty" mbarriers;
 - two consumers own 64 keys each. Per query tile one computes, with async wgmma,
@@ -26,6 +26,14 @@ dK^ and dV go to memory once, at the end; where the program rotated the keys, dK
 to k's frame on the way (dk = R^T dK^ from the accumulator, whose threads hold both features
 of each pair: no inverse pass over dk). Only steps that can see a hidden pair (the causal
 diagonal, keys past Nk, a partial first or last query tile) are masked.
+
+At D = 256 a warpgroup's dK^ and dV over all features would take all its registers, and the
+register file cannot hold them for 128 keys at all: a program owns 64 keys, and each
+consumer half their features (SPLIT). Both compute the same S^T and dP^T (7 matmul units
+where 5 are useful), then dV, dK^ and dQ^ of their half; each stores its own dS^T, into the
+16 KB that then stage its dQ^ columns (shared memory holds K^, V and two stages of Q^ and dO:
+192 KB). The keys come rotated from the rope pass. The dQ^ reduce-adds, four times D = 128's
+per key, take half of this kernel's time (bench/RESULTS.md).
 """
 
 from typing import NamedTuple
@@ -42,17 +50,18 @@ from ..documents import document_bounds, document_tiles
 from ..rope import row_strides
 from .attention_fwd import (document_tile, increments, load_rows, mma_layout, mma_tile, pair_layout, rotate_rows,
                            sequence_row, shared_layout, sincos)
-from .compat import thread_barrier, tma_atomic_add, tma_load
+from .compat import reinterpret, thread_barrier, tma_atomic_add, tma_load
 
 DQ_CHUNK = gl.constexpr(32)  # float32 columns of one TMA reduce: 128 bytes, the swizzle width
 WG_KEYS = gl.constexpr(64)  # keys of one consumer warpgroup (the wgmma M atom)
-BLOCK_N = gl.constexpr(128)  # two consumer warpgroups per program
 BLOCK_M = gl.constexpr(64)  # queries per step
+DQ_SPLIT_COLS = gl.constexpr(64)  # dQ^ columns of one matmul where the consumers split the features
 LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr):
+def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
     """Program -> (batch row, KV head, row of its sequence's first query tile, rows of that
     tile before the sequence, query count, first key row, key count, first key of the block
     within the sequence, first query tile, first unmasked query tile, first masked query
@@ -115,12 +124,13 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.con
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
               v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr):
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_N: gl.constexpr):
     """TMA loads: this block's V and (unless the consumers rotate the keys) K^ once, then
     Q^, dO, lse2 and delta of each step into the ring."""
     HKV = HQ // GROUP
     off_b, off_hk, q_base, _, _, k_begin, _, start_n, m_lo, _, _, m_tiles = _program_item(
-        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN)
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
     if ROTATE_K:
         mbarrier.expect(kv_ready, v_desc.block_type.nbytes)
     else:
@@ -148,15 +158,28 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
 
 
 @gluon.jit
+def _add_dq(dq, staging, dq_desc, row, first_col):
+    """Add dq (64 queries x its columns, float32) into dQ^ at (row, first_col) through the
+    staging buffer, with TMA reduce-adds of 128-byte rows: the TMA unit does the reads and
+    adds (per-thread atomics took 40% of the kernel's time); the buffer has rows up to a
+    multiple of BLOCK_M, so nothing is masked."""
+    tma.store_wait(0)  # this warpgroup's previous reduces have left the staging buffer
+    staging.store(dq)
+    fence_async_shared()
+    for c in gl.static_range(staging.shape[1] // DQ_CHUNK):
+        tma_atomic_add(dq_desc, [row, first_col + c * DQ_CHUNK], staging.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1))
+
+
+@gluon.jit
 def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
           dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
           CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
-          S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+          SPLIT: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
     """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring):
     tile m holds the sequence's queries from m BLOCK_M - shift on (NQ, NK: its counts)."""
     dtype: gl.constexpr = k_smem.dtype
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+    COLS: gl.constexpr = D_PAD // 2 if SPLIT else D_PAD  # of dK^ and dV
     stage = count % STAGES
     mbarrier.wait(q_ready.index(stage), (count // STAGES) & 1)
     q_tile = q_smem.index(stage)
@@ -182,41 +205,64 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
         pt = gl.where(visible, pt, 0.0)
     dpt = warpgroup_mma_wait(0, deps=[dpt_token])
     dst = (pt * (dpt - gl.expand_dims(delta_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0)) * LN2).to(dtype)
-    dv_token = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_L), do_tile, dv, is_async=True)
-    dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_tile, dk, is_async=True)
-    # dS^T to shared memory; dQ^ = dS K^ once both warpgroups' halves are there
-    ds_buffer = ds_smem.index(count % 2)
-    ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
-    fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
-    thread_barrier()  # every thread of this warpgroup stored before it arrives
-    mbarrier.arrive(ds_ready.index(count % 2), count=1)
-    # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
-    # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
-    dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
-    mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
-    mbarrier.wait(ds_ready.index(count % 2), (count // 2) & 1)
-    if DQ_COLS < D_PAD:
-        k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
-        first_col = CID * DQ_COLS
-        mine = True
-    else:  # narrow head dims: the warpgroups take turns with the whole width
-        k_cols = k_smem
-        first_col = 0
-        mine = count % 2 == CID
-    if mine:
-        dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, DQ_L),
+    if SPLIT:  # this warpgroup's features of dV and dK^
+        do_cols = do_tile.slice(CID * COLS, COLS, dim=1)
+        q_cols = q_tile.slice(CID * COLS, COLS, dim=1)
+    else:
+        do_cols = do_tile
+        q_cols = q_tile
+    dv_token = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_L), do_cols, dv, is_async=True)
+    dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_cols, dk, is_async=True)
+    row = dq_row + m * BLOCK_M
+    if SPLIT:
+        # both warpgroups hold the same dS^T: each stores its own copy, into the bytes that
+        # stage its dQ^ columns, once its previous step's reduce-adds have read them
+        tma.store_wait(0)
+        ds_buffer = ds_smem.index(CID).slice(0, WG_KEYS, dim=0)
+        ds_buffer.store(dst)
+        fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+        thread_barrier()
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
+        mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmuls read dS^T and K^ only
+        # dQ^ = dS K^ of this warpgroup's columns, in two matmuls of 64: the staging buffer
+        # takes 64 float32 columns
+        dq_zeros = gl.zeros([BLOCK_M, DQ_SPLIT_COLS], gl.float32, DQ_L)
+        lo_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_smem.slice(CID * COLS, DQ_SPLIT_COLS, dim=1),
+                                 dq_zeros, use_acc=False, is_async=True)
+        hi_token = warpgroup_mma(ds_buffer.permute((1, 0)),
+                                 k_smem.slice(CID * COLS + DQ_SPLIT_COLS, DQ_SPLIT_COLS, dim=1), dq_zeros,
                                  use_acc=False, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=[dq_token])
-        # into float32 dQ^ through TMA reduce-adds of 128-byte rows: the TMA unit does the
-        # reads and adds (per-thread atomics took 40% of the kernel's time); the buffer has
-        # rows up to a multiple of BLOCK_M, so nothing is masked
-        tma.store_wait(0)  # this warpgroup's previous tile has left the staging buffer
-        staging = dq_smem.index(CID)
-        staging.store(dq)
-        fence_async_shared()
-        for c in gl.static_range(DQ_COLS // DQ_CHUNK):
-            tma_atomic_add(dq_desc, [dq_row + m * BLOCK_M, first_col + c * DQ_CHUNK],
-                           staging.slice(c * DQ_CHUNK, DQ_CHUNK, dim=1))
+        dq_lo, dq_hi = warpgroup_mma_wait(0, deps=[lo_token, hi_token])
+        thread_barrier()  # every warp's matmuls read dS^T before its bytes take dQ^
+        staging = reinterpret(ds_smem.index(CID), gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
+        _add_dq(dq_lo, staging, dq_desc, row, CID * COLS)
+        _add_dq(dq_hi, staging, dq_desc, row, CID * COLS + DQ_SPLIT_COLS)
+    else:
+        # dS^T to shared memory; dQ^ = dS K^ once both warpgroups' halves are there
+        ds_buffer = ds_smem.index(count % 2)
+        ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
+        fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+        thread_barrier()  # every thread of this warpgroup stored before it arrives
+        mbarrier.arrive(ds_ready.index(count % 2), count=1)
+        # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
+        # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
+        mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
+        mbarrier.wait(ds_ready.index(count % 2), (count // 2) & 1)
+        DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+        if DQ_COLS < D_PAD:
+            k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
+            first_col = CID * DQ_COLS
+            mine = True
+        else:  # narrow head dims: the warpgroups take turns with the whole width
+            k_cols = k_smem
+            first_col = 0
+            mine = count % 2 == CID
+        if mine:
+            dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols,
+                                     gl.zeros([BLOCK_M, DQ_COLS], gl.float32, DQ_L), use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=[dq_token])
+            _add_dq(dq, dq_smem.index(CID), dq_desc, row, first_col)
     return dk, dv
 
 
@@ -259,24 +305,29 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
               stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
               CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
               PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, CAUSAL: gl.constexpr,
-              VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr):
-    """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block."""
+              VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block, or
+    (SPLIT: BLOCK_N = 64) features [D_PAD / 2 CID, + D_PAD / 2) of all its keys."""
     NW: gl.constexpr = gl.num_warps()
+    SPLIT: gl.constexpr = BLOCK_N == WG_KEYS
+    COLS: gl.constexpr = D_PAD // 2 if SPLIT else D_PAD  # of dK^ and dV
+    FIRST_KEY: gl.constexpr = 0 if SPLIT else CID * WG_KEYS  # within the block
+    FIRST_COL: gl.constexpr = CID * COLS if SPLIT else 0
+    DQ_COLS: gl.constexpr = DQ_SPLIT_COLS if SPLIT else (D_PAD // 2 if D_PAD >= 128 else D_PAD)
     S_L: gl.constexpr = mma_layout(BLOCK_M, NW)
-    O_L: gl.constexpr = mma_layout(D_PAD, NW)
-    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+    O_L: gl.constexpr = mma_layout(COLS, NW)
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
     HKV = HQ // GROUP
     off_b, off_hk, q_base, shift, nq, k_begin, nk, start_n, m_lo, m_full, m_end, m_tiles = _program_item(
-        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN)
-    keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
+        NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, BLOCK_N)
+    keys = start_n + FIRST_KEY + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, S_L))
     k_block = k_smem
     v_block = v_smem.reshape([BLOCK_N, D_PAD])
-    k_mine = k_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
-    v_mine = v_block.slice(CID * WG_KEYS, WG_KEYS, dim=0)
-    if ROTATE_K:  # K^ = R k of this warpgroup's keys, as the forward rotates its queries
+    k_mine = k_block.slice(FIRST_KEY, WG_KEYS, dim=0)
+    v_mine = v_block.slice(FIRST_KEY, WG_KEYS, dim=0)
+    if ROTATE_K:  # K^ = R k of this warpgroup's keys, as the forward rotates its queries (not SPLIT)
         L3: gl.constexpr = pair_layout(D_PAD // 2, INTERLEAVED, NW)
-        row0 = start_n + CID * WG_KEYS
+        row0 = start_n + FIRST_KEY
         x = load_rows(K + off_b.to(gl.int64) * stride_kb + k_begin.to(gl.int64) * stride_kn
                       + off_hk.to(gl.int64) * stride_kh, stride_kn, row0, nk, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
         pos_ptr = sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
@@ -288,8 +339,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         # after a fence of its own
         fence_async_shared()
         thread_barrier()
-    dk = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
-    dv = gl.zeros([WG_KEYS, D_PAD], gl.float32, O_L)
+    dk = gl.zeros([WG_KEYS, COLS], gl.float32, O_L)
+    dv = gl.zeros([WG_KEYS, COLS], gl.float32, O_L)
     mbarrier.wait(kv_ready, 0)
     count = 0  # steps consumed so far: the ring position, as the producer's
     for g in range(GROUP):
@@ -297,22 +348,22 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         for m in range(m_lo, m_full):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, True, STAGES, S_L, O_L, DQ_L)
+                           D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_full, m_end):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, False, STAGES, S_L, O_L, DQ_L)
+                           D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_end, m_tiles):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, True, STAGES, S_L, O_L, DQ_L)
+                           D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
-    out_keys = start_n + CID * WG_KEYS + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, O_L))
-    cols = gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, O_L)), 0)
+    out_keys = start_n + FIRST_KEY + gl.arange(0, WG_KEYS, layout=gl.SliceLayout(1, O_L))
+    cols = FIRST_COL + gl.expand_dims(gl.arange(0, COLS, layout=gl.SliceLayout(0, O_L)), 0)
     mask = gl.expand_dims(out_keys < nk, 1) & (cols < HEAD_DIM)
     rows = gl.expand_dims((k_begin + out_keys).to(gl.int64), 1)
     dv_ptr = DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh
@@ -320,7 +371,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     if ROTATE_K:  # dk = R^T dK^, the gradient of k
         # the positions' pointer again: kept from the prologue, it took two registers through the loops
         pos_ptr = sequence_row(K_POS, off_b, k_begin, stride_pos_b, stride_pos_n, HAS_POS)
-        dk = _rotate_back(dk, INV_FREQ, pos_ptr, stride_pos_n, start_n + CID * WG_KEYS, nk, D_PAD, PAIRS,
+        dk = _rotate_back(dk, INV_FREQ, pos_ptr, stride_pos_n, start_n + FIRST_KEY, nk, D_PAD, PAIRS,
                           INTERLEAVED, HAS_POS, O_L)
     dk_ptr = DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh
     gl.store(dk_ptr + rows * stride_dkn + cols, dk.to(DK.dtype.element_ty), mask=mask)
@@ -333,7 +384,7 @@ def rope_attention_bwd_hopper_kernel(
     stride_pos_n, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
     descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
@@ -352,10 +403,15 @@ def rope_attention_bwd_hopper_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, D_PAD], do_desc.layout)
     lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
-    DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_desc.layout)  # one per consumer
-    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for(
-        [BLOCK_N, BLOCK_M], dtype))
+    # dS^T: two buffers of both warpgroups' keys, or (BLOCK_N = 64: the warpgroups split the
+    # features) one per warpgroup for its own copy, whose bytes then stage its dQ^ columns
+    ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * WG_KEYS, BLOCK_M], gl.NVMMASharedLayout.get_default_for(
+        [2 * WG_KEYS, BLOCK_M], dtype))
+    if BLOCK_N == WG_KEYS:
+        dq_smem = ds_smem  # not read
+    else:
+        DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_desc.layout)  # one per consumer
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -376,17 +432,17 @@ def rope_attention_bwd_hopper_kernel(
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
                      k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles,
-                     CAUSAL, VARLEN, ROTATE_K, STAGES)),
+                     CAUSAL, VARLEN, ROTATE_K, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
-                     VARLEN, ROTATE_K, STAGES)),
+                     VARLEN, ROTATE_K, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
-                     VARLEN, ROTATE_K, STAGES)),
+                     VARLEN, ROTATE_K, STAGES, BLOCK_N)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -402,16 +458,18 @@ class HopperBwdConfig(NamedTuple):
     stages: int
     consumer_regs: int
     maxnreg: int
+    block_n: int  # keys per program: 128, a warpgroup's 64 each; 64, each warpgroup half the features
 
 
-# Per head dim (64 and 128; D = 256 runs the portable backward: its dK^ and dV accumulators
-# alone would fill a warpgroup's registers). Three stages ran 8-9% slower than two at
-# D = 128 (bench/RESULTS.md).
-HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168), 128: HopperBwdConfig(2, 240, 168)}
+# Per padded head dim. Three stages ran 8-9% slower than two at D = 128 (bench/RESULTS.md). At
+# D = 256 a warpgroup's dK^ and dV over all features would fill its registers, and two stages
+# of Q^ and dO take 128 KB of shared memory: the warpgroups split the features of 64 keys.
+HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168, 128), 128: HopperBwdConfig(2, 240, 168, 128),
+                      256: HopperBwdConfig(2, 240, 168, 64)}
 
 
 def bwd_config(head_dim):
-    """The `HopperBwdConfig` for head dim 64 or 128."""
+    """The `HopperBwdConfig` for padded head dim 64, 128 or 256."""
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
@@ -426,18 +484,22 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     dk = R^T dK^ into dk (shaped like k, any strides). The preprocess
     (`kernels.attention_bwd.preprocess`) pads each head's lse2 and delta to whole query tiles
     and zeroes the dQ^ sums. q_rot,
-    k_rot, v and do 16-bit, head dim 64 or 128 (`HOPPER_BWD_CONFIGS`). Varlen: B = 1 and
-    cu_seqlens_q / cu_seqlens_k int32 [documents + 1]."""
+    k_rot, v and do 16-bit, head dim 64, 128 or 256 (`HOPPER_BWD_CONFIGS`; at 256 the keys
+    come rotated: k_rot given). Varlen: B = 1 and cu_seqlens_q / cu_seqlens_k int32
+    [documents + 1]."""
     batch, nq, hq, head_dim = q_rot.shape
     _, nk, hkv, _ = dk.shape
     d_pad = dot_pad(head_dim)
-    stages, consumer_regs, maxnreg = config or bwd_config(d_pad)
+    stages, consumer_regs, maxnreg, block_n = config or bwd_config(d_pad)
+    if k_rot is None and block_n == WG_KEYS.value:
+        raise ValueError("the Hopper backward rotates the keys itself only where a warpgroup holds whole keys "
+                         f"(head dim <= 128, not {head_dim}): pass K^")
     nq_tiles = cdiv(nq, BLOCK_M.value) * BLOCK_M.value
     dq_acc = scratch("dq_acc", torch.empty(batch, hq, nq_tiles, d_pad, device=q_rot.device, dtype=torch.float32))
     delta, lse2 = preprocess(out, do, lse, dlse, rows=nq_tiles, dq_acc=dq_acc)
     dv = scratch("dv", torch.empty_like(v))
-    q_block, k_block = [BLOCK_M.value, d_pad], [BLOCK_N.value, d_pad]
-    v_block, do_block = [1, BLOCK_N.value, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
+    q_block, k_block = [BLOCK_M.value, d_pad], [block_n, d_pad]
+    v_block, do_block = [1, block_n, 1, d_pad], [1, BLOCK_M.value, 1, d_pad]
     q_desc = Descriptor(q_rot.transpose(1, 2), [batch * hq * nq, head_dim], [head_dim, 1], q_block,
                         shared_layout(q_block, q_rot.dtype))
     # rotating the keys itself, the kernel reads no K^: its descriptor points at Q^'s rows then
@@ -454,9 +516,9 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     lse2_desc, delta_desc = (Descriptor(x, [x.numel()], [1], row_block, ROW_STATS_LAYOUT)
                              for x in (lse2, delta))
     if cu_seqlens_q is None:
-        tiles, programs = None, cdiv(nk, BLOCK_N.value) * batch * hkv
+        tiles, programs = None, cdiv(nk, block_n) * batch * hkv
     else:  # (key block, KV head) of the document tiles' table
-        tiles = document_tiles(cu_seqlens_k, nk, BLOCK_N.value)
+        tiles = document_tiles(cu_seqlens_k, nk, block_n)
         programs = tiles.shape[0] * hkv
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
     if k_rot is not None:  # the rotation's constexprs are unused: one compiled variant for all
@@ -467,6 +529,6 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
         hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
         INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
-        ROTATE_K=k_rot is None, STAGES=stages, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        ROTATE_K=k_rot is None, STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv

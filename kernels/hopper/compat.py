@@ -9,6 +9,8 @@ Gluon (`triton.experimental.gluon`) is experimental and moves between releases:
 - The barrier of a warpgroup's threads is `gl.thread_barrier` up to 3.8, `gl.barrier` in 3.9.
 - The TMA reduce-add (`cp.reduce.async.bulk.tensor`) is `tma.async_atomic_add` from 3.8; 3.6
   and 3.7 build the same operation, without a Python wrapper: `tma_atomic_add` adds one.
+- A shared-memory buffer read as another dtype and shape is the method `_reinterpret` in 3.6,
+  `reinterpret` in 3.9: `reinterpret` here builds the operation under both.
 - Launching (all kernels, not only Gluon's): `raw_launcher` takes Triton 3.6's CUDA launcher
   apart for `kernels.launch`; other versions launch through `CompiledKernel.run`.
 """
@@ -27,6 +29,7 @@ SUPPORTED = triton_version() >= MIN_TRITON
 
 if SUPPORTED:
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language._core import builtin
     from triton.experimental.gluon.language.nvidia.hopper import tma
 
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -34,11 +37,17 @@ if SUPPORTED:
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
+    @builtin
+    def reinterpret(smem, dtype, shape, layout, _semantic=None):
+        """The shared-memory buffer smem read as a `dtype` tensor of `shape` in `layout`."""
+        return _semantic.memdesc_reinterpret(smem, gl._unwrap_if_constexpr(dtype),
+                                             [gl._unwrap_if_constexpr(n) for n in shape],
+                                             gl._unwrap_if_constexpr(layout))
+
     if hasattr(tma, "async_atomic_add"):
         tma_atomic_add = tma.async_atomic_add
     else:
         from triton._C.libtriton import ir
-        from triton.experimental.gluon.language._core import builtin
 
         @builtin
         def tma_atomic_add(tensor_desc, coord, src, _semantic=None):
