@@ -32,8 +32,10 @@ register file cannot hold them for 128 keys at all: a program owns 64 keys, and 
 consumer half their features (SPLIT). Both compute the same S^T and dP^T (7 matmul units
 where 5 are useful), then dV, dK^ and dQ^ of their half; each stores its own dS^T, into the
 16 KB that then stage its dQ^ columns (shared memory holds K^, V and two stages of Q^ and dO:
-192 KB). The keys come rotated from the rope pass. The dQ^ reduce-adds, four times D = 128's
-per key, take half of this kernel's time (bench/RESULTS.md).
+192 KB). The keys come rotated from the rope pass. The warpgroups take turns with their
+matmuls (an mbarrier each way), so that one's softmax and dQ^ staging overlap the other's
+matmuls. The dQ^ staging and reduce-adds, four times D = 128's per key, took half of this
+kernel's time before the turns (bench/RESULTS.md).
 """
 
 from typing import NamedTuple
@@ -172,7 +174,7 @@ def _add_dq(dq, staging, dq_desc, row, first_col):
 
 @gluon.jit
 def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
-          dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
+          dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
           CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
           SPLIT: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
     """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring):
@@ -185,6 +187,8 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
     q_tile = q_smem.index(stage)
     do_tile = do_smem.index(stage).reshape([BLOCK_M, D_PAD])
     zeros = gl.zeros([WG_KEYS, BLOCK_M], gl.float32, S_L)
+    if SPLIT:  # this warpgroup's turn: the other issued its dV and dK^ matmuls of the step before
+        mbarrier.wait(handoff.index(CID), (count & 1) ^ (1 - CID))
     st_token = warpgroup_mma(k_mine, q_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
     dpt_token = warpgroup_mma(v_mine, do_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
     st = warpgroup_mma_wait(1, deps=[st_token])
@@ -215,6 +219,10 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
     dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_cols, dk, is_async=True)
     row = dq_row + m * BLOCK_M
     if SPLIT:
+        # The warpgroups take turns: A0 B0 A1 B1 A0 ... (A: S^T and dP^T, B: dV and dK^), so
+        # that one's softmax and dQ^ run while the other's matmuls do (in step, they ran
+        # their matmuls and their elementwise work at the same time: 0.86-0.88x the time)
+        mbarrier.arrive(handoff.index(1 - CID), count=1)
         # both warpgroups hold the same dS^T: each stores its own copy, into the bytes that
         # stage its dQ^ columns, once its previous step's reduce-adds have read them
         tma.store_wait(0)
@@ -243,12 +251,12 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
         ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
         fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
         thread_barrier()  # every thread of this warpgroup stored before it arrives
-        mbarrier.arrive(ds_ready.index(count % 2), count=1)
+        mbarrier.arrive(handoff.index(count % 2), count=1)
         # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
         # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
         dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
         mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
-        mbarrier.wait(ds_ready.index(count % 2), (count // 2) & 1)
+        mbarrier.wait(handoff.index(count % 2), (count // 2) & 1)
         DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
         if DQ_COLS < D_PAD:
             k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
@@ -301,7 +309,7 @@ def _rotate_back(dk, INV_FREQ, K_POS, stride_pos_n, row0, NK, D_PAD: gl.constexp
 
 @gluon.jit
 def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready, q_empty,
-              ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, K,
+              handoff, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn, stride_dvh, K,
               stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
               CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
               PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, CAUSAL: gl.constexpr,
@@ -335,7 +343,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         k_mine.store(mma_tile(rotate_rows(x, pos_ptr, stride_pos_n, pos_ptr, 0, inc_hi, inc_lo, row0, nk, 0, 1.0, 1.0,
                                           D_PAD, PAIRS, INTERLEAVED, HAS_POS, False, L3), D_PAD, INTERLEAVED))
         # generic-proxy stores, read next by this warpgroup's wgmma; the other warpgroup's
-        # dQ^ matmuls read them after the first step's ds_ready, which this one arrives at
+        # dQ^ matmuls read them after the first step's handoff, which this one arrives at
         # after a fence of its own
         fence_async_shared()
         thread_barrier()
@@ -347,17 +355,17 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
         dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + q_base  # tile 0's row
         for m in range(m_lo, m_full):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
                            D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_full, m_end):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
                            D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_end, m_tiles):
             dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, ds_ready, dq_desc, keys, nq, nk, CID,
+                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
                            D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
 
@@ -415,13 +423,14 @@ def rope_attention_bwd_hopper_kernel(
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # between the consumers: both halves of dS^T stored (two buffers), or (SPLIT) a warpgroup's turn
+    handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
     for i in gl.static_range(2):
-        mbarrier.init(ds_ready.index(i), count=2)  # both consumers stored their half of dS^T
+        mbarrier.init(handoff.index(i), count=1 if BLOCK_N == WG_KEYS else 2)
     fence_async_shared()
 
     # warp_specialize takes no None: dense calls pass a pointer they never read
@@ -434,12 +443,12 @@ def rope_attention_bwd_hopper_kernel(
                      k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles,
                      CAUSAL, VARLEN, ROTATE_K, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
-                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
+                     q_empty, handoff, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
                      VARLEN, ROTATE_K, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
-                     q_empty, ds_ready, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
+                     q_empty, handoff, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
                      VARLEN, ROTATE_K, STAGES, BLOCK_N)),
