@@ -13,8 +13,8 @@ Q^ is the one the forward saved (`q_rotated`; the API's default where autograd r
 the call), or a query rope pass recomputes it. K^ comes from a rope pass into scratch for
 this call only, or, on Hopper, the Gluon kernel rotates the keys, and dK^ back, itself
 (unless the frequency gradient needs K^, the pairs are half-split with rotary_dim < the
-padded head dim, or D = 256). Saving Q^ rather than K^: the forward has Q^ in shared memory anyway, and
-dK^ may overwrite a K^ that nothing else holds (below).
+padded head dim, or D = 256). Saving Q^ rather than K^: the forward has Q^ in shared memory
+anyway, and dK^ may overwrite a K^ that nothing else holds (below).
 
 Two kernels: a dQ kernel (one program per query tile, looping over key tiles) and a dK/dV
 kernel (one program per key tile, looping over the query heads of its KV head and their

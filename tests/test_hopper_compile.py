@@ -164,7 +164,8 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
             return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
         rows = desc([64], "fp32", hopper_bwd.ROW_STATS_LAYOUT)
         dq_block = [64, hopper_bwd.DQ_CHUNK.value]
-        args = dict(q_desc=desc([64, head_dim]), k_desc=desc([block_n, head_dim]), v_desc=desc([1, block_n, 1, head_dim]),
+        args = dict(q_desc=desc([64, head_dim]), k_desc=desc([block_n, head_dim]),
+                    v_desc=desc([1, block_n, 1, head_dim]),
                     do_desc=desc([1, 64, 1, head_dim]), lse2_desc=rows, delta_desc=rows,
                     dq_desc=desc(dq_block, "fp32", gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
                     DK=(f"*{dtype}", 16), stride_dkb=("i64", 16), stride_dkn=("i32", 16), stride_dkh=("i32", 16),

@@ -4,8 +4,9 @@ structure (5 matmuls per tile, dQ^ accumulated in float32 with atomics) over the
 itself (K^ = R k once per key block, as the forward rotates its queries, and dk = R^T dK^ at
 the end: no rope pass and no inverse pass over k), or K^ from the rope pass where the
 frequency gradient reads it, the kernels' feature order is not the natural one
-(`kernels.rope.slot_order`) or D = 256. The rope passes, the frequency and temperature gradients and
-the rotation of dq back are shared with the portable backward (`kernels.attention_bwd`).
+(`kernels.rope.slot_order`) or D = 256. The rope passes, the frequency and temperature
+gradients and the rotation of dq back are shared with the portable backward
+(`kernels.attention_bwd`).
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
@@ -220,8 +221,8 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
     row = dq_row + m * BLOCK_M
     if SPLIT:
         # The warpgroups take turns: A0 B0 A1 B1 A0 ... (A: S^T and dP^T, B: dV and dK^), so
-        # that one's softmax and dQ^ run while the other's matmuls do (in step, they ran
-        # their matmuls and their elementwise work at the same time: 0.86-0.88x the time)
+        # that one's softmax and dQ^ run while the other's matmuls do: 0.86-0.88x the time of
+        # running in step, both in their matmuls or both in their elementwise work at once
         mbarrier.arrive(handoff.index(1 - CID), count=1)
         # both warpgroups hold the same dS^T: each stores its own copy, into the bytes that
         # stage its dQ^ columns, once its previous step's reduce-adds have read them
@@ -538,6 +539,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
         hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
         INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
-        ROTATE_K=k_rot is None, STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        ROTATE_K=k_rot is None, STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4,
+        maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
