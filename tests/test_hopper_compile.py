@@ -183,14 +183,16 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
 
     results = {}
     for case in json.loads(sys.argv[1]):
-        ptx = compile_bwd(*case).asm["ptx"]
+        compiled = compile_bwd(*case)
+        ptx = compiled.asm["ptx"]
         results[repr(case)] = dict(spills=spill_bytes(ptx), wgmma=ptx.count("wgmma.mma_async"),
-                                   setmaxnreg=ptx.count("setmaxnreg"), reduce=ptx.count("cp.reduce.async.bulk"))
+                                   setmaxnreg=ptx.count("setmaxnreg"), reduce=ptx.count("cp.reduce.async.bulk"),
+                                   shared=compiled.metadata.shared)
     print(json.dumps(results))
 """)
 
 # (head dim, causal, dtype[, varlen[, keys rotated inside[, interleaved[, positions]]]]): the head
-# dims the Gluon backward serves (`attention_bwd.supports`), packed documents, keys from the rope
+# dims the Gluon backward serves (`dispatch.HOPPER_BACKWARD_HEAD_DIMS`), packed documents, keys from the rope
 # pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with positions)
 BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
@@ -204,6 +206,7 @@ BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"),
 # 2026-11-27) 1204-1356 with 3.6's, 2180-2240 with 3.9's, two registers of them around the
 # masked step's first matmul. More means a regression.
 BACKWARD_SPILL_BOUND = {64: 1280, 128: 1280, 256: 2304}
+SM90_SHARED_BYTES = 232448  # a block's shared memory on sm_90 (227 KB)
 
 
 @pytest.mark.skipif(not compat.SUPPORTED, reason=f"Gluon kernels need Triton >= {compat.MIN_TRITON}")
@@ -212,6 +215,7 @@ def test_hopper_backward_compiles_for_sm90():
     for case in BACKWARD_CASES:
         facts = results[repr(list(case))]
         assert facts["spills"] <= BACKWARD_SPILL_BOUND[case[0]], (case, facts)
+        assert facts["shared"] <= SM90_SHARED_BYTES, (case, facts)  # D = 256 leaves about 2 KB
         # warp-specialized, async wgmma, and dQ^ summed by TMA reduce-adds
         assert facts["setmaxnreg"] > 0 and facts["wgmma"] > 0 and facts["reduce"] > 0, (case, facts)
 

@@ -115,7 +115,8 @@ def test_documents_do_not_see_each_other():
 # (query lengths, key lengths, Hq, Hkv, D, R) on a GPU, where the Gluon kernels (Hopper) and the
 # portable ones both run: tiles that straddle documents, an empty document and one of a
 # single token, documents with more queries than keys (rows that see no key), the head dims
-# of the Gluon backward (64, 128) and beyond it (80, 256: the portable backward).
+# of the Gluon backward (64, 128, 256: its consumers split the features) and one it does not
+# serve (80: the portable backward).
 GPU_CASES = [
     (((100, 300, 1, 700), (100, 300, 1, 700), 8, 2, 128, 128), dict(causal=True)),
     (((100, 0, 257, 64), (100, 0, 257, 64), 4, 4, 128, 64), dict()),

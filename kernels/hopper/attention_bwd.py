@@ -319,6 +319,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     (SPLIT: BLOCK_N = 64) features [D_PAD / 2 CID, + D_PAD / 2) of all its keys."""
     NW: gl.constexpr = gl.num_warps()
     SPLIT: gl.constexpr = BLOCK_N == WG_KEYS
+    gl.static_assert(not SPLIT or D_PAD == 256, "the features split in two halves of 128 at D = 256 only")
     COLS: gl.constexpr = D_PAD // 2 if SPLIT else D_PAD  # of dK^ and dV
     FIRST_KEY: gl.constexpr = 0 if SPLIT else CID * WG_KEYS  # within the block
     FIRST_COL: gl.constexpr = CID * COLS if SPLIT else 0
