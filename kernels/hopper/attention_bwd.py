@@ -62,6 +62,15 @@ DQ_SPLIT_COLS = gl.constexpr(64)  # dQ^ columns of one matmul where the consumer
 LN2 = gl.constexpr(0.6931471805599453)
 
 
+@gluon.constexpr_function
+def _dq_columns(d_pad, split):
+    """Columns of one dQ^ matmul: 64 where the warpgroups split the features (the width of
+    its staging buffer), else each warpgroup's half of D_PAD from 128 on, or all of it below."""
+    if split:
+        return DQ_SPLIT_COLS.value
+    return d_pad // 2 if d_pad >= 128 else d_pad
+
+
 @gluon.jit
 def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
                   BLOCK_N: gl.constexpr):
@@ -258,7 +267,7 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
         dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
         mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
         mbarrier.wait(handoff.index(count % 2), (count // 2) & 1)
-        DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
+        DQ_COLS: gl.constexpr = _dq_columns(D_PAD, False)
         if DQ_COLS < D_PAD:
             k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
             first_col = CID * DQ_COLS
@@ -323,7 +332,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     COLS: gl.constexpr = D_PAD // 2 if SPLIT else D_PAD  # of dK^ and dV
     FIRST_KEY: gl.constexpr = 0 if SPLIT else CID * WG_KEYS  # within the block
     FIRST_COL: gl.constexpr = CID * COLS if SPLIT else 0
-    DQ_COLS: gl.constexpr = DQ_SPLIT_COLS if SPLIT else (D_PAD // 2 if D_PAD >= 128 else D_PAD)
+    DQ_COLS: gl.constexpr = _dq_columns(D_PAD, SPLIT)
     S_L: gl.constexpr = mma_layout(BLOCK_M, NW)
     O_L: gl.constexpr = mma_layout(COLS, NW)
     DQ_L: gl.constexpr = mma_layout(DQ_COLS, NW)
@@ -420,8 +429,8 @@ def rope_attention_bwd_hopper_kernel(
     if BLOCK_N == WG_KEYS:
         dq_smem = ds_smem  # not read
     else:
-        DQ_COLS: gl.constexpr = D_PAD // 2 if D_PAD >= 128 else D_PAD
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_desc.layout)  # one per consumer
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, _dq_columns(D_PAD, False)],
+                                            dq_desc.layout)  # one per consumer
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
