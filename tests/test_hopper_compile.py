@@ -202,10 +202,9 @@ BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"),
 # stores + loads, none in the unmasked step): at D = 128 136-488 bytes with Triton 3.6's (the
 # GPU image's; 296 for interleaved keys rotated in the kernel at given positions), 780-1252
 # with 3.9's (2026-11-26, with dk rotated back in the epilogue; three loops of steps: masked,
-# unmasked, a partial last tile); at D = 256 (features split between the warpgroups;
-# 2026-11-27) 1204-1356 with 3.6's, 2180-2240 with 3.9's, two registers of them around the
-# masked step's first matmul. More means a regression.
-BACKWARD_SPILL_BOUND = {64: 1280, 128: 1280, 256: 2304}
+# unmasked, a partial last tile); at D = 256 (features split between the warpgroups, P^T and
+# dS^T handed over; 2026-11-27) 108-132 with 3.6's, 560-612 with 3.9's. More means a regression.
+BACKWARD_SPILL_BOUND = 1280
 SM90_SHARED_BYTES = 232448  # a block's shared memory on sm_90 (227 KB)
 
 
@@ -214,7 +213,7 @@ def test_hopper_backward_compiles_for_sm90():
     results = compile_in_subprocess(BACKWARD_COMPILE, BACKWARD_CASES)
     for case in BACKWARD_CASES:
         facts = results[repr(list(case))]
-        assert facts["spills"] <= BACKWARD_SPILL_BOUND[case[0]], (case, facts)
+        assert facts["spills"] <= BACKWARD_SPILL_BOUND, (case, facts)
         assert facts["shared"] <= SM90_SHARED_BYTES, (case, facts)  # D = 256 leaves about 2 KB
         # warp-specialized, async wgmma, and dQ^ summed by TMA reduce-adds
         assert facts["setmaxnreg"] > 0 and facts["wgmma"] > 0 and facts["reduce"] > 0, (case, facts)

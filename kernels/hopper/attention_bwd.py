@@ -30,13 +30,13 @@ diagonal, keys past Nk, a partial first or last query tile) are masked.
 
 At D = 256 a warpgroup's dK^ and dV over all features would take all its registers, and the
 register file cannot hold them for 128 keys at all: a program owns 64 keys, and each
-consumer half their features (SPLIT). Both compute the same S^T and dP^T (7 matmul units
-where 5 are useful), then dV, dK^ and dQ^ of their half; each stores its own dS^T, into the
-16 KB that then stage its dQ^ columns (shared memory holds K^, V and two stages of Q^ and dO:
-192 KB). The keys come rotated from the rope pass. The warpgroups take turns with their
-matmuls (an mbarrier each way), so that one's softmax and dQ^ staging overlap the other's
-matmuls. The dQ^ staging and reduce-adds, four times D = 128's per key, took half of this
-kernel's time before the turns (bench/RESULTS.md).
+consumer half their features (SPLIT, `_split_step`). Warpgroup 0 computes S^T and P^T,
+warpgroup 1 dP^T and dS^T (from P^T in 16 bits, as the dV matmul takes it), each handing its
+result to the other through shared memory, so that no matmul runs twice; then each computes
+dV, dK^ and dQ^ of its features. Shared memory holds K^, V and two stages of Q^ and dO (192
+KB), P^T and dS^T (16 KB, whose bytes then stage warpgroup 1's dQ^ columns) and warpgroup 0's
+staging (16 KB). The keys come rotated from the rope pass. The dQ^ staging and reduce-adds,
+four times D = 128's per key, take a quarter of this kernel's time (bench/RESULTS.md).
 """
 
 from typing import NamedTuple
@@ -183,29 +183,14 @@ def _add_dq(dq, staging, dq_desc, row, first_col):
 
 
 @gluon.jit
-def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem,
-          dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
-          CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
-          SPLIT: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
-    """One query tile's share of this warpgroup's dK^ and dV, and of dQ^ (module docstring):
-    tile m holds the sequence's queries from m BLOCK_M - shift on (NQ, NK: its counts)."""
-    dtype: gl.constexpr = k_smem.dtype
-    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    COLS: gl.constexpr = D_PAD // 2 if SPLIT else D_PAD  # of dK^ and dV
-    stage = count % STAGES
-    mbarrier.wait(q_ready.index(stage), (count // STAGES) & 1)
-    q_tile = q_smem.index(stage)
-    do_tile = do_smem.index(stage).reshape([BLOCK_M, D_PAD])
-    zeros = gl.zeros([WG_KEYS, BLOCK_M], gl.float32, S_L)
-    if SPLIT:  # this warpgroup's turn: the other issued its dV and dK^ matmuls of the step before
-        mbarrier.wait(handoff.index(CID), (count & 1) ^ (1 - CID))
-    st_token = warpgroup_mma(k_mine, q_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    dpt_token = warpgroup_mma(v_mine, do_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    st = warpgroup_mma_wait(1, deps=[st_token])
-    # lse2 and delta are read from shared memory where they are used: held in registers
-    # across the step they would take 32 per thread (each thread holds 16 query columns)
-    pt = gl.exp2(st - gl.expand_dims(lse2_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0))
-    if MASKED:  # also rows past NQ: another head's rows of Q^, lse2 and delta
+def _probabilities(st, lse2_tile, m, shift, keys, NQ, NK, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+                   MASKED: gl.constexpr, S_L: gl.constexpr):
+    """P^T = exp2(S^T - lse2) of a step, zero where query and key do not see each other
+    (MASKED: also rows past NQ, another head's rows of Q^, lse2 and delta)."""
+    # lse2 is read from shared memory where it is used: held in registers across the step
+    # it would take 16 per thread (each thread holds 16 query columns)
+    pt = gl.exp2(st - gl.expand_dims(lse2_tile.load(gl.SliceLayout(0, S_L)), 0))
+    if MASKED:
         # the tile's own query index i against per-step scalars: comparisons with the
         # constants i stay immediates (against m * BLOCK_M + i, the compiler keeps 16
         # 64-bit bounds per thread alive across the loop)
@@ -217,70 +202,156 @@ def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_sm
         if CAUSAL:  # key j visible to query q iff j <= q + NK - NQ
             visible = visible & (gl.expand_dims(keys - (first + NK - NQ), 1) <= i)
         pt = gl.where(visible, pt, 0.0)
+    return pt
+
+
+@gluon.jit
+def _keys_step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem, delta_smem,
+               ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID: gl.constexpr,
+               D_PAD: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr,
+               STAGES: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+    """One query tile's share of this warpgroup's dK^ and dV (its 64 keys), and of dQ^
+    (module docstring): tile m holds the sequence's queries from m BLOCK_M - shift on (NQ,
+    NK: its counts)."""
+    dtype: gl.constexpr = k_smem.dtype
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+    stage = count % STAGES
+    mbarrier.wait(q_ready.index(stage), (count // STAGES) & 1)
+    q_tile = q_smem.index(stage)
+    do_tile = do_smem.index(stage).reshape([BLOCK_M, D_PAD])
+    zeros = gl.zeros([WG_KEYS, BLOCK_M], gl.float32, S_L)
+    st_token = warpgroup_mma(k_mine, q_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    dpt_token = warpgroup_mma(v_mine, do_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(1, deps=[st_token])
+    pt = _probabilities(st, lse2_smem.index(stage), m, shift, keys, NQ, NK, CAUSAL, VARLEN, MASKED, S_L)
     dpt = warpgroup_mma_wait(0, deps=[dpt_token])
     dst = (pt * (dpt - gl.expand_dims(delta_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0)) * LN2).to(dtype)
-    if SPLIT:  # this warpgroup's features of dV and dK^
-        do_cols = do_tile.slice(CID * COLS, COLS, dim=1)
-        q_cols = q_tile.slice(CID * COLS, COLS, dim=1)
+    dv_token = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_L), do_tile, dv, is_async=True)
+    dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_tile, dk, is_async=True)
+    # dS^T to shared memory; dQ^ = dS K^ once both warpgroups' halves are there
+    ds_buffer = ds_smem.index(count % 2)
+    ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
+    fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+    thread_barrier()  # every thread of this warpgroup stored before it arrives
+    mbarrier.arrive(handoff.index(count % 2), count=1)
+    # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
+    # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
+    dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
+    mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
+    mbarrier.wait(handoff.index(count % 2), (count // 2) & 1)
+    DQ_COLS: gl.constexpr = _dq_columns(D_PAD, False)
+    if DQ_COLS < D_PAD:
+        k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
+        first_col = CID * DQ_COLS
+        mine = True
+    else:  # narrow head dims: the warpgroups take turns with the whole width
+        k_cols = k_smem
+        first_col = 0
+        mine = count % 2 == CID
+    if mine:
+        dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols,
+                                 gl.zeros([BLOCK_M, DQ_COLS], gl.float32, DQ_L), use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq_token])
+        _add_dq(dq, dq_smem.index(CID), dq_desc, dq_row + m * BLOCK_M, first_col)
+    return dk, dv
+
+
+# the mbarriers between the warpgroups of a split step (SPLIT)
+P_READY = gl.constexpr(0)  # warpgroup 0 stored P^T
+DS_READY = gl.constexpr(1)  # warpgroup 1 stored dS^T
+DS_FREE = gl.constexpr(2)  # warpgroup 0's matmuls read dS^T
+P_FREE = gl.constexpr(3)  # warpgroup 1's dQ^ reduce-adds read the bytes of P^T and dS^T
+
+
+@gluon.jit
+def _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, pds_smem,
+                dq_smem, q_ready, q_empty, sync, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
+                CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
+                S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+    """One query tile's share of this warpgroup's features of dK^, dV and dQ^ over the
+    program's 64 keys (SPLIT, D = 256): warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T
+    and dS^T, each handing its result to the other through shared memory (pds_smem: P^T,
+    dS^T), so no matmul runs twice (module docstring)."""
+    dtype: gl.constexpr = k_smem.dtype
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+    COLS: gl.constexpr = D_PAD // 2  # this warpgroup's features
+    stage = count % STAGES
+    parity = count & 1
+    mbarrier.wait(q_ready.index(stage), (count // STAGES) & 1)
+    q_tile = q_smem.index(stage)
+    do_tile = do_smem.index(stage).reshape([BLOCK_M, D_PAD])
+    zeros = gl.zeros([WG_KEYS, BLOCK_M], gl.float32, S_L)
+    p_buffer = pds_smem.index(0)
+    ds_buffer = pds_smem.index(1)
+    if CID == 0:
+        st_token = warpgroup_mma(k_smem, q_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(0, deps=[st_token])
+        pt = _probabilities(st, lse2_smem.index(stage), m, shift, keys, NQ, NK, CAUSAL, VARLEN, MASKED,
+                            S_L).to(dtype)
+        mbarrier.wait(sync.index(P_FREE), parity ^ 1)  # the first lap does not block
+        p_buffer.store(pt)
+        thread_barrier()  # every thread of this warpgroup stored before it arrives
+        mbarrier.arrive(sync.index(P_READY), count=1)
+        dv_token = warpgroup_mma(gl.convert_layout(pt, A_L), do_tile.slice(0, COLS, dim=1), dv, is_async=True)
+        mbarrier.wait(sync.index(DS_READY), parity)
+        dk_token = warpgroup_mma(ds_buffer, q_tile.slice(0, COLS, dim=1), dk, is_async=True)
     else:
-        do_cols = do_tile
-        q_cols = q_tile
-    dv_token = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_L), do_cols, dv, is_async=True)
-    dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_cols, dk, is_async=True)
-    row = dq_row + m * BLOCK_M
-    if SPLIT:
-        # The warpgroups take turns: A0 B0 A1 B1 A0 ... (A: S^T and dP^T, B: dV and dK^), so
-        # that one's softmax and dQ^ run while the other's matmuls do: 0.86-0.88x the time of
-        # running in step, both in their matmuls or both in their elementwise work at once
-        mbarrier.arrive(handoff.index(1 - CID), count=1)
-        # both warpgroups hold the same dS^T: each stores its own copy, into the bytes that
-        # stage its dQ^ columns, once its previous step's reduce-adds have read them
-        tma.store_wait(0)
-        ds_buffer = ds_smem.index(CID).slice(0, WG_KEYS, dim=0)
+        dpt_token = warpgroup_mma(v_smem, do_tile.permute((1, 0)), zeros, use_acc=False, is_async=True)
+        dpt = warpgroup_mma_wait(0, deps=[dpt_token])
+        dpt = dpt - gl.expand_dims(delta_smem.index(stage).load(gl.SliceLayout(0, S_L)), 0)
+        mbarrier.wait(sync.index(P_READY), parity)
+        pt = p_buffer.load(S_L)
+        # dS^T from P^T as the dV matmul takes it (16 bits), where the other kernels take P^T
+        # in float32: one more rounding, the size of dS^T's own to 16 bits
+        dst = (pt.to(gl.float32) * dpt * LN2).to(dtype)
         ds_buffer.store(dst)
         fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
         thread_barrier()
-        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
-        mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmuls read dS^T and K^ only
-        # dQ^ = dS K^ of this warpgroup's columns, in two matmuls of 64: the staging buffer
-        # takes 64 float32 columns
-        dq_zeros = gl.zeros([BLOCK_M, DQ_SPLIT_COLS], gl.float32, DQ_L)
-        lo_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_smem.slice(CID * COLS, DQ_SPLIT_COLS, dim=1),
-                                 dq_zeros, use_acc=False, is_async=True)
-        hi_token = warpgroup_mma(ds_buffer.permute((1, 0)),
-                                 k_smem.slice(CID * COLS + DQ_SPLIT_COLS, DQ_SPLIT_COLS, dim=1), dq_zeros,
-                                 use_acc=False, is_async=True)
-        dq_lo, dq_hi = warpgroup_mma_wait(0, deps=[lo_token, hi_token])
-        thread_barrier()  # every warp's matmuls read dS^T before its bytes take dQ^
-        staging = reinterpret(ds_smem.index(CID), gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
-        _add_dq(dq_lo, staging, dq_desc, row, CID * COLS)
-        _add_dq(dq_hi, staging, dq_desc, row, CID * COLS + DQ_SPLIT_COLS)
+        mbarrier.arrive(sync.index(DS_READY), count=1)
+        dv_token = warpgroup_mma(gl.convert_layout(pt, A_L), do_tile.slice(COLS, COLS, dim=1), dv, is_async=True)
+        dk_token = warpgroup_mma(gl.convert_layout(dst, A_L), q_tile.slice(COLS, COLS, dim=1), dk, is_async=True)
+    # dQ^ = dS K^ of this warpgroup's columns, in two matmuls of 64 (the staging buffer's width)
+    dq_zeros = gl.zeros([BLOCK_M, DQ_SPLIT_COLS], gl.float32, DQ_L)
+    lo_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_smem.slice(CID * COLS, DQ_SPLIT_COLS, dim=1), dq_zeros,
+                             use_acc=False, is_async=True)
+    hi_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_smem.slice(CID * COLS + DQ_SPLIT_COLS, DQ_SPLIT_COLS, dim=1),
+                             dq_zeros, use_acc=False, is_async=True)
+    dv, dk = warpgroup_mma_wait(2, deps=[dv_token, dk_token])
+    mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmuls read dS^T and K^ only
+    dq_lo, dq_hi = warpgroup_mma_wait(0, deps=[lo_token, hi_token])
+    row = dq_row + m * BLOCK_M
+    if CID == 0:
+        mbarrier.arrive(sync.index(DS_FREE), count=1)
+        staging = dq_smem.index(0)
     else:
-        # dS^T to shared memory; dQ^ = dS K^ once both warpgroups' halves are there
-        ds_buffer = ds_smem.index(count % 2)
-        ds_buffer.slice(CID * WG_KEYS, WG_KEYS, dim=0).store(dst)
-        fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
-        thread_barrier()  # every thread of this warpgroup stored before it arrives
-        mbarrier.arrive(handoff.index(count % 2), count=1)
-        # the tensor cores run one warpgroup's matmuls in order: waiting for dV and dK here costs
-        # nothing, and frees the registers of their P^T and dS^T operands before dQ^'s
-        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token])
-        mbarrier.arrive(q_empty.index(stage), count=1)  # the dQ^ matmul reads dS^T and K^ only
-        mbarrier.wait(handoff.index(count % 2), (count // 2) & 1)
-        DQ_COLS: gl.constexpr = _dq_columns(D_PAD, False)
-        if DQ_COLS < D_PAD:
-            k_cols = k_smem.slice(CID * DQ_COLS, DQ_COLS, dim=1)
-            first_col = CID * DQ_COLS
-            mine = True
-        else:  # narrow head dims: the warpgroups take turns with the whole width
-            k_cols = k_smem
-            first_col = 0
-            mine = count % 2 == CID
-        if mine:
-            dq_token = warpgroup_mma(ds_buffer.permute((1, 0)), k_cols,
-                                     gl.zeros([BLOCK_M, DQ_COLS], gl.float32, DQ_L), use_acc=False, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=[dq_token])
-            _add_dq(dq, dq_smem.index(CID), dq_desc, row, first_col)
+        # warpgroup 1 stages its dQ^ in the bytes of P^T and dS^T, once both warpgroups' matmuls read them
+        mbarrier.wait(sync.index(DS_FREE), parity)
+        thread_barrier()  # every warp's matmuls read dS^T before its bytes take dQ^
+        staging = reinterpret(pds_smem, gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
+    _add_dq(dq_lo, staging, dq_desc, row, CID * COLS)
+    _add_dq(dq_hi, staging, dq_desc, row, CID * COLS + DQ_SPLIT_COLS)
+    if CID == 1:
+        tma.store_wait(0)  # the reduce-adds read the staged dQ^: warpgroup 0 may store P^T
+        thread_barrier()
+        mbarrier.arrive(sync.index(P_FREE), count=1)
+    return dk, dv
+
+
+@gluon.jit
+def _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem,
+          ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID: gl.constexpr, D_PAD: gl.constexpr,
+          CAUSAL: gl.constexpr, VARLEN: gl.constexpr, MASKED: gl.constexpr, STAGES: gl.constexpr,
+          SPLIT: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr, DQ_L: gl.constexpr):
+    """One query tile's step of this warpgroup: `_split_step` where the warpgroups split the
+    features (SPLIT), else `_keys_step`."""
+    if SPLIT:
+        dk, dv = _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem,
+                             ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID, D_PAD, CAUSAL,
+                             VARLEN, MASKED, STAGES, S_L, O_L, DQ_L)
+    else:
+        dk, dv = _keys_step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, do_smem, lse2_smem,
+                            delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, NQ, NK, CID, D_PAD,
+                            CAUSAL, VARLEN, MASKED, STAGES, S_L, O_L, DQ_L)
     return dk, dv
 
 
@@ -325,7 +396,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
               PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, CAUSAL: gl.constexpr,
               VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block, or
-    (SPLIT: BLOCK_N = 64) features [D_PAD / 2 CID, + D_PAD / 2) of all its keys."""
+    (SPLIT: BLOCK_N = 64) features [D_PAD / 2 CID, + D_PAD / 2) of all its keys and its part
+    of each step (`_split_step`)."""
     NW: gl.constexpr = gl.num_warps()
     SPLIT: gl.constexpr = BLOCK_N == WG_KEYS
     gl.static_assert(not SPLIT or D_PAD == 256, "the features split in two halves of 128 at D = 256 only")
@@ -365,19 +437,19 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     for g in range(GROUP):
         dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + q_base  # tile 0's row
         for m in range(m_lo, m_full):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
+                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
+                           CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_full, m_end):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT, S_L, O_L, DQ_L)
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
+                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
+                           CID, D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
         for m in range(m_end, m_tiles):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, q_smem, do_smem, lse2_smem,
-                           delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID,
-                           D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
+            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
+                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
+                           CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
@@ -422,26 +494,26 @@ def rope_attention_bwd_hopper_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, D_PAD], do_desc.layout)
     lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
-    # dS^T: two buffers of both warpgroups' keys, or (BLOCK_N = 64: the warpgroups split the
-    # features) one per warpgroup for its own copy, whose bytes then stage its dQ^ columns
-    ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * WG_KEYS, BLOCK_M], gl.NVMMASharedLayout.get_default_for(
-        [2 * WG_KEYS, BLOCK_M], dtype))
-    if BLOCK_N == WG_KEYS:
-        dq_smem = ds_smem  # not read
-    else:
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, _dq_columns(D_PAD, False)],
-                                            dq_desc.layout)  # one per consumer
+    split: gl.constexpr = BLOCK_N == WG_KEYS  # the warpgroups split the features of 64 keys
+    if split:  # P^T and dS^T, whose bytes then stage warpgroup 1's dQ^ columns; warpgroup 0's staging
+        ds_smem = gl.allocate_shared_memory(dtype, [2, WG_KEYS, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([WG_KEYS, BLOCK_M], dtype))
+        dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
+    else:  # dS^T: two buffers of both warpgroups' keys; dQ^ staging, one per consumer
+        ds_smem = gl.allocate_shared_memory(dtype, [2, 2 * WG_KEYS, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([2 * WG_KEYS, BLOCK_M], dtype))
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, _dq_columns(D_PAD, False)], dq_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # between the consumers: both halves of dS^T stored (two buffers), or (SPLIT) a warpgroup's turn
-    handoff = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # between the consumers: `_split_step`'s four, or both halves of dS^T stored (two buffers)
+    handoff = gl.allocate_shared_memory(gl.int64, [4 if split else 2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
-    for i in gl.static_range(2):
-        mbarrier.init(handoff.index(i), count=1 if BLOCK_N == WG_KEYS else 2)
+    for i in gl.static_range(4 if split else 2):
+        mbarrier.init(handoff.index(i), count=1 if split else 2)
     fence_async_shared()
 
     # warp_specialize takes no None: dense calls pass a pointer they never read
