@@ -259,8 +259,7 @@ def _keys_step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, 
 # the mbarriers between the warpgroups of a split step (SPLIT)
 P_READY = gl.constexpr(0)  # warpgroup 0 stored P^T
 DS_READY = gl.constexpr(1)  # warpgroup 1 stored dS^T
-DS_FREE = gl.constexpr(2)  # warpgroup 0's matmuls read dS^T
-P_FREE = gl.constexpr(3)  # warpgroup 1's dQ^ reduce-adds read the bytes of P^T and dS^T
+DS_FREE = gl.constexpr(2)  # warpgroup 1's matmuls read dS^T
 
 
 @gluon.jit
@@ -288,7 +287,8 @@ def _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem
         st = warpgroup_mma_wait(0, deps=[st_token])
         pt = _probabilities(st, lse2_smem.index(stage), m, shift, keys, NQ, NK, CAUSAL, VARLEN, MASKED,
                             S_L).to(dtype)
-        mbarrier.wait(sync.index(P_FREE), parity ^ 1)  # the first lap does not block
+        # P^T's bytes staged this warpgroup's dQ^ of the step before: its reduce-adds read them
+        tma.store_wait(0)
         p_buffer.store(pt)
         thread_barrier()  # every thread of this warpgroup stored before it arrives
         mbarrier.arrive(sync.index(P_READY), count=1)
@@ -321,19 +321,16 @@ def _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem
     dq_lo, dq_hi = warpgroup_mma_wait(0, deps=[lo_token, hi_token])
     row = dq_row + m * BLOCK_M
     if CID == 0:
+        # warpgroup 0 stages its dQ^ in the bytes of P^T and dS^T, once both warpgroups'
+        # matmuls read them; the reduce-adds read them before its next P^T (above), which
+        # warpgroup 1 waits for before its next dS^T
+        mbarrier.wait(sync.index(DS_FREE), parity)
+        staging = reinterpret(pds_smem, gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
+    else:
         mbarrier.arrive(sync.index(DS_FREE), count=1)
         staging = dq_smem.index(0)
-    else:
-        # warpgroup 1 stages its dQ^ in the bytes of P^T and dS^T, once both warpgroups' matmuls read them
-        mbarrier.wait(sync.index(DS_FREE), parity)
-        thread_barrier()  # every warp's matmuls read dS^T before its bytes take dQ^
-        staging = reinterpret(pds_smem, gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
     _add_dq(dq_lo, staging, dq_desc, row, CID * COLS)
     _add_dq(dq_hi, staging, dq_desc, row, CID * COLS + DQ_SPLIT_COLS)
-    if CID == 1:
-        tma.store_wait(0)  # the reduce-adds read the staged dQ^: warpgroup 0 may store P^T
-        thread_barrier()
-        mbarrier.arrive(sync.index(P_FREE), count=1)
     return dk, dv
 
 
@@ -495,7 +492,7 @@ def rope_attention_bwd_hopper_kernel(
     lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
     split: gl.constexpr = BLOCK_N == WG_KEYS  # the warpgroups split the features of 64 keys
-    if split:  # P^T and dS^T, whose bytes then stage warpgroup 1's dQ^ columns; warpgroup 0's staging
+    if split:  # P^T and dS^T, whose bytes then stage warpgroup 0's dQ^ columns; warpgroup 1's staging
         ds_smem = gl.allocate_shared_memory(dtype, [2, WG_KEYS, BLOCK_M],
                                             gl.NVMMASharedLayout.get_default_for([WG_KEYS, BLOCK_M], dtype))
         dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
@@ -506,13 +503,13 @@ def rope_attention_bwd_hopper_kernel(
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # between the consumers: `_split_step`'s four, or both halves of dS^T stored (two buffers)
-    handoff = gl.allocate_shared_memory(gl.int64, [4 if split else 2, 1], mbarrier.MBarrierLayout())
+    # between the consumers: `_split_step`'s three, or both halves of dS^T stored (two buffers)
+    handoff = gl.allocate_shared_memory(gl.int64, [3 if split else 2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
-    for i in gl.static_range(4 if split else 2):
+    for i in gl.static_range(3 if split else 2):
         mbarrier.init(handoff.index(i), count=1 if split else 2)
     fence_async_shared()
 
