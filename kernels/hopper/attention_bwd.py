@@ -34,9 +34,10 @@ consumer half their features (SPLIT, `_split_step`). Warpgroup 0 computes S^T an
 warpgroup 1 dP^T and dS^T (from P^T in 16 bits, as the dV matmul takes it), each handing its
 result to the other through shared memory, so that no matmul runs twice; then each computes
 dV, dK^ and dQ^ of its features. Shared memory holds K^, V and two stages of Q^ and dO (192
-KB), P^T and dS^T (16 KB, whose bytes then stage warpgroup 1's dQ^ columns) and warpgroup 0's
+KB), P^T and dS^T (16 KB, whose bytes then stage warpgroup 0's dQ^ columns) and warpgroup 1's
 staging (16 KB). The keys come rotated from the rope pass. The dQ^ staging and reduce-adds,
-four times D = 128's per key, take a quarter of this kernel's time (bench/RESULTS.md).
+four times D = 128's per key, took a quarter of the time when both warpgroups computed S^T
+and dP^T (bench/RESULTS.md).
 """
 
 from typing import NamedTuple
