@@ -288,7 +288,7 @@ def _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem
         st = warpgroup_mma_wait(0, deps=[st_token])
         pt = _probabilities(st, lse2_smem.index(stage), m, shift, keys, NQ, NK, CAUSAL, VARLEN, MASKED,
                             S_L).to(dtype)
-        # P^T's bytes staged this warpgroup's dQ^ of the step before: its reduce-adds read them
+        # P^T's bytes staged this warpgroup's dQ^ of the step before: its reduce-adds have read them
         tma.store_wait(0)
         p_buffer.store(pt)
         thread_barrier()  # every thread of this warpgroup stored before it arrives
