@@ -36,8 +36,8 @@ result to the other through shared memory, so that no matmul runs twice; then ea
 dV, dK^ and dQ^ of its features. Shared memory holds K^, V and two stages of Q^ and dO (192
 KB), P^T and dS^T (16 KB, whose bytes then stage warpgroup 0's dQ^ columns) and warpgroup 1's
 staging (16 KB). The keys come rotated from the rope pass. The dQ^ staging and reduce-adds,
-four times D = 128's per key, took a quarter of the time when both warpgroups computed S^T
-and dP^T (bench/RESULTS.md).
+four times D = 128's per key, took 27-31% of the time when both warpgroups computed S^T and
+dP^T (bench/RESULTS.md).
 """
 
 from typing import NamedTuple
@@ -260,7 +260,7 @@ def _keys_step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_smem, q_smem, 
 # the mbarriers between the warpgroups of a split step (SPLIT)
 P_READY = gl.constexpr(0)  # warpgroup 0 stored P^T
 DS_READY = gl.constexpr(1)  # warpgroup 1 stored dS^T
-DS_FREE = gl.constexpr(2)  # warpgroup 1's matmuls read dS^T
+DS_FREE = gl.constexpr(2)  # warpgroup 1 loaded P^T and its matmuls read dS^T
 
 
 @gluon.jit
@@ -322,9 +322,9 @@ def _split_step(count, m, shift, dq_row, dk, dv, k_smem, v_smem, q_smem, do_smem
     dq_lo, dq_hi = warpgroup_mma_wait(0, deps=[lo_token, hi_token])
     row = dq_row + m * BLOCK_M
     if CID == 0:
-        # warpgroup 0 stages its dQ^ in the bytes of P^T and dS^T, once both warpgroups'
-        # matmuls read them; the reduce-adds read them before its next P^T (above), which
-        # warpgroup 1 waits for before its next dS^T
+        # warpgroup 0 stages its dQ^ in the bytes of P^T and dS^T, once warpgroup 1 loaded
+        # P^T and both warpgroups' matmuls read dS^T; the reduce-adds read them before its
+        # next P^T (above), which warpgroup 1 waits for before its next dS^T
         mbarrier.wait(sync.index(DS_FREE), parity)
         staging = reinterpret(pds_smem, gl.float32, [BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
     else:
