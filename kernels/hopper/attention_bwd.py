@@ -492,8 +492,8 @@ def rope_attention_bwd_hopper_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, D_PAD], do_desc.layout)
     lse2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse2_desc.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
-    split: gl.constexpr = BLOCK_N == WG_KEYS  # the warpgroups split the features of 64 keys
-    if split:  # P^T and dS^T, whose bytes then stage warpgroup 0's dQ^ columns; warpgroup 1's staging
+    SPLIT: gl.constexpr = BLOCK_N == WG_KEYS  # the warpgroups split the features of 64 keys
+    if SPLIT:  # P^T and dS^T, whose bytes then stage warpgroup 0's dQ^ columns; warpgroup 1's staging
         ds_smem = gl.allocate_shared_memory(dtype, [2, WG_KEYS, BLOCK_M],
                                             gl.NVMMASharedLayout.get_default_for([WG_KEYS, BLOCK_M], dtype))
         dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, DQ_SPLIT_COLS], dq_desc.layout)
@@ -505,13 +505,13 @@ def rope_attention_bwd_hopper_kernel(
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # between the consumers: `_split_step`'s three, or both halves of dS^T stored (two buffers)
-    handoff = gl.allocate_shared_memory(gl.int64, [3 if split else 2, 1], mbarrier.MBarrierLayout())
+    handoff = gl.allocate_shared_memory(gl.int64, [3 if SPLIT else 2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
-    for i in gl.static_range(3 if split else 2):
-        mbarrier.init(handoff.index(i), count=1 if split else 2)
+    for i in gl.static_range(3 if SPLIT else 2):
+        mbarrier.init(handoff.index(i), count=1 if SPLIT else 2)
     fence_async_shared()
 
     # warp_specialize takes no None: dense calls pass a pointer they never read
