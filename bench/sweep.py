@@ -1,12 +1,14 @@
 """Block-config sweeps behind the tables in kernels/ (CUDA only):
-python -m bench.sweep [rope] [fwd] [bwd] [hopper] [decode]   (default: the first three)
+python -m bench.sweep [rope] [fwd] [bwd] [hopper] [hopper_bwd] [decode]   (default: the first three)
 
 rope: the rope pass per (rows, heads per program, warps); fwd: the forward launcher (rope
 passes included) per (BLOCK_M, BLOCK_N, warps, stages, V first); bwd: the backward launcher per
 dK/dV and dQ config, varying one kernel's config at a time; hopper: the Gluon forward per
 (BLOCK_N, stages, consumer registers, maxnreg) beside cuDNN SDPA (no RoPE) and
 `apply_scaled_rope` + cuDNN, in alternating rounds, with the share of its time the key rope
-pass takes; decode: the decode kernel per `DecodeConfig` and key splits (Nq=1,
+pass takes; hopper_bwd: the Gluon backward's gradient kernel alone (its preprocess included, no
+rope passes) per `HopperBwdConfig`, with K^ given and, up to D = 128, the keys rotated inside
+(alternating), also with GQA 4:1; decode: the decode kernel per `DecodeConfig` and key splits (Nq=1,
 Hq=32, Hkv=8, D=128, dense cache), with the read rate of K and V. bf16, 16k tokens (not
 decode); markdown on stdout.
 The speed claims of the project come from the suite (pytest bench/), not from here.
@@ -133,6 +135,40 @@ def sweep_hopper(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
                          f"{key_pass_ms / ms:.1%}")
 
 
+def sweep_hopper_bwd(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2):
+    from ropefast.kernels.hopper import attention_bwd as hopper
+
+    configs_by_dim = configs_by_dim or {128: [None], 64: [None], 256: [None]}
+    _row("D", "Hq/Hkv", "N", "causal", "round", "config", "keys", "ms", "backward TF/s (2.5x forward FLOPs)")
+    _row(*["---"] * 9)
+    for head_dim, configs in configs_by_dim.items():
+        heads = 2048 // head_dim
+        for n in lengths:
+            for kv_heads, causal in ((heads, False), (heads, True), (heads // 4, True)):
+                case = Case("bf16", head_dim, heads, kv_heads, n, causal)
+                q, k, v = make_inputs(case, "cuda")
+                inv_freq = yarn(head_dim).inv_freq(device="cuda")
+                args = _args(head_dim, causal)
+                out, lse, _ = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
+                q_rot, k_rot = attention_fwd.rotate_q_k(q, k, inv_freq, None, None, None, rotary_dim=head_dim,
+                                                        interleaved=False, softmax_scale=args["softmax_scale"],
+                                                        rotary_scale=args["rotary_scale"])
+                do = torch.randn_like(q)
+                dk = attention_fwd.sequence_major(*k.shape, k)
+                keys = (k, inv_freq, None, head_dim, False)
+                for r in range(rounds):
+                    for cfg in configs:
+                        # the two ways alternate their order between rounds (a single round's neighbours
+                        # differed by up to 15% where three alternating rounds read them level)
+                        ways = ((True, False) if r % 2 == 0 else (False, True)) if head_dim <= 128 else (True,)
+                        for rotated in ways:
+                            ms, tf = _timed(lambda: hopper.rope_attention_bwd_hopper(
+                                do, out, lse, None, q_rot, k_rot if rotated else None, v, dk, causal=causal,
+                                keys=keys, config=cfg), case.flops(True) - case.flops(False))
+                            _row(head_dim, f"{heads}/{kv_heads}", n, causal, r, cfg or "default",
+                                 "K^ given" if rotated else "rotated inside", ms, tf)
+
+
 def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 3, 1), (128, 8, 3, 1)),
                  shapes=((1, 32768), (8, 4096), (8, 32768), (32, 32768), (8, 131072))):
     from ropefast.kernels import decode
@@ -158,5 +194,6 @@ def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["rope", "fwd", "bwd"]
     for name in chosen:
-        {"rope": sweep_rope, "fwd": sweep_fwd, "bwd": sweep_bwd, "hopper": sweep_hopper, "decode": sweep_decode}[name]()
+        {"rope": sweep_rope, "fwd": sweep_fwd, "bwd": sweep_bwd, "hopper": sweep_hopper, "hopper_bwd": sweep_hopper_bwd,
+         "decode": sweep_decode}[name]()
         print()
