@@ -59,12 +59,13 @@ def _args(head_dim, causal):
     return dict(rotary_dim=head_dim, interleaved=False, causal=causal, softmax_scale=head_dim**-0.5, rotary_scale=1.1)
 
 
-def _cases(head_dim, lengths):
-    """(case, q, k, v, inv_freq) for bf16 at 16k tokens, 2048 // D heads, full then causal."""
+def _cases(head_dim, lengths, gqa=False):
+    """(case, q, k, v, inv_freq) for bf16 at 16k tokens, 2048 // D heads, full then causal
+    (`gqa`: then causal with a quarter of the KV heads)."""
     heads = 2048 // head_dim
     for n in lengths:
-        for causal in (False, True):
-            case = Case("bf16", head_dim, heads, heads, n, causal)
+        for kv_heads, causal in ((heads, False), (heads, True)) + (((heads // 4, True),) if gqa else ()):
+            case = Case("bf16", head_dim, heads, kv_heads, n, causal)
             yield (case, *make_inputs(case, "cuda"), yarn(head_dim).inv_freq(device="cuda"))
 
 
@@ -142,31 +143,26 @@ def sweep_hopper_bwd(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2)
     _row("D", "Hq/Hkv", "N", "causal", "round", "config", "keys", "ms", "backward TF/s (2.5x forward FLOPs)")
     _row(*["---"] * 9)
     for head_dim, configs in configs_by_dim.items():
-        heads = 2048 // head_dim
-        for n in lengths:
-            for kv_heads, causal in ((heads, False), (heads, True), (heads // 4, True)):
-                case = Case("bf16", head_dim, heads, kv_heads, n, causal)
-                q, k, v = make_inputs(case, "cuda")
-                inv_freq = yarn(head_dim).inv_freq(device="cuda")
-                args = _args(head_dim, causal)
-                out, lse, _ = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
-                q_rot, k_rot = attention_fwd.rotate_q_k(q, k, inv_freq, None, None, None, rotary_dim=head_dim,
-                                                        interleaved=False, softmax_scale=args["softmax_scale"],
-                                                        rotary_scale=args["rotary_scale"])
-                do = torch.randn_like(q)
-                dk = attention_fwd.sequence_major(*k.shape, k)
-                keys = (k, inv_freq, None, head_dim, False)
-                for r in range(rounds):
-                    for cfg in configs:
-                        # the two ways alternate their order between rounds (a single round's neighbours
-                        # differed by up to 15% where three alternating rounds read them level)
-                        ways = ((True, False) if r % 2 == 0 else (False, True)) if head_dim <= 128 else (True,)
-                        for rotated in ways:
-                            ms, tf = _timed(lambda: hopper.rope_attention_bwd_hopper(
-                                do, out, lse, None, q_rot, k_rot if rotated else None, v, dk, causal=causal,
-                                keys=keys, config=cfg), case.flops(True) - case.flops(False))
-                            _row(head_dim, f"{heads}/{kv_heads}", n, causal, r, cfg or "default",
-                                 "K^ given" if rotated else "rotated inside", ms, tf)
+        for case, q, k, v, inv_freq in _cases(head_dim, lengths, gqa=True):
+            args = _args(head_dim, case.causal)
+            out, lse, _ = attention_fwd.rope_attention_fwd(q, k, v, inv_freq, None, None, None, **args)
+            q_rot, k_rot = attention_fwd.rotate_q_k(q, k, inv_freq, None, None, None, rotary_dim=head_dim,
+                                                    interleaved=False, softmax_scale=args["softmax_scale"],
+                                                    rotary_scale=args["rotary_scale"])
+            do = torch.randn_like(q)
+            dk = attention_fwd.sequence_major(*k.shape, k)
+            keys = (k, inv_freq, None, head_dim, False)
+            for r in range(rounds):
+                for cfg in configs:
+                    # the two ways alternate their order between rounds (a single round's neighbours
+                    # differed by up to 15% where three alternating rounds read them level)
+                    ways = ((True, False) if r % 2 == 0 else (False, True)) if head_dim <= 128 else (True,)
+                    for rotated in ways:
+                        ms, tf = _timed(lambda: hopper.rope_attention_bwd_hopper(
+                            do, out, lse, None, q_rot, k_rot if rotated else None, v, dk, causal=case.causal,
+                            keys=keys, config=cfg), case.flops(True) - case.flops(False))
+                        _row(head_dim, f"{case.heads}/{case.kv_heads}", case.n, case.causal, r, cfg or "default",
+                             "K^ given" if rotated else "rotated inside", ms, tf)
 
 
 def sweep_decode(configs=((32, 8, 3, 2), (64, 4, 3, 2), (64, 8, 3, 2), (128, 4, 3, 1), (128, 8, 3, 1)),
