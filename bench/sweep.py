@@ -153,10 +153,10 @@ def sweep_hopper_bwd(configs_by_dim=None, lengths=(1024, 4096, 16384), rounds=2)
             dk = attention_fwd.sequence_major(*k.shape, k)
             keys = (k, inv_freq, None, head_dim, False)
             for r in range(rounds):
+                # the two ways alternate their order between rounds (a single round's neighbours
+                # differed by up to 15% where three alternating rounds read them level)
+                ways = ((True, False) if r % 2 == 0 else (False, True)) if head_dim <= 128 else (True,)
                 for cfg in configs:
-                    # the two ways alternate their order between rounds (a single round's neighbours
-                    # differed by up to 15% where three alternating rounds read them level)
-                    ways = ((True, False) if r % 2 == 0 else (False, True)) if head_dim <= 128 else (True,)
                     for rotated in ways:
                         ms, tf = _timed(lambda: hopper.rope_attention_bwd_hopper(
                             do, out, lse, None, q_rot, k_rot if rotated else None, v, dk, causal=case.causal,
