@@ -408,7 +408,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
      stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh, q_smem,
      k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale) = args
+     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, inc_smem) = args
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
     O_L: gl.constexpr = mma_layout(D_PAD, NW)
@@ -421,6 +421,17 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     BLOCK_M: gl.constexpr = CONSUMERS * WG_ROWS
     turn_mine = turn.index(CID)
     turn_other = turn.index((CID + 1) % CONSUMERS)
+
+    # The frequencies' fixed-point increments, computed once (float64) and kept in shared
+    # memory: per item they would cost a global load's latency and the float64 chain, in
+    # registers 16 per thread across the item loop.
+    HALF: gl.constexpr = D_PAD // 2
+    INC_L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, L3))
+    inc_hi, inc_lo = increments(INV_FREQ, PAIRS, HALF, INC_L)
+    inc_hi_smem = inc_smem.slice(2 * CID * HALF, HALF)
+    inc_lo_smem = inc_smem.slice((2 * CID + 1) * HALF, HALF)
+    inc_hi_smem.store(inc_hi)
+    inc_lo_smem.store(inc_lo)
 
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
@@ -443,8 +454,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                               INTERLEAVED, L3)
             pos_ptr = sequence_row(Q_POS, off_b, q_begin, stride_pos_b, stride_pos_n, HAS_POS)
             temp_ptr = sequence_row(TEMP, off_b, q_begin, stride_temp_b, stride_temp_n, HAS_TEMP)
-            # recomputed per item: kept across the loop they would cost 16 registers per thread
-            inc_hi, inc_lo = increments(INV_FREQ, PAIRS, D_PAD // 2, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+            inc_hi = inc_hi_smem.load(INC_L)  # each thread reads back what it stored
+            inc_lo = inc_lo_smem.load(INC_L)
             rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
                                   q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP,
                                   L3)
@@ -555,6 +566,8 @@ def rope_attention_fwd_hopper_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    # each consumer's frequency increments (hi, lo), room for four (a power of two)
+    inc_smem = gl.allocate_shared_memory(gl.uint32, [4 * D_PAD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -576,7 +589,7 @@ def rope_attention_fwd_hopper_kernel(
     args = (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp, stride_temp_b,
             stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, cu_q, cu_k,
-            tiles, q_pos_offset, row_scale, rot_scale)
+            tiles, q_pos_offset, row_scale, rot_scale, inc_smem)
     # The producer and the first CONSUMERS of three consumer entries (a list assigned to a name,
     # or built in a conditional expression, loses its constexprs).
     gl.warp_specialize([
