@@ -201,8 +201,9 @@ BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
                   (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True),
                   (256, True, "bf16", False, False), (256, False, "fp16", True, False)]
-# ptxas keeps a few loop-invariant values of the D >= 128 consumers in local memory (spill
-# stores + loads, none in the unmasked step): at D = 128 136-488 bytes with Triton 3.6's (the
+# ptxas keeps some values of the D >= 128 consumers in local memory (spill stores + loads; at
+# D = 128 about 20 of each per step in the unmasked loop, 4% of a consumer's stall samples on an
+# H100, bench/RESULTS.md 2026-11-27): at D = 128 136-488 bytes with Triton 3.6's (the
 # GPU image's; 296 for interleaved keys rotated in the kernel at given positions), 780-1252
 # with 3.9's (2026-11-26, with dk rotated back in the epilogue; three loops of steps: masked,
 # unmasked, a partial last tile); at D = 256 (features split between the warpgroups, P^T and
