@@ -63,3 +63,24 @@ def test_cpu_suite_labels_the_path_and_warns_when_it_times_the_interpreter():
     assert "Triton's interpreter (slow: TRITON_INTERPRET is set)" in out  # the header
     assert "benchmark 'fp32-D64-H4-N128-B1-causal fwd'" in out  # one table per case and mode
     assert "fwd-ropefast-interpreter]" in out and "timing ropefast through Triton's interpreter" in out
+
+
+def test_profile_regions_sum_runs_of_equal_execution_counts(tmp_path, capsys):
+    from bench import profile
+
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_long_sb",
+              "stall_wait", "stall_barrier"]
+    rows = [("0x0", "LDG.E.128 R4, [R2]", "10", "8", "9", "1", "0"),  # per item
+            ("0x10", "FMUL R0, R1, R2", "2", "8", "0", "2", "0"),
+            ("0x20", "HGMMA.64x128x16.F32.BF16 R24", "30", "64", "0", "10", "20"),  # per step
+            ("0x30", "BAR.SYNC.DEFER_BLOCKING 0x2, 0x80", "1,000", "64", "0", "0", "1,000"),
+            ("0x40", "EXIT", "0", "8", "0", "0", "0")]
+    path = tmp_path / "sass.csv"
+    path.write_text('"Kernel Name","k",\n' + "\n".join(",".join(f'"{c}"' for c in row) for row in [header, *rows]))
+    runs = profile.regions(profile.read_sass(path))
+    assert [(r["first"], r["last"], r["executed"], r["samples"]) for r in runs] == [
+        (0, 1, 8, 12), (2, 3, 64, 1030), (4, 4, 8, 0)]
+    assert (runs[0]["long_sb"], runs[0]["wait"], runs[1]["barrier"]) == (9, 3, 1020)
+    profile.print_regions(path, 0.01)
+    table = capsys.readouterr().out
+    assert "| 2-3 | 2 | 64 | 1030 | 98.8% | barrier 1020, wait 10 |" in table and "| 4-4 |" not in table
