@@ -11,10 +11,14 @@ units of two tiles of equal work; one item each for longer causal calls and docu
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
   of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
   ahead into the next item while the consumers finish one;
-- the consumers own 64 query rows each. Each rotates its rows of q in registers (angles
-  from exact fixed-point phases, every logit scale folded in) and stores them to shared
-  memory, where the QK^T wgmma reads them (for a call autograd records, they also go to
-  global memory for the backward: `save_q`). Then per key tile j it issues S_j = Q K_j^T and
+- the consumers own 64 query rows each. Each rotates its rows of q (angles from exact
+  fixed-point phases, every logit scale folded in) and stores them to shared memory, where
+  the QK^T wgmma reads them (for a call autograd records, they also go to global memory for
+  the backward: `save_q`). Up to D = 128 the rows come in during the previous item's
+  epilogue: half-split pairs filling the head dim are copied raw into a staging buffer
+  (cp.async) and rotated there chunk by chunk of rows, in a loop (the rotation unrolled over
+  the whole tile made the consumers' code miss in the instruction cache at 1k causal);
+  interleaved pairs and the slot order are loaded into registers. Then per key tile j it issues S_j = Q K_j^T and
   O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
   the next consumer through an mbarrier "turn" (ping-pong), so one warpgroup's exponentials
   overlap the others' matmuls. (ptxas places the wait for PV_{j-1} before the softmax's
@@ -44,6 +48,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -52,7 +57,7 @@ from ..attention_fwd import LOG2E, rotate_q_k, sequence_major
 from ..documents import document_bounds, document_tiles
 from ..launch import Descriptor, cdiv, dot_pad, launch, scratch
 from ..rope import rope, row_strides, slot_order
-from .compat import tma_load, tma_store
+from .compat import cp_async_load, reinterpret, tma_load, tma_store
 
 WG_ROWS = gl.constexpr(64)  # query rows of one consumer warpgroup (the wgmma M atom)
 LN2 = gl.constexpr(0.6931471805599453)
@@ -69,6 +74,22 @@ def pair_layout(half, interleaved, num_warps):
     cols = min(half // vec, 32)
     return gl.BlockedLayout([1, vec, 2], [32 // cols, cols, 1], [num_warps, 1, 1],
                             [2, 1, 0] if interleaved else [1, 2, 0])
+
+
+@gluon.constexpr_function
+def chunk_rows(half, num_warps):
+    """Rows that a `pair_layout` tile spans once (each thread one run of 8 slots): 16 at D = 128,
+    32 at 64, all 64 below."""
+    return min(64, 32 // min(half // min(8, half), 32) * num_warps)
+
+
+@gluon.constexpr_function
+def staged_queries(d_pad, head_dim, pairs, interleaved, varlen):
+    """Whether the consumers stage the next item's queries in shared memory (`_stage_q`): its
+    copies move 16-byte runs of half-split pairs filling D_PAD (the only layout measured on a
+    GPU so far; interleaved pairs would copy whole rows); up to D = 128 (at 256 the buffers would
+    not fit beside the ring); dense items (a packed document's program runs one)."""
+    return d_pad <= 128 and head_dim == d_pad and not interleaved and 2 * pairs == d_pad and not varlen
 
 
 @gluon.constexpr_function
@@ -111,18 +132,18 @@ def sincos(pos, inc_hi, inc_lo):
 
 
 @gluon.jit
-def _row_index(row0, D_PAD: gl.constexpr, RL: gl.constexpr):
-    """(rows, features) of rows [row0, row0 + 64) whole, in the `_row_layout` RL."""
-    rows = gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, RL)), 1)
+def _row_index(row0, ROWS: gl.constexpr, D_PAD: gl.constexpr, RL: gl.constexpr):
+    """(rows, features) of rows [row0, row0 + ROWS) whole, in the `_row_layout` RL."""
+    rows = gl.expand_dims(row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, RL)), 1)
     return rows, gl.expand_dims(gl.arange(0, D_PAD, layout=gl.SliceLayout(0, RL)), 0)
 
 
 @gluon.jit
-def _pair_index(row0, D_PAD: gl.constexpr, PAIRS: gl.constexpr, L3: gl.constexpr):
-    """(rows, features) of rows [row0, row0 + 64) as half-split pairs, in the `pair_layout` L3."""
+def _pair_index(row0, ROWS: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, L3: gl.constexpr):
+    """(rows, features) of rows [row0, row0 + ROWS) as half-split pairs, in the `pair_layout` L3."""
     HALF: gl.constexpr = D_PAD // 2
     SL: gl.constexpr = gl.SliceLayout(2, L3)
-    rows = gl.expand_dims(gl.expand_dims(row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, SL)), 1), 2)
+    rows = gl.expand_dims(gl.expand_dims(row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, SL)), 1), 2)
     slot = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)), 0), 2)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
     if PAIRS == HALF:
@@ -138,10 +159,10 @@ def load_rows(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.con
     half of the pair: the kernel's feature order, module docstring); zeros elsewhere and
     past HEAD_DIM. Q points at this (batch, head)'s row 0."""
     if INTERLEAVED:  # pairs side by side: load whole rows (16-byte loads), then view them as pairs
-        rows, col = _row_index(row0, D_PAD, _row_layout(D_PAD // 2, gl.num_warps()))
+        rows, col = _row_index(row0, WG_ROWS, D_PAD, _row_layout(D_PAD // 2, gl.num_warps()))
         x = gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
         return gl.convert_layout(gl.reshape(x, [WG_ROWS, D_PAD // 2, 2]), L3, assert_trivial=True)
-    rows, col = _pair_index(row0, D_PAD, PAIRS, L3)
+    rows, col = _pair_index(row0, WG_ROWS, D_PAD, PAIRS, L3)
     return gl.load(Q + rows.to(gl.int64) * stride_qn + col, mask=(rows < row_end) & (col < HEAD_DIM), other=0.0)
 
 
@@ -149,15 +170,16 @@ def load_rows(Q, stride_qn, row0, row_end, HEAD_DIM: gl.constexpr, D_PAD: gl.con
 def store_rows(X, stride_n, row0, row_end, pairs, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
                INTERLEAVED: gl.constexpr, L3: gl.constexpr):
     """`load_rows` backwards, for the natural feature order (interleaved, or half-split pairs
-    filling D_PAD): a [64, D_PAD / 2, 2] tile to rows [row0, row0 + 64) below row_end of X,
+    filling D_PAD): a [rows, D_PAD / 2, 2] tile to rows [row0, row0 + rows) below row_end of X,
     features below HEAD_DIM. Evict-first: this kernel does not read them again (against TMA
     stores of the shared-memory tile: level on an H100, bench/RESULTS.md)."""
+    ROWS: gl.constexpr = pairs.shape[0]
     if INTERLEAVED:
         RL: gl.constexpr = _row_layout(D_PAD // 2, gl.num_warps())
-        rows, col = _row_index(row0, D_PAD, RL)
-        tile = gl.convert_layout(gl.reshape(pairs, [WG_ROWS, D_PAD]), RL, assert_trivial=True)
+        rows, col = _row_index(row0, ROWS, D_PAD, RL)
+        tile = gl.convert_layout(gl.reshape(pairs, [ROWS, D_PAD]), RL, assert_trivial=True)
     else:
-        rows, col = _pair_index(row0, D_PAD, D_PAD // 2, L3)
+        rows, col = _pair_index(row0, ROWS, D_PAD, D_PAD // 2, L3)
         tile = pairs
     gl.store(X + rows.to(gl.int64) * stride_n + col, tile, mask=(rows < row_end) & (col < HEAD_DIM),
              eviction_policy="evict_first")
@@ -168,21 +190,22 @@ def rotate_rows(x, Q_POS, stride_pos_n, TEMP, stride_temp_n, inc_hi, inc_lo, row
                 rot_scale, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
                 HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, L3: gl.constexpr):
     """The `load_rows` rows rotated and scaled (queries: every logit scale folded in, base 2;
-    keys: row_scale = rot_scale = 1), [64, D_PAD / 2, 2] as loaded (`mma_tile` makes the
+    keys: row_scale = rot_scale = 1), [rows, D_PAD / 2, 2] as loaded (`mma_tile` makes the
     tile a wgmma reads). Q_POS and TEMP point at this batch's row 0."""
     HALF: gl.constexpr = D_PAD // 2
-    SL: gl.constexpr = gl.SliceLayout(2, L3)  # [64, HALF]
+    ROWS: gl.constexpr = x.shape[0]
+    SL: gl.constexpr = gl.SliceLayout(2, L3)  # [ROWS, HALF]
     dtype: gl.constexpr = x.dtype
     a, b = gl.split(x)
     a = gl.convert_layout(a, SL, assert_trivial=True).to(gl.float32)
     b = gl.convert_layout(b, SL, assert_trivial=True).to(gl.float32)
-    rows = row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, SL))
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, SL))
     if HAS_POS:
         pos = gl.load(Q_POS + rows.to(gl.int64) * stride_pos_n, mask=rows < NQ, other=0).to(gl.int32)
     else:
         pos = rows + q_pos_offset
     cos, sin = sincos(pos, inc_hi, inc_lo)
-    scale = gl.full([WG_ROWS], row_scale, gl.float32, gl.SliceLayout(1, SL))
+    scale = gl.full([ROWS], row_scale, gl.float32, gl.SliceLayout(1, SL))
     if HAS_TEMP:
         scale = scale * gl.load(TEMP + rows.to(gl.int64) * stride_temp_n, mask=rows < NQ, other=0.0)
     rotated = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, SL)) < PAIRS, 0)
@@ -202,10 +225,10 @@ def sequence_row(X, off_b, begin, stride_b, stride_n, PRESENT: gl.constexpr):
 
 @gluon.jit
 def mma_tile(pairs, D_PAD: gl.constexpr, INTERLEAVED: gl.constexpr):
-    """A [64, D_PAD / 2, 2] tile of pairs as the [64, D_PAD] tile of the kernel's feature order."""
+    """A [rows, D_PAD / 2, 2] tile of pairs as the [rows, D_PAD] tile of the kernel's feature order."""
     if not INTERLEAVED:
-        pairs = gl.permute(pairs, (0, 2, 1))  # [64, 2, HALF]: the a slots, then the b slots
-    return gl.reshape(pairs, [WG_ROWS, D_PAD])
+        pairs = gl.permute(pairs, (0, 2, 1))  # [rows, 2, HALF]: the a slots, then the b slots
+    return gl.reshape(pairs, [pairs.shape[0], D_PAD])
 
 
 # ---- the persistent schedule, producer and consumers ----
@@ -397,6 +420,27 @@ def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_i
 
 
 @gluon.jit
+def _stage_q(raw, item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
+             HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, CAUSAL: gl.constexpr,
+             PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, L3: gl.constexpr):
+    """Asynchronous copies (cp.async, one group) of a consumer's rows of a dense item's query
+    tile into its chunks of raw [consumers x chunks, `chunk_rows`, D_PAD / 2, 2], as `pair_layout`
+    L3 holds them (each thread later reads what it copied); zeros past the item's rows."""
+    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
+                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
+    if not PAIR_UNITS:  # pair units have nq = 0 past the last
+        nq = gl.where(item < n_items, nq, 0)
+    base = Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh
+    CR: gl.constexpr = raw.shape[1]
+    CHUNKS: gl.constexpr = WG_ROWS // CR
+    for c in gl.static_range(CHUNKS):
+        rows, col = _pair_index(q_start + CID * WG_ROWS + c * CR, CR, D_PAD, PAIRS, L3)
+        cp_async_load(raw.index(CID * CHUNKS + c), base + rows.to(gl.int64) * stride_qn + col,
+                      mask=(rows < nq) & (col < HEAD_DIM))
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
               HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               PAIR_UNITS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -408,7 +452,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, Q_POS, stride_pos_b, stride_pos_n, TEMP, stride_temp_b,
      stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh, q_smem,
      k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q,
-     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, inc_smem) = args
+     CU_SEQLENS_K, TILES, q_pos_offset, row_scale, rot_scale, inc_smem, raw_smem) = args
     NW: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = mma_layout(BLOCK_N, NW)
     O_L: gl.constexpr = mma_layout(D_PAD, NW)
@@ -435,11 +479,19 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
 
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
-    # Up to D = 128 a warpgroup loads the next item's queries during this item's epilogue, in
-    # 32 registers per thread; at D = 256 that would take 64 and spill: it loads them in turn.
-    # (Packed documents run one item per program: there is no next item.)
+    # Up to D = 128 a warpgroup fetches the next item's queries during this item's epilogue:
+    # into its staging buffer (`_stage_q`), or (interleaved, slot order) into 32 registers;
+    # at D = 256 those would take 64 and spill: it loads them in turn. (Packed documents run
+    # one item per program: there is no next item.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
-    if PREFETCH_Q:
+    STAGE_Q: gl.constexpr = staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN)
+    CHUNKS: gl.constexpr = WG_ROWS // chunk_rows(D_PAD // 2, NW)
+    if STAGE_Q:
+        # raw_smem holds every consumer's chunks; this one's whole tile, for the copy to Q^
+        raw_tile = reinterpret(raw_smem, dtype, [CONSUMERS, WG_ROWS, D_PAD // 2, 2], raw_smem.layout).index(CID)
+        _stage_q(raw_smem, gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
+                 HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
+    elif PREFETCH_Q:
         x = _prefetch_q(gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
                         HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
     for item in range(gl.program_id(0), _items_end(n_items, NQ, PAIR_UNITS, BLOCK_M), gl.num_programs(0)):
@@ -448,23 +500,41 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
             BLOCK_N)
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
-            if not PREFETCH_Q:
+            if (not PREFETCH_Q) and (not STAGE_Q):
                 x = load_rows(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
                               + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
                               INTERLEAVED, L3)
             pos_ptr = sequence_row(Q_POS, off_b, q_begin, stride_pos_b, stride_pos_n, HAS_POS)
             temp_ptr = sequence_row(TEMP, off_b, q_begin, stride_temp_b, stride_temp_n, HAS_TEMP)
+            qr_ptr = (QR + off_b.to(gl.int64) * stride_qrb + q_begin.to(gl.int64) * stride_qrn
+                      + off_h.to(gl.int64) * stride_qrh)
             inc_hi = inc_hi_smem.load(INC_L)  # each thread reads back what it stored
             inc_lo = inc_lo_smem.load(INC_L)
-            rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
-                                  q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP,
-                                  L3)
-            if STORE_Q:
-                store_rows(QR + off_b.to(gl.int64) * stride_qrb + q_begin.to(gl.int64) * stride_qrn
-                           + off_h.to(gl.int64) * stride_qrh, stride_qrn, row0, nq, rotated, HEAD_DIM, D_PAD,
-                           INTERLEAVED, L3)
-            tma.store_wait(0)  # the previous item's O left this buffer
-            q_mma.store(mma_tile(rotated, D_PAD, INTERLEAVED))
+            if STAGE_Q:
+                # Rotated in place a chunk at a time, in a loop: unrolled over the whole tile (as
+                # below) the rotation is a third of a consumer's code, twice per program, and at
+                # 1k causal the instruction cache missed (bench/RESULTS.md). Each thread reads back
+                # what it copied and wrote.
+                async_copy.wait_group(0)
+                for c in range(CHUNKS):
+                    chunk = raw_smem.index(CID * CHUNKS + c)
+                    CR: gl.constexpr = chunk.shape[0]
+                    rotated = rotate_rows(chunk.load(L3), pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi,
+                                          inc_lo, row0 + c * CR, nq, q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS,
+                                          INTERLEAVED, HAS_POS, HAS_TEMP, L3)
+                    if STORE_Q:
+                        store_rows(qr_ptr, stride_qrn, row0 + c * CR, nq, rotated, HEAD_DIM, D_PAD, INTERLEAVED, L3)
+                    chunk.store(rotated)
+                tma.store_wait(0)  # the previous item's O left the Q^ buffer
+                q_mma.store(mma_tile(raw_tile.load(L3), D_PAD, INTERLEAVED))
+            else:
+                rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
+                                      q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS,
+                                      HAS_TEMP, L3)
+                if STORE_Q:
+                    store_rows(qr_ptr, stride_qrn, row0, nq, rotated, HEAD_DIM, D_PAD, INTERLEAVED, L3)
+                tma.store_wait(0)  # the previous item's O left this buffer
+                q_mma.store(mma_tile(rotated, D_PAD, INTERLEAVED))
             fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
 
             rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
@@ -506,7 +576,10 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
                 mbarrier.arrive(v_empty.index(last), count=1)
 
-            if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
+            if STAGE_Q:  # the next item's queries: their copies fly during this epilogue
+                _stage_q(raw_smem, item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
+                         n_items, CID, HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
+            elif PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
                 x = _prefetch_q(item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
                                 n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N,
                                 L3)
@@ -568,6 +641,12 @@ def rope_attention_fwd_hopper_kernel(
     turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     # each consumer's frequency increments (hi, lo), room for four (a power of two)
     inc_smem = gl.allocate_shared_memory(gl.uint32, [4 * D_PAD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    if staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN):  # the consumers' next queries (`_stage_q`)
+        CR: gl.constexpr = chunk_rows(D_PAD // 2, gl.num_warps())
+        raw_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * (WG_ROWS // CR), CR, D_PAD // 2, 2],
+                                             gl.SwizzledSharedLayout(1, 1, 1, [1, 2, 0]))
+    else:  # not read
+        raw_smem = inc_smem
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -589,7 +668,7 @@ def rope_attention_fwd_hopper_kernel(
     args = (Q, stride_qb, stride_qn, stride_qh, INV_FREQ, pos, stride_pos_b, stride_pos_n, temp, stride_temp_b,
             stride_temp_n, O, stride_ob, stride_on, stride_oh, LSE, o_desc, QR, stride_qrb, stride_qrn, stride_qrh,
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, NQ, NK, HQ, GROUP, n_items, cu_q, cu_k,
-            tiles, q_pos_offset, row_scale, rot_scale, inc_smem)
+            tiles, q_pos_offset, row_scale, rot_scale, inc_smem, raw_smem)
     # The producer and the first CONSUMERS of three consumer entries (a list assigned to a name,
     # or built in a conditional expression, loses its constexprs).
     gl.warp_specialize([

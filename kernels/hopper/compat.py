@@ -5,7 +5,9 @@ Gluon (`triton.experimental.gluon`) is experimental and moves between releases:
   3.5; `gl.warp_specialize` takes a list of (function, args) pairs from 3.6 on (3.4 and 3.5
   had other signatures). The kernels here need 3.6 or newer (`MIN_TRITON`).
 - The TMA copies are `tma.async_copy_global_to_shared` / `async_copy_shared_to_global` up to
-  3.7, `tma.async_load` / `async_store` from 3.8 (the old names are gone in 3.9).
+  3.7, `tma.async_load` / `async_store` from 3.8 (the old names are gone in 3.9); likewise the
+  per-thread asynchronous copy (cp.async) `async_copy.async_copy_global_to_shared`, `async_load`
+  in 3.9 (`cp_async_load` here).
 - The barrier of a warpgroup's threads is `gl.thread_barrier` up to 3.8, `gl.barrier` in 3.9.
 - The TMA reduce-add (`cp.reduce.async.bulk.tensor`) is `tma.async_atomic_add` from 3.8; 3.6
   and 3.7 build the same operation, without a Python wrapper: `tma_atomic_add` adds one.
@@ -30,12 +32,14 @@ SUPPORTED = triton_version() >= MIN_TRITON
 if SUPPORTED:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language._core import builtin
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import tma
 
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
     @builtin
     def reinterpret(smem, dtype, shape, layout, _semantic=None):
