@@ -87,9 +87,11 @@ def chunk_rows(half, num_warps):
 def staged_queries(d_pad, head_dim, pairs, interleaved, varlen):
     """Whether the consumers stage the next item's queries in shared memory (`_stage_q`): its
     copies move 16-byte runs of half-split pairs filling D_PAD (the only layout measured on a
-    GPU so far; interleaved pairs would copy whole rows); up to D = 128 (at 256 the buffers would
-    not fit beside the ring); dense items (a packed document's program runs one)."""
-    return d_pad <= 128 and head_dim == d_pad and not interleaved and 2 * pairs == d_pad and not varlen
+    GPU so far; interleaved pairs would copy whole rows); D = 32 to 128 (at 256 the buffers would
+    not fit beside the ring; at 16 two threads hold each element, untried); dense items (a packed
+    document's program runs one)."""
+    return (32 <= d_pad <= 128 and head_dim == d_pad and not interleaved and 2 * pairs == d_pad
+            and not varlen)
 
 
 @gluon.constexpr_function
