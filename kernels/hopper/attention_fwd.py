@@ -18,14 +18,14 @@ units of two tiles of equal work; one item each for longer causal calls and docu
   epilogue: half-split pairs filling the head dim are copied raw into a staging buffer
   (cp.async) and rotated there chunk by chunk of rows, in a loop (the rotation unrolled over
   the whole tile made the consumers' code miss in the instruction cache at 1k causal);
-  interleaved pairs and the slot order are loaded into registers. Then per key tile j it issues S_j = Q K_j^T and
-  O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and hands the tensor cores to
-  the next consumer through an mbarrier "turn" (ping-pong), so one warpgroup's exponentials
-  overlap the others' matmuls. (ptxas places the wait for PV_{j-1} before the softmax's
-  first shuffle, so within a warpgroup only the row maximum overlaps it; holding the wait
-  back behind a shared-memory store of the row sums ran slower: bench/RESULTS.md.) The
-  epilogue's TMA store of O runs on while the next item starts, and up to D = 128 the next
-  item's queries load during it.
+  interleaved pairs and the slot order are loaded into registers. Then per key tile j it
+  issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and
+  hands the tensor cores to the next consumer through an mbarrier "turn" (ping-pong), so one
+  warpgroup's exponentials overlap the others' matmuls. (ptxas places the wait for PV_{j-1}
+  before the softmax's first shuffle, so within a warpgroup only the row maximum overlaps it;
+  holding the wait back behind a shared-memory store of the row sums ran slower:
+  bench/RESULTS.md.) The epilogue's TMA store of O runs on while the next item starts, and up
+  to D = 128 the next item's queries come in during it.
 Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
 
 Feature order. A rotation pairs feature a_i with b_i: (2i, 2i+1) interleaved, (i, i + R/2)
@@ -514,9 +514,9 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
             inc_lo = inc_lo_smem.load(INC_L)
             if STAGE_Q:
                 # Rotated in place a chunk at a time, in a loop: unrolled over the whole tile (as
-                # below) the rotation is a third of a consumer's code, twice per program, and at
-                # 1k causal the instruction cache missed (bench/RESULTS.md). Each thread reads back
-                # what it copied and wrote.
+                # below) the rotation is over a third of a consumer's code, twice per program, and
+                # at 1k causal the instruction cache missed (bench/RESULTS.md). Each thread reads
+                # back what it copied and wrote.
                 async_copy.wait_group(0)
                 for c in range(CHUNKS):
                     chunk = raw_smem.index(CID * CHUNKS + c)
