@@ -408,17 +408,26 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 
 
 @gluon.jit
+def _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL: gl.constexpr,
+               PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Where a consumer fetches a dense item's queries: (Q at its (batch, head)'s row 0, the
+    tile's first row, the sequence's query count; 0 past the last item)."""
+    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
+                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
+    if not PAIR_UNITS:  # pair units have nq = 0 past the last
+        nq = gl.where(item < n_items, nq, 0)
+    return Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, q_start, nq
+
+
+@gluon.jit
 def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
                 HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
                 CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 L3: gl.constexpr):
     """`load_rows` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
-    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
-                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
-    if not PAIR_UNITS:  # pair units have nq = 0 past the last
-        nq = gl.where(item < n_items, nq, 0)
-    return load_rows(Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, stride_qn,
-                     q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
+    base, q_start, nq = _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL, PAIR_UNITS,
+                                   BLOCK_M, BLOCK_N)
+    return load_rows(base, stride_qn, q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
 
 
 @gluon.jit
@@ -428,11 +437,8 @@ def _stage_q(raw, item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n
     """Asynchronous copies (cp.async, one group) of a consumer's rows of a dense item's query
     tile into its chunks of raw [consumers x chunks, `chunk_rows`, D_PAD / 2, 2], as `pair_layout`
     L3 holds them (each thread later reads what it copied); zeros past the item's rows."""
-    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
-                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
-    if not PAIR_UNITS:  # pair units have nq = 0 past the last
-        nq = gl.where(item < n_items, nq, 0)
-    base = Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh
+    base, q_start, nq = _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL, PAIR_UNITS,
+                                   BLOCK_M, BLOCK_N)
     CR: gl.constexpr = raw.shape[1]
     CHUNKS: gl.constexpr = WG_ROWS // CR
     for c in gl.static_range(CHUNKS):
@@ -487,8 +493,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     # one item per program: there is no next item.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     STAGE_Q: gl.constexpr = staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN)
-    CHUNKS: gl.constexpr = WG_ROWS // chunk_rows(D_PAD // 2, NW)
     if STAGE_Q:
+        CHUNKS: gl.constexpr = raw_smem.shape[0] // CONSUMERS
         # raw_smem holds every consumer's chunks; this one's whole tile, for the copy to Q^
         raw_tile = reinterpret(raw_smem, dtype, [CONSUMERS, WG_ROWS, D_PAD // 2, 2], raw_smem.layout).index(CID)
         _stage_q(raw_smem, gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
