@@ -360,16 +360,24 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, rows, start_n, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+def _softmax(s, m_i, l_i, row0, start_n, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
              BLOCK_N: gl.constexpr, S_L: gl.constexpr):
-    """Online softmax (base 2: the log2(e) is folded into Q^) of one key tile. MASKED tiles
-    hide keys past NK (rows of another head, or zeros) and, causal, past the diagonal."""
+    """Online softmax (base 2: the log2(e) is folded into Q^) of one key tile, of query rows
+    [row0, + 64). MASKED tiles hide keys past NK (rows of another head, or zeros) and, causal,
+    past the diagonal."""
     if MASKED:
-        keys = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L)), 0)
-        visible = keys < NK
+        # A score is visible iff its column <= the last visible column of its row. In the wgmma
+        # layout a thread's columns are 2 (lane % 4) + 8 i + {0, 1}: split so, the lane's part
+        # leaves with one subtraction a row, and each score costs one compare with a constant
+        # and a select (the whole column, hoisted out of the loop, would take 32 registers).
+        cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L)), 0)
         if CAUSAL:
-            visible = visible & (keys <= gl.expand_dims(rows, 1) + (NK - NQ))
-        s = gl.where(visible, s, float("-inf"))
+            rows = row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, S_L))
+            last = gl.expand_dims(gl.minimum(rows + (NK - NQ), NK - 1) - start_n, 1)
+        else:
+            last = NK - 1 - start_n
+        LANE_BITS: gl.constexpr = 6
+        s = gl.where((cols & ~LANE_BITS) <= last - (cols & LANE_BITS), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
     if MASKED:  # a row that has seen no key keeps m = -inf: subtract 0 instead of NaN
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -383,7 +391,7 @@ def _softmax(s, m_i, l_i, rows, start_n, NQ, NK, CAUSAL: gl.constexpr, MASKED: g
 
 @gluon.jit
 def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-             turn_phase, p, alpha, acc, m_i, l_i, rows, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+             turn_phase, p, alpha, acc, m_i, l_i, row0, NQ, NK, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
              BLOCK_N: gl.constexpr, D_PAD: gl.constexpr, STAGES: gl.constexpr, S_L: gl.constexpr,
              O_L: gl.constexpr, P_L: gl.constexpr):
     """Key tile j >= 1 (ring position count): S_j = Q K_j^T and O = alpha_{j-1} O +
@@ -400,7 +408,7 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
     mbarrier.arrive(turn_other, count=1)  # the other consumer's matmuls run during my softmax
     s = warpgroup_mma_wait(1, deps=[s_token])
     mbarrier.arrive(k_empty.index(stage), count=1)
-    p_next, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, j * BLOCK_N, NQ, NK, CAUSAL, MASKED, BLOCK_N, S_L)
+    p_next, m_i, l_i, alpha = _softmax(s, m_i, l_i, row0, j * BLOCK_N, NQ, NK, CAUSAL, MASKED, BLOCK_N, S_L)
     # P_{j-1} stays in its registers until PV_{j-1} is done: convert P_j only after the wait.
     acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
     mbarrier.arrive(v_empty.index(prev), count=1)
@@ -545,7 +553,6 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 q_mma.store(mma_tile(rotated, D_PAD, INTERLEAVED))
             fence_async_shared()  # generic-proxy stores, read next by the wgmma (async proxy)
 
-            rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
             acc = gl.zeros([WG_ROWS, D_PAD], gl.float32, O_L)
             m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, ROW_S)
             l_i = gl.full([WG_ROWS], 0.0, gl.float32, ROW_S)
@@ -560,20 +567,20 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 mbarrier.arrive(turn_other, count=1)
                 s = warpgroup_mma_wait(0, deps=[s_token])
                 mbarrier.arrive(k_empty.index(stage), count=1)
-                p, m_i, l_i, alpha = _softmax(s, m_i, l_i, rows, 0, nq, nk, CAUSAL, True, BLOCK_N, S_L)
+                p, m_i, l_i, alpha = _softmax(s, m_i, l_i, row0, 0, nq, nk, CAUSAL, True, BLOCK_N, S_L)
                 p = gl.convert_layout(p.to(dtype), P_L)
                 turn_phase ^= 1
                 count += 1
                 for j in range(1, n_full):
                     p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
                         j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-                        turn_phase, p, alpha, acc, m_i, l_i, rows, nq, nk, CAUSAL, False, BLOCK_N, D_PAD, STAGES,
+                        turn_phase, p, alpha, acc, m_i, l_i, row0, nq, nk, CAUSAL, False, BLOCK_N, D_PAD, STAGES,
                         S_L, O_L, P_L)
                     count += 1
                 for j in range(gl.maximum(n_full, 1), n_tiles):
                     p, alpha, acc, m_i, l_i, turn_phase = _kv_step(
                         j, count, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-                        turn_phase, p, alpha, acc, m_i, l_i, rows, nq, nk, CAUSAL, True, BLOCK_N, D_PAD, STAGES,
+                        turn_phase, p, alpha, acc, m_i, l_i, row0, nq, nk, CAUSAL, True, BLOCK_N, D_PAD, STAGES,
                         S_L, O_L, P_L)
                     count += 1
                 # drain: the last PV
@@ -610,6 +617,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 q_mma.store(acc.to(dtype))
                 fence_async_shared()
                 tma_store(o_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
+            rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
             log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
                                                is_pure=True, pack=1)
             gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + q_begin + rows,
