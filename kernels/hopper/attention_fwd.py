@@ -16,7 +16,7 @@ units of two tiles of equal work; one item each for longer causal calls and docu
   the QK^T wgmma reads them (for a call autograd records, they also go to global memory for
   the backward: `save_q`). Up to D = 128 the rows come in during the previous item's
   epilogue: half-split pairs filling the head dim are copied raw into a staging buffer
-  (cp.async) and rotated there chunk by chunk of rows, in a loop (the rotation unrolled over
+  (cp.async) and rotated from there chunk by chunk of rows, in a loop (the rotation unrolled over
   the whole tile made the consumers' code miss in the instruction cache at 1k causal);
   interleaved pairs and the slot order are loaded into registers. Then per key tile j it
   issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and
@@ -503,8 +503,15 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     STAGE_Q: gl.constexpr = staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN)
     if STAGE_Q:
         CHUNKS: gl.constexpr = raw_smem.shape[0] // CONSUMERS
-        # raw_smem holds every consumer's chunks; this one's whole tile, for the copy to Q^
-        raw_tile = reinterpret(raw_smem, dtype, [CONSUMERS, WG_ROWS, D_PAD // 2, 2], raw_smem.layout).index(CID)
+        CR: gl.constexpr = raw_smem.shape[1]
+        # Each rotated chunk goes to its rows of the Q^ buffer in pieces of 128 bytes a row: the
+        # NVMMA layout keeps each such column block's rows together (at D = 128 the pairs' first
+        # halves, then their second halves), [consumer, block, chunk] pieces.
+        Q_COLS: gl.constexpr = min(D_PAD, 64)
+        BLOCKS: gl.constexpr = D_PAD // Q_COLS
+        q_pieces = reinterpret(q_smem, dtype, [CONSUMERS * BLOCKS * CHUNKS, CR, Q_COLS],
+                               gl.NVMMASharedLayout(swizzle_byte_width=q_smem.layout.swizzle_byte_width,
+                                                    element_bitwidth=16, rank=2))
         _stage_q(raw_smem, gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
                  HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
     elif PREFETCH_Q:
@@ -527,22 +534,25 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
             inc_hi = inc_hi_smem.load(INC_L)  # each thread reads back what it stored
             inc_lo = inc_lo_smem.load(INC_L)
             if STAGE_Q:
-                # Rotated in place a chunk at a time, in a loop: unrolled over the whole tile (as
-                # below) the rotation is over a third of a consumer's code, twice per program, and
-                # at 1k causal the instruction cache missed (bench/RESULTS.md). Each thread reads
-                # back what it copied and wrote.
+                # Rotated a chunk at a time into the Q^ buffer, in a loop: unrolled over the whole
+                # tile (as below) the rotation is over a third of a consumer's code, twice per
+                # program, and at 1k causal the instruction cache missed (bench/RESULTS.md). Each
+                # thread reads back what it copied.
                 async_copy.wait_group(0)
+                tma.store_wait(0)  # the previous item's O left the Q^ buffer
                 for c in range(CHUNKS):
                     chunk = raw_smem.index(CID * CHUNKS + c)
-                    CR: gl.constexpr = chunk.shape[0]
                     rotated = rotate_rows(chunk.load(L3), pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi,
                                           inc_lo, row0 + c * CR, nq, q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS,
                                           INTERLEAVED, HAS_POS, HAS_TEMP, L3)
                     if STORE_Q:
                         store_rows(qr_ptr, stride_qrn, row0 + c * CR, nq, rotated, HEAD_DIM, D_PAD, INTERLEAVED, L3)
-                    chunk.store(rotated)
-                tma.store_wait(0)  # the previous item's O left the Q^ buffer
-                q_mma.store(mma_tile(raw_tile.load(L3), D_PAD, INTERLEAVED))
+                    if BLOCKS == 1:
+                        q_pieces.index(CID * CHUNKS + c).store(mma_tile(rotated, D_PAD, INTERLEAVED))
+                    else:
+                        first, second = gl.split(rotated)
+                        q_pieces.index(2 * CID * CHUNKS + c).store(first)
+                        q_pieces.index((2 * CID + 1) * CHUNKS + c).store(second)
             else:
                 rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
                                       q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS,
