@@ -3,7 +3,7 @@ import torch
 from ropefast import dispatch
 
 
-WHAT = {"hopper": "the Gluon kernels (Hopper; D <= 64: causal calls under 16k queries take the portable forward)",
+WHAT = {"hopper": "the Gluon kernels (Hopper; D <= 64: causal packed documents take the portable forward)",
         "kernel": "the portable Triton kernels",
         "interpreter": "Triton's interpreter (slow: TRITON_INTERPRET is set)",
         "reference": "ropefast.reference (plain PyTorch)"}

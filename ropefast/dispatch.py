@@ -9,8 +9,8 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  Gluon forward and, at head dims 64, 128 and 256, the Gluon backward
                  (`deterministic=True` keeps the portable backward kernels). Below head dim
                  128 the portable forward runs where it is faster or the Gluon one is
-                 unmeasured (`forward_path`: head dims under 64, and at 64 causal calls under
-                 16k queries, causal packed documents, slot-order tiles); `backward_path` says
+                 unmeasured (`forward_path`: head dims under 64, and at 64 causal packed
+                 documents and slot-order tiles); `backward_path` says
                  which backward runs. Packed documents (varlen) too: the Gluon kernels take
                  document bounds.
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
@@ -46,13 +46,13 @@ __all__ = ["INTERPRETER", "PATHS", "backward_path", "env_changed", "forward_path
 
 PATHS = ("hopper", "kernel", "interpreter", "reference")
 # At this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
-# three consumer warpgroups (192-query items) and beats the portable one on H100 where items
-# are long (non-causal calls: 1.02-1.15x; causal ones of 16k queries: level to 1.1x), loses
-# where they are short (causal, 1k-8k: 0.63-0.95x; bench/RESULTS.md); causal packed documents
-# count as short. Tiles in the slot order (`kernels.rope.slot_order`) would spill with three,
-# and smaller head dims are unmeasured: those run portable.
+# three consumer warpgroups (192-query items) where items are long (non-causal calls: 1.02-1.15x
+# the portable forward on H100; causal ones from 8k queries: 1.01-1.13x, level at 4k), and two on
+# persistent pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
+# `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27). Causal packed
+# documents (unmeasured on Gluon), tiles in the slot order (`kernels.rope.slot_order`) and
+# smaller head dims run portable.
 HOPPER_SMALL_HEAD_DIM = 64
-HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES = 16384  # causal calls from this many queries take Gluon
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
 # are head_dim wide; at D = 256 its warpgroups split the features of 64 keys.
 HOPPER_BACKWARD_HEAD_DIMS = (64, 128, 256)
@@ -106,18 +106,16 @@ def path(x: torch.Tensor) -> str:
 def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order: bool = False) -> str:
     """The path of the attention forward on q [B, Nq, Hq, D] (`varlen`: packed documents;
     `slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
-    "kernel" for "hopper" below head dim 64, and at 64 on causal calls of fewer than
-    HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES queries, on causal packed documents and in the slot
-    order, where the portable forward is faster.
+    "kernel" for "hopper" below head dim 64, and at 64 on causal packed documents and in the
+    slot order, where the portable forward is faster or the Gluon one unmeasured.
 
         >>> dispatch.forward_path(torch.empty(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16), causal=True)
-        'kernel'   # on an H100 / H200 ('hopper' with causal=False)
+        'hopper'   # on an H100 / H200 ('kernel' with varlen=True)
     """
     kind = path(q)
     head_dim = q.shape[-1]
-    short = causal and (varlen or q.shape[1] < HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES)
     if kind == "hopper" and (head_dim < HOPPER_SMALL_HEAD_DIM
-                             or head_dim == HOPPER_SMALL_HEAD_DIM and (short or slot_order)):
+                             or head_dim == HOPPER_SMALL_HEAD_DIM and (causal and varlen or slot_order)):
         return "kernel"
     return kind
 

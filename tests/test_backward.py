@@ -92,8 +92,8 @@ def test_gradients_keep_the_inputs_strides(layout):
 
 # (B, N, Hq, Hkv, D, R, interleaved, layout): on the Hopper path the Gluon forward stores the Q^
 # it rotated (half-split, interleaved with D < its tile width), or the query rope pass writes
-# it (partial half-split pairs: the kernel's tile is in the slot order); causal calls at D = 64
-# under 16k queries run the portable forward, which rotates q in a pass anyway.
+# it (partial half-split pairs: the kernel's tile is in the slot order); at D = 64 the slot order
+# runs the portable forward, which rotates q in a pass anyway.
 SAVED_Q_CASES = {"cpu": [(1, 40, 4, 2, 32, 32, False, "bshd"), (2, 33, 2, 1, 40, 24, True, "bhsd")],
                  "cuda": [(2, 300, 8, 2, 128, 128, False, "bshd"), (1, 200, 4, 4, 80, 80, True, "bhsd"),
                           (1, 257, 4, 1, 128, 64, False, "bshd"), (2, 190, 4, 2, 64, 64, False, "bhsd")]}

@@ -116,10 +116,11 @@ GPU_CASES = [
     (3, 193, 193, 4, 4, 64, 32, dict(temperature=True, interleaved=True)),  # one row past a tile, partial
     (2, 300, 300, 4, 4, 32, 32, dict()),  # below 64: the portable forward
 ]
-# Causal calls at D = 64 take the Gluon forward from 16k queries (`dispatch.forward_path`):
-# these force it on shorter ones (natural feature order: half-split pairs filling D, or
-# interleaved ones).
+# Causal calls at D = 64 take the Gluon forward (`dispatch.forward_path`): two consumers on pair
+# units up to 2k queries, three consumers beyond (natural feature order: half-split pairs filling
+# D, or interleaved ones).
 SMALL_HEAD_DIM_CAUSAL_CASES = [
+    (1, 4500, 4500, 2, 1, 64, 64, dict(causal=True)),  # three consumers, one program per tile
     (2, 1000, 1000, 8, 8, 64, 64, dict(causal=True)),
     (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True, interleaved=True)),  # Nq < Nk, partial
     (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),
@@ -142,8 +143,7 @@ def test_forward_gpu(case, dtype, path):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", SMALL_HEAD_DIM_CAUSAL_CASES, ids=lambda c: "-".join(map(str, c[:7])))
-def test_forward_gpu_small_head_dims_causal_gluon(case, dtype, monkeypatch):
-    monkeypatch.setattr(dispatch, "HOPPER_SMALL_HEAD_DIM_CAUSAL_QUERIES", 0)
+def test_forward_gpu_small_head_dims_causal_gluon(case, dtype):
     err_out, err_lse = run_case(*case[:7], dtype, "cuda", **case[7])
     assert err_out < TOLERANCE[dtype], err_out
     assert err_lse < 1e-3, err_lse
@@ -155,9 +155,9 @@ def test_hopper_gpus_take_the_gluon_path():
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert dispatch.path(q) == ("hopper" if hopper else "kernel")
     assert dispatch.path(q.float()) == "kernel"
-    # D <= 64: the portable forward is faster on causal calls up to 8k queries and on causal documents
+    # D <= 64: the portable forward on causal documents and slot-order tiles
     small = torch.empty(1, 4096, 1, 64, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.forward_path(small, causal=True) == "kernel"
+    assert dispatch.forward_path(small, causal=True) == ("hopper" if hopper else "kernel")
     assert dispatch.forward_path(small, causal=False) == ("hopper" if hopper else "kernel")
     long = torch.empty(1, 16384, 1, 64, device="cuda", dtype=torch.bfloat16)
     assert dispatch.forward_path(long, causal=True) == ("hopper" if hopper else "kernel")

@@ -730,20 +730,23 @@ class HopperFwdConfig(NamedTuple):
 # per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`);
 # pair_units_tiles from the H100 comparison there (2026-11-26)
 # D <= 64: three consumers at 160 registers (FlashAttention-3's 192-query tiles there; H100,
-# 2026-11-26); its causal calls reach this kernel from 16k queries only (`ropefast.dispatch`),
-# beyond pair units.
+# 2026-11-26), one program per tile on causal calls.
 HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(3, 128, 2, 160, 128, 0), 128: HopperFwdConfig(2, 128, 2, 240, 168, 32),
                       256: HopperFwdConfig(2, 64, 2, 240, 168, 0)}
-# Tiles in the slot order gather their features (`_pair_index`): at D <= 64 three consumers would
+# D <= 64 with two consumers on pair units: causal calls of at most TWO_CONSUMERS_CAUSAL_QUERIES_64
+# queries (1k: 1.24x three consumers' one program per tile, 1.06x the portable forward; 2k: 1.02x
+# the portable one; 4k: 0.96-0.99x, where three consumers are level with it; H100, 2026-11-27),
+# and tiles in the slot order, which gather their features (`_pair_index`): three consumers would
 # spill about 1 KB, two do not (such calls take the portable forward unless sent here directly).
-HOPPER_FWD_SLOT_ORDER_64 = HopperFwdConfig(2, 128, 2, 240, 168, 32)
+HOPPER_FWD_TWO_CONSUMERS_64 = HopperFwdConfig(2, 128, 2, 240, 168, 32)
+TWO_CONSUMERS_CAUSAL_QUERIES_64 = 2048
 
 
-def fwd_config(head_dim_pad, slot_order=False):
-    """The `HopperFwdConfig` for a padded head dim (16-256) and the tile's feature order
-    (`kernels.rope.slot_order`)."""
-    if slot_order and head_dim_pad <= 64:
-        return HOPPER_FWD_SLOT_ORDER_64
+def fwd_config(head_dim_pad, slot_order=False, causal_queries=0):
+    """The `HopperFwdConfig` for a padded head dim (16-256), the tile's feature order
+    (`kernels.rope.slot_order`) and, for a causal call, its queries per sequence."""
+    if head_dim_pad <= 64 and (slot_order or 0 < causal_queries <= TWO_CONSUMERS_CAUSAL_QUERIES_64):
+        return HOPPER_FWD_TWO_CONSUMERS_64
     return HOPPER_FWD_CONFIGS[max(64, head_dim_pad)]
 
 
@@ -773,7 +776,8 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     _, nk, hkv, _ = k.shape
     d_pad = dot_pad(head_dim)
     slot_half = d_pad // 2 if slot_order(d_pad, rotary_dim, interleaved) else 0
-    consumers, block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(d_pad, slot_half > 0)
+    consumers, block_n, stages, consumer_regs, maxnreg, pair_units_tiles = config or fwd_config(
+        d_pad, slot_half > 0, nq if causal and cu_seqlens_q is None else 0)
     block_m = consumers * WG_ROWS.value
     width = d_pad if slot_half else head_dim
     k_rot = scratch("k_rot", torch.empty(batch, hkv, nk, width, device=k.device, dtype=k.dtype))
