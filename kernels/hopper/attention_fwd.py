@@ -523,7 +523,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
             BLOCK_N)
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
-            if (not PREFETCH_Q) and (not STAGE_Q):
+            if not PREFETCH_Q:  # neither staged nor prefetched (D = 256, packed documents)
                 x = load_rows(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
                               + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
                               INTERLEAVED, L3)
