@@ -62,9 +62,11 @@ PRELUDE = textwrap.dedent("""
             instruction = re.match(r"\s*/\*[0-9a-f]+\*/\s*(.*?)\s*;", line)
             if instruction:
                 code.append(instruction.group(1))
-        loops = set()  # [first, last] of each backward branch's body that issues wgmma
+        # [first, last] of each conditional backward branch's body that issues wgmma (an mbarrier
+        # wait's retry, out of line, returns with an unconditional one)
+        loops = set()
         for i, text in enumerate(code):
-            target = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
+            target = re.search(r"^@!?U?P\d BRA `\(\.(L_x_\d+)\)", text)
             if target and labels.get(target.group(1), i) < i:
                 first = labels[target.group(1)]
                 if any("HGMMA" in x for x in code[first:i + 1]):
