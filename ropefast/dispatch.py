@@ -8,7 +8,7 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  has what the kernels need (`kernels.hopper.compat`): the warp-specialized
                  Gluon forward and, at head dims 64, 128 and 256, the Gluon backward
                  (`deterministic=True` keeps the portable backward kernels). Below head dim
-                 128 the portable forward runs where it is faster or the Gluon one is
+                 128 the portable forward runs where it is as fast or the Gluon one is
                  unmeasured (`forward_path`: head dims under 64, and at 64 causal packed
                  documents and slot-order tiles); `backward_path` says
                  which backward runs. Packed documents (varlen) too: the Gluon kernels take
@@ -50,8 +50,9 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 # the portable forward on H100; causal ones from 8k queries: 1.01-1.13x, level at 4k), and two on
 # persistent pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
 # `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27). Causal packed
-# documents (unmeasured on Gluon), tiles in the slot order (`kernels.rope.slot_order`) and
-# smaller head dims run portable.
+# documents (the Gluon forward 0.99x the portable one with three consumers, 0.92x with two;
+# H100, 2026-11-27), tiles in the slot order (`kernels.rope.slot_order`) and smaller head dims
+# run portable.
 HOPPER_SMALL_HEAD_DIM = 64
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
 # are head_dim wide; at D = 256 its warpgroups split the features of 64 keys.
@@ -107,7 +108,7 @@ def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order
     """The path of the attention forward on q [B, Nq, Hq, D] (`varlen`: packed documents;
     `slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
     "kernel" for "hopper" below head dim 64, and at 64 on causal packed documents and in the
-    slot order, where the portable forward is faster or the Gluon one unmeasured.
+    slot order, where the portable forward is as fast or the Gluon one unmeasured.
 
         >>> dispatch.forward_path(torch.empty(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16), causal=True)
         'hopper'   # on an H100 / H200 ('kernel' with varlen=True)
