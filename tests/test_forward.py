@@ -120,7 +120,7 @@ GPU_CASES = [
 # units up to 2k queries, three consumers beyond (natural feature order: half-split pairs filling
 # D, or interleaved ones).
 SMALL_HEAD_DIM_CAUSAL_CASES = [
-    (1, 4500, 4500, 2, 1, 64, 64, dict(causal=True)),  # three consumers, one program per tile
+    (1, 4500, 4500, 2, 1, 64, 64, dict(causal=True)),  # three consumers on pair units
     (2, 1000, 1000, 8, 8, 64, 64, dict(causal=True)),
     (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True, interleaved=True)),  # Nq < Nk, partial
     (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),

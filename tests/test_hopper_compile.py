@@ -94,11 +94,12 @@ COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.rope import slot_order
 
     def compile_fwd(head_dim, rotary_dim, causal, interleaved, positions, temperature, dtype, varlen=False,
-                    pair_units=None, store_q=False):
+                    pair_units=None, store_q=False, causal_queries=1024):
         d_pad = max(16, triton.next_power_of_2(head_dim))
-        # causal: a short call (two consumers on pair units at D = 64) unless pair units are off
+        # causal: a call of causal_queries (pair units; at D = 64 two consumers up to 2k queries,
+        # three beyond) unless pair units are off
         short = causal and not varlen and pair_units is not False
-        config = hopper.fwd_config(d_pad, slot_order(d_pad, rotary_dim, interleaved), 1024 if short else 0)
+        config = hopper.fwd_config(d_pad, slot_order(d_pad, rotary_dim, interleaved), causal_queries if short else 0)
         consumers, block_n, stages, consumer_regs, maxnreg, _ = config
         if pair_units is None:
             pair_units = causal and not varlen and config.pair_units_tiles > 0
@@ -135,13 +136,14 @@ COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen[, pair units[, store Q^]]]):
-# the configs of fwd_config, each way the queries load (halves, interleaved, slot order), both causal
-# schedules (pair units by default where the config has them, one program per tile at D = 64, with
-# three consumers, and 128), and
+# (head dim, rotary dim, causal, interleaved, positions, temperature, dtype[, varlen[, pair units[, store Q^[,
+# causal queries]]]]): the configs of fwd_config, each way the queries load (halves, interleaved, slot
+# order), both causal schedules (pair units by default where the config has them: two consumers at D = 64
+# and 1k queries, three at 4k; one program per tile at D = 64, with three consumers, and 128), and
 # the training forward's store of Q^ (natural feature order only: the slot order runs the query pass).
 CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, False, False, "bf16"),
          (64, 64, True, False, False, False, "bf16", False, False),
+         (64, 64, True, False, False, False, "bf16", False, None, False, 4096),
          (128, 128, False, False, False, False, "bf16"), (128, 128, True, False, False, False, "bf16"),
          (256, 256, False, False, False, False, "bf16"), (256, 256, True, False, False, False, "bf16"),
          (80, 48, True, True, True, True, "bf16"), (128, 64, True, False, True, True, "fp16"),

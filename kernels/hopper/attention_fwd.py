@@ -730,12 +730,13 @@ class HopperFwdConfig(NamedTuple):
 # per padded head dim, from the H200 sweeps in bench/RESULTS.md (`python -m bench.sweep hopper`);
 # pair_units_tiles from the H100 comparison there (2026-11-26)
 # D <= 64: three consumers at 160 registers (FlashAttention-3's 192-query tiles there; H100,
-# 2026-11-26), one program per tile on causal calls.
-HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(3, 128, 2, 160, 128, 0), 128: HopperFwdConfig(2, 128, 2, 240, 168, 32),
+# 2026-11-26); causal calls of up to 32 tiles (6k queries) on pair units (4k: 1.02-1.05x one
+# program per tile, 8k: 0.91-0.99x; H100, 2026-11-27).
+HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(3, 128, 2, 160, 128, 32), 128: HopperFwdConfig(2, 128, 2, 240, 168, 32),
                       256: HopperFwdConfig(2, 64, 2, 240, 168, 0)}
 # D <= 64 with two consumers on pair units: causal calls of at most TWO_CONSUMERS_CAUSAL_QUERIES_64
-# queries (1k: 1.24x three consumers' one program per tile, 1.06x the portable forward; 2k: 1.02x
-# the portable one; 4k: 0.96-0.99x, where three consumers are level with it; H100, 2026-11-27),
+# queries (1k: 1.24x three consumers' one program per tile, 1.06x the portable forward, 1.17x
+# three consumers on pair units; 2k: 1.02x the portable one, level with three on pair units; H100, 2026-11-27),
 # and tiles in the slot order, which gather their features (`_pair_index`): three consumers would
 # spill about 1 KB, two do not (such calls take the portable forward unless sent here directly).
 HOPPER_FWD_TWO_CONSUMERS_64 = HopperFwdConfig(2, 128, 2, 240, 168, 32)
