@@ -47,8 +47,9 @@ __all__ = ["INTERPRETER", "PATHS", "backward_path", "env_changed", "forward_path
 PATHS = ("hopper", "kernel", "interpreter", "reference")
 # At this head dim a step's softmax costs as much as its two matmuls: the Gluon forward runs
 # three consumer warpgroups (192-query items) where items are long (non-causal calls: 1.02-1.15x
-# the portable forward on H100; causal ones from 8k queries: 1.01-1.13x, level at 4k), and two on
-# persistent pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
+# the portable forward on H100; causal ones from 8k queries: 1.01-1.13x; at 3k-6k on persistent
+# pair units, 1.02-1.05x one program per tile, which was level with the portable forward at 4k), and
+# two on pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
 # `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27). Causal packed
 # documents (the Gluon forward 0.99x the portable one with three consumers, 0.92x with two;
 # H100, 2026-11-27), tiles in the slot order (`kernels.rope.slot_order`) and smaller head dims
