@@ -117,10 +117,12 @@ GPU_CASES = [
     (2, 300, 300, 4, 4, 32, 32, dict()),  # below 64: the portable forward
 ]
 # Causal calls at D = 64 take the Gluon forward (`dispatch.forward_path`): two consumers on pair
-# units up to 2k queries, three consumers beyond (natural feature order: half-split pairs filling
-# D, or interleaved ones).
+# units up to 2k queries, three consumers on pair units up to 6k, one program per tile beyond
+# (natural feature order: half-split pairs filling D, or interleaved ones).
 SMALL_HEAD_DIM_CAUSAL_CASES = [
     (1, 4500, 4500, 2, 1, 64, 64, dict(causal=True)),  # three consumers on pair units
+    (1, 3000, 3500, 2, 1, 64, 64, dict(causal=True)),  # the same with Nq < Nk
+    (1, 6500, 6500, 1, 1, 64, 64, dict(causal=True)),  # three consumers, one program per tile
     (2, 1000, 1000, 8, 8, 64, 64, dict(causal=True)),
     (1, 400, 1500, 8, 2, 64, 32, dict(causal=True, positions=True, interleaved=True)),  # Nq < Nk, partial
     (2, 777, 777, 8, 1, 64, 64, dict(causal=True, interleaved=True)),

@@ -97,7 +97,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     pair_units=None, store_q=False, causal_queries=1024):
         d_pad = max(16, triton.next_power_of_2(head_dim))
         # causal: a call of causal_queries (pair units; at D = 64 two consumers up to 2k queries,
-        # three beyond) unless pair units are off
+        # three up to 6k) unless pair units are off
         short = causal and not varlen and pair_units is not False
         config = hopper.fwd_config(d_pad, slot_order(d_pad, rotary_dim, interleaved), causal_queries if short else 0)
         consumers, block_n, stages, consumer_regs, maxnreg, _ = config

@@ -731,7 +731,7 @@ class HopperFwdConfig(NamedTuple):
 # pair_units_tiles from the H100 comparison there (2026-11-26)
 # D <= 64: three consumers at 160 registers (FlashAttention-3's 192-query tiles there; H100,
 # 2026-11-26); causal calls of up to 32 tiles (6k queries) on pair units (4k: 1.02-1.05x one
-# program per tile, 8k: 0.91-0.99x; H100, 2026-11-27).
+# program per tile, 8k: 0.91-1.00x; H100, 2026-11-27).
 HOPPER_FWD_CONFIGS = {64: HopperFwdConfig(3, 128, 2, 160, 128, 32), 128: HopperFwdConfig(2, 128, 2, 240, 168, 32),
                       256: HopperFwdConfig(2, 64, 2, 240, 168, 0)}
 # D <= 64 with two consumers on pair units: causal calls of at most TWO_CONSUMERS_CAUSAL_QUERIES_64
