@@ -91,11 +91,12 @@ def rope_attention_fwd_kernel(
     q_desc, k_desc, v_desc, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, stride_ob, stride_on, stride_oh, NQ, NK, HQ, GROUP,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, V_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     """Flash attention over Q^ (rotated, every logit scale folded in, base 2) and K^ (rotated).
     Program (m, s h): query tile m of query head h of sequence s, a batch row, or (VARLEN) a
     document of the packed row ([1, NQ] queries, [1, NK] keys): its bounds come from
-    cu_seqlens, and tiles past its end exit."""
+    cu_seqlens, and tiles past its end exit. STORE_LSE: lse to LSE (else not touched)."""
     # Causal: the last query tiles see the most keys; launching them first shortens the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_sh = tl.program_id(1)
@@ -139,8 +140,9 @@ def rope_attention_fwd_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     tl.store(o_ptr + rows[:, None] * stride_on + d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m < seq_nq)[:, None] & (d[None, :] < HEAD_DIM))
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + (off_b * HQ + off_h).to(tl.int64) * NQ + q_start + offs_m, lse, mask=offs_m < seq_nq)
+    if STORE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + (off_b * HQ + off_h).to(tl.int64) * NQ + q_start + offs_m, lse, mask=offs_m < seq_nq)
 
 
 class FwdConfig(NamedTuple):
@@ -261,9 +263,17 @@ def sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
 
 
+def lse_buffer(q, store_lse):
+    """The forward's lse [B, Hq, Nq] float32 for q [B, Nq, Hq, D]; empty where the call needs
+    none (inference: SDPA's flash and cuDNN kernels keep theirs too)."""
+    if not store_lse:
+        return q.new_empty(0, dtype=torch.float32)
+    return scratch("lse", torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32))
+
+
 def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim, interleaved,
                        causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                       max_seqlen_k=0, save_q=False, config=None):
+                       max_seqlen_k=0, save_q=False, store_lse=True, config=None):
     """Scaled rotary attention forward: the two rope passes, then the flash kernel. q
     [B, Nq, Hq, D], k and v [B, Nk, Hkv, D], any strides (the API turns SDPA's layout into
     such views), last dim contiguous, v 16-byte aligned (TMA); inv_freq float32
@@ -271,8 +281,9 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     q_temperature [B, Nq] float32 or None. Varlen: B = 1, and cu_seqlens_q / cu_seqlens_k
     (int32 [documents + 1]) split the row into documents of at most max_seqlen_q /
     max_seqlen_k tokens, each attending within itself (causal: bottom-right per document).
-    Returns out (like q: shape, strides, dtype), lse [B, Hq, Nq] float32 (natural log) and,
-    with `save_q`, Q^ (`rotate_q_k`: the backward reads it instead of rotating q again; None
+    Returns out (like q: shape, strides, dtype), lse [B, Hq, Nq] float32 (natural log; with
+    `store_lse` False, an empty tensor: nothing allocated or written for it) and, with
+    `save_q`, Q^ (`rotate_q_k`: the backward reads it instead of rotating q again; None
     otherwise)."""
     batch, nq, hq, head_dim = q.shape
     _, nk, hkv, _ = k.shape
@@ -281,14 +292,15 @@ def rope_attention_fwd(q, k, v, inv_freq, q_positions, k_positions, q_temperatur
     q_rot, k_rot = rotate_q_k(q, k, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, softmax_scale=softmax_scale, rotary_scale=rotary_scale)
     out = scratch("out", torch.empty_like(q))
-    lse = scratch("lse", torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32))
+    lse = lse_buffer(q, store_lse)
     seqs, most_q, _ = sequences(batch, nq, nk, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     launch(
         rope_attention_fwd_kernel, (cdiv(most_q, block_m), seqs * hq),
         row_tiles(q_rot, block_m, d_pad)[0], row_tiles(k_rot, block_n, d_pad)[0],
-        tile_descriptor(v, block_n, d_pad), out, lse, cu_seqlens_q, cu_seqlens_k, *out.stride()[:3], nq, nk, hq,
-        hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal, VARLEN=cu_seqlens_q is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, V_FIRST=v_first, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        tile_descriptor(v, block_n, d_pad), out, lse if store_lse else out, cu_seqlens_q, cu_seqlens_k,
+        *out.stride()[:3], nq, nk, hq, hq // hkv, HEAD_DIM=head_dim, D_PAD=d_pad, CAUSAL=causal,
+        VARLEN=cu_seqlens_q is not None, BLOCK_M=block_m, BLOCK_N=block_n, V_FIRST=v_first,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=store_lse,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse, q_rot if save_q else None

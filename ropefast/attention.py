@@ -126,7 +126,7 @@ def scaled_rope_attention(
         out, lse = ops.attention(q, k, v, schedule_freq if inv_freq is None else inv_freq, q_positions, k_positions,
                                  temperature, rotary_dim, interleaved, causal, softmax_scale, rotary_scale,
                                  deterministic=deterministic, repeat=lambda: repeat(named), repeat_key=key,
-                                 records=records, save_q=save_q)
+                                 records=records, save_q=save_q, need_lse=return_lse)
         out = out if layout == "bshd" else out.transpose(1, 2)
         return (out, lse) if return_lse else out
     given_freq = inv_freq
@@ -183,7 +183,7 @@ def scaled_rope_attention(
         with _REPEATS.recording(key) as record:
             out, lse = ops.attention(q, k, v, inv_freq, q_positions, k_positions, temperature, rotary_dim, interleaved,
                                      causal, softmax_scale, rotary_scale, deterministic=deterministic, repeat_key=key,
-                                     records=records, save_q=save_q)
+                                     records=records, save_q=save_q, need_lse=return_lse)
         if record is not None:  # the schedule's frequencies are fixed by the key; given ones are the call's
             named = dict(q=q, inv_freq=given_freq, q_positions=q_positions, temperature=temperature)
             # a tensor passed twice goes by its first name (the key says which were one object)

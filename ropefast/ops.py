@@ -83,8 +83,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
                   k_positions: Optional[Tensor], q_temperature: Optional[Tensor], rotary_dim: int, interleaved: bool,
                   causal: bool, softmax_scale: float, rotary_scale: float, cu_seqlens_q: Optional[Tensor] = None,
                   cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                  deterministic: bool = False, save_q: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """out (like q), lse [B, Hq, Nq] float32 and, with `save_q`, the rotated and scaled
+                  deterministic: bool = False, save_q: bool = False,
+                  need_lse: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """out (like q), lse [B, Hq, Nq] float32 (empty unless `need_lse`: an inference call
+    allocates and writes none) and, with `save_q`, the rotated and scaled
     queries Q^ ([B, Nq, Hq, D], stored [B, Hq, Nq, D]; empty otherwise), which the backward
     reads in q's place: a training step runs no query rope pass in its backward, and holds Q^
     instead of q. q [B, Nq, Hq, D], k and v [B, Nk, Hkv, D] (any strides), q_positions
@@ -101,7 +103,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     out, lse, q_rot = forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,
                               rotary_scale=rotary_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, save_q=save_q)
+                              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, save_q=save_q,
+                              store_lse=need_lse)
     return out, lse, q.new_empty(0) if q_rot is None else q_rot
 
 
@@ -111,10 +114,11 @@ attention_fwd = torch.library.custom_op("ropefast::attention_fwd", _attention_fw
 @attention_fwd.register_fake
 def _(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal, softmax_scale,
       rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False,
-      save_q=False):
+      save_q=False, need_lse=True):
     batch, nq, hq, head_dim = q.shape
     q_rot = q.new_empty(batch, hq, nq, head_dim).transpose(1, 2) if save_q else q.new_empty(0)
-    return torch.empty_like(q), q.new_empty(batch, hq, nq, dtype=torch.float32), q_rot
+    lse = q.new_empty((batch, hq, nq) if need_lse else (0,), dtype=torch.float32)
+    return torch.empty_like(q), lse, q_rot
 
 
 def _attention_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -171,7 +175,7 @@ def _graph_kept():
 
 def _attention_setup(ctx, inputs, output):
     (q, k, v, inv_freq, q_positions, k_positions, q_temperature, *args, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-     deterministic, save_q) = inputs
+     deterministic, save_q, _) = inputs
     out, lse, q_rot = output
     ctx.save_for_backward(q_rot if save_q else q, k, v, out, lse, inv_freq, q_positions, k_positions, q_temperature,
                           cu_seqlens_q, cu_seqlens_k)
@@ -218,12 +222,12 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_q_rot=None, gradients=atte
         if repeat is not None:
             buffers = repeat(named)
             dq = q.as_strided(q.shape, ctx.q_stride) if dq_into_q else buffers["dq"]
-            return dq, buffers["dk"], buffers["dv"], *[None] * 15
+            return dq, buffers["dk"], buffers["dv"], *[None] * 16
         with _BACKWARD_REPEATS.recording(key) as record:
             dq, dk, dv, dfreq, dtemp = gradients(*args)
         _BACKWARD_REPEATS.keep(key, record, named, ("dq", "dk", "dv"))
     return (dq, dk, dv, dfreq.to(inv_freq.dtype) if need_dfreq else None, None, None, dtemp if need_dtemp else None,
-            *[None] * 11)
+            *[None] * 12)
 
 
 torch.library.register_autograd("ropefast::attention_fwd", _attention_backward, setup_context=_attention_setup)
@@ -257,7 +261,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
               deterministic: bool = False, repeat: Optional[Callable[[], dict]] = None,
               repeat_key: Optional[tuple] = None, records: Optional[bool] = None,
-              save_q: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+              save_q: Optional[bool] = None, need_lse: bool = True) -> tuple[Tensor, Tensor]:
     """(out, lse) of `attention_fwd`, differentiable: the custom op under torch.compile, the
     autograd.Function in eager (module docstring). Where autograd records the call, the
     forward saves Q^ for the backward (`save_q`, `saves_queries`). `repeat_key` (eager): the
@@ -265,18 +269,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_positions: Op
     returns the buffers of a repeat of the launches recorded for that key, which then run in
     the implementation's place. `records` and `save_q`: whether autograd records the call
     (`_records`) and whether its forward saves Q^, where the caller has them (the API computes
-    both for its key); None: computed here."""
+    both for its key); None: computed here. `need_lse` False: the caller reads no lse (an empty
+    tensor comes back) unless autograd records the call, whose backward reads it."""
     if records is None:
         records = _records((q, k, v, inv_freq, q_temperature))
     if save_q is None:
         save_q = saves_queries(q, k, v, records)
+    need_lse = need_lse or records
     args = (q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim, interleaved, causal,
-            softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q)
+            softmax_scale, rotary_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, save_q,
+            need_lse)
     run = None
     if repeat is not None:
         def run(*_):
             buffers = repeat()
-            return buffers["out"], buffers["lse"], buffers["q_rot"] if save_q else q.new_empty(0)
+            return (buffers["out"], buffers["lse"] if need_lse else q.new_empty(0, dtype=torch.float32),
+                    buffers["q_rot"] if save_q else q.new_empty(0))
     out, lse, _ = _call(attention_fwd, _EAGER_ATTENTION, args, records, run, repeat_key)
     return out, lse
 

@@ -204,6 +204,8 @@ def scaled_rope_attention_varlen(
         temperature = None if q_temperature is None else as_batched(q_temperature.float())
         out, lse = ops.attention(q[None], k[None], v[None], inv_freq, q_positions, k_positions, temperature,
                                  rotary_dim, interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
-        out, lse = out[0], lse[0]
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, need_lse=return_lse)
+        if return_lse:
+            lse = lse[0]
+        out = out[0]
     return (out, lse) if return_lse else out

@@ -72,6 +72,16 @@ def test_attention_op_passes_opcheck(temperature, positions, save_q):
 
 
 @requires_kernel
+def test_attention_op_without_lse_passes_opcheck():
+    # inference (no autograd): no lse allocated or written, an empty tensor in its place
+    args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in _attention_args(True, True))
+    torch.library.opcheck(ops.attention_fwd, args, dict(need_lse=False))
+    out, lse, _ = ops.attention_fwd(*args, need_lse=False)
+    assert lse.numel() == 0
+    torch.testing.assert_close(out, ops.attention_fwd(*args)[0], rtol=0, atol=0)
+
+
+@requires_kernel
 def test_rope_op_passes_opcheck():
     x = torch.randn(2, 20, 3, 16, device=DEVICE, requires_grad=True)
     inv_freq = schedules.DefaultRope(8).inv_freq(device=DEVICE).requires_grad_()

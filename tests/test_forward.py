@@ -194,6 +194,29 @@ def test_forward_beyond_2_pow_31_elements(path):
     assert rel_err(out[:, -64:, heads], ref) < TOLERANCE[torch.bfloat16]
 
 
+@requires_cuda
+@pytest.mark.parametrize("hkv", [16, 4])
+def test_inference_forward_memory_is_sdpas_and_one_k(hkv):
+    # issue 14's bound: a forward's extra memory is at most SDPA's (the output) and one K-sized
+    # buffer (the Gluon forward's K^ scratch); no lse where nothing reads it
+    B, N, Hq, D = 4, 4096, 16, 128
+    q = torch.randn(B, N, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, N, hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    yarn = schedules.YaRN(D, factor=4.0, original_max_position_embeddings=4096)
+    with torch.no_grad():
+        scaled_rope_attention(q, k, v, schedule=yarn, causal=True)  # compiled, schedule cached
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+        peak = torch.cuda.max_memory_allocated() - before
+    hopper = dispatch.forward_path(q, causal=True) == "hopper"
+    bound = q.nbytes + (k.nbytes if hopper else k.nbytes + q.nbytes)  # the portable forward also holds Q^
+    assert peak <= bound, (peak, bound)
+    _, lse = scaled_rope_attention(q, k, v, schedule=yarn, causal=True, return_lse=True)
+    assert lse.shape == (B, Hq, N) and torch.isfinite(lse).all() and out.shape == q.shape
+
+
 @requires_kernel
 def test_kernel_path_rejects_tensors_tma_cannot_read():
     device = DEVICE

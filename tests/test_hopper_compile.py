@@ -121,7 +121,7 @@ COMPILE = PRELUDE + textwrap.dedent("""
                     INTERLEAVED=[interleaved], HAS_POS=[positions], HAS_TEMP=[temperature], CAUSAL=[causal],
                     VARLEN=[varlen], PAIR_UNITS=[pair_units], CONSUMERS=[consumers], BLOCK_N=[block_n],
                     STAGES=[stages],
-                    CONSUMER_REGS=[consumer_regs], STORE_Q=[store_q])
+                    CONSUMER_REGS=[consumer_regs], STORE_Q=[store_q], STORE_LSE=[True])
         source = GluonASTSource(fn=hopper.rope_attention_fwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 

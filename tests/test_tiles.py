@@ -80,7 +80,7 @@ COMPILE = textwrap.dedent("""
               dict(q_desc=desc([bm, D]), k_desc=desc([bn, D]), v_desc=desc([1, bn, 1, D]), O="*bf16", LSE="*fp32",
                    **cu_seqlens(varlen), **{n: "i32" for n in "stride_ob stride_on stride_oh NQ NK HQ GROUP".split()},
                    **dict(common, CAUSAL=(causal,)), VARLEN=(varlen,), BLOCK_M=(bm,), BLOCK_N=(bn,),
-                   V_FIRST=(v_first,), DOT_PRECISION=("tf32",)), config)
+                   V_FIRST=(v_first,), DOT_PRECISION=("tf32",), STORE_LSE=(True,)), config)
     dkdv, dq = attention_bwd.bwd_config(D, (9, 0))
     for varlen in (False, True):
         for kernel, config, names in (

@@ -53,7 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .. import device
-from ..attention_fwd import LOG2E, rotate_q_k, sequence_major
+from ..attention_fwd import LOG2E, lse_buffer, rotate_q_k, sequence_major
 from ..documents import document_bounds, document_tiles
 from ..launch import Descriptor, cdiv, dot_pad, launch, scratch
 from ..rope import rope, row_strides, slot_order
@@ -460,7 +460,7 @@ def _stage_q(raw, item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n
 def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
               HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
               PAIR_UNITS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              STORE_Q: gl.constexpr, CID: gl.constexpr):
+              STORE_Q: gl.constexpr, STORE_LSE: gl.constexpr, CID: gl.constexpr):
     """Consumer CID of CONSUMERS: rows [q_start + 64 CID, + 64) of each work item's query
     tile; it takes the tensor cores after consumer CID - 1 and hands them to CID + 1 (turn
     barriers, cyclic). STORE_Q: its rows of Q^ also go to QR for the backward. args: the
@@ -627,11 +627,12 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 q_mma.store(acc.to(dtype))
                 fence_async_shared()
                 tma_store(o_desc, [off_b, q_begin + row0, off_h, 0], q_tile)
-            rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
-            log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
-                                               is_pure=True, pack=1)
-            gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + q_begin + rows,
-                     gl.where(seen, (m_i + log2_l) * LN2, float("-inf")), mask=rows < nq)
+            if STORE_LSE:
+                rows = row0 + gl.arange(0, WG_ROWS, layout=ROW_S)
+                log2_l = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [l_safe], dtype=gl.float32,
+                                                   is_pure=True, pack=1)
+                gl.store(LSE + (off_b * HQ + off_h).to(gl.int64) * NQ + q_begin + rows,
+                         gl.where(seen, (m_i + log2_l) * LN2, float("-inf")), mask=rows < nq)
     tma.store_wait(0)
 
 
@@ -643,7 +644,7 @@ def rope_attention_fwd_hopper_kernel(
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
     HAS_POS: gl.constexpr, HAS_TEMP: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
     PAIR_UNITS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, STORE_Q: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, STORE_Q: gl.constexpr, STORE_LSE: gl.constexpr,
 ):
     """Persistent: program i runs work items i, i + grid, ... (`_work_item`) of CONSUMERS * 64
     queries, on a producer and CONSUMERS consumer warpgroups. Q unrotated (any
@@ -654,7 +655,7 @@ def rope_attention_fwd_hopper_kernel(
     multiplies row_scale per query. VARLEN: B = 1, documents bounded by cu_seqlens (int32
     [documents + 1], read here only) with positions (HAS_POS), and TILES their query tiles
     (`kernels.documents.document_tiles`). STORE_Q: Q^, as the consumers rotate it, to QR
-    ([B, Nq, Hq, D] strides, natural feature order)."""
+    ([B, Nq, Hq, D] strides, natural feature order). STORE_LSE: lse to LSE (else not touched)."""
     gl.static_assert(CONSUMERS == 2 or CONSUMERS == 3, "two or three consumer warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, WG_ROWS, 1, D_PAD], o_desc.layout)
@@ -701,11 +702,11 @@ def rope_attention_fwd_hopper_kernel(
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NQ, NK, HQ, GROUP, n_items,
                      cu_q, cu_k, tiles, CAUSAL, VARLEN, PAIR_UNITS, CONSUMERS * WG_ROWS, BLOCK_N, STAGES)),
         (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 0)),
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, STORE_LSE, 0)),
         (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 1)),
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, STORE_LSE, 1)),
         (_consumer, (args, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, HAS_TEMP, CAUSAL, VARLEN, PAIR_UNITS,
-                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, 2)),
+                     CONSUMERS, BLOCK_N, STAGES, STORE_Q, STORE_LSE, 2)),
     ][:CONSUMERS + 1], [4] * CONSUMERS, [CONSUMER_REGS] * CONSUMERS)
 
 
@@ -764,7 +765,7 @@ def shared_layout(block, torch_dtype):
 
 def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_temperature, *, rotary_dim,
                               interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-                              max_seqlen_q=0, max_seqlen_k=0, save_q=False, config=None):
+                              max_seqlen_q=0, max_seqlen_k=0, save_q=False, store_lse=True, config=None):
     """Scaled rotary attention forward on Hopper: the key rope pass (into a K^ buffer for this
     call only, in the kernel's feature order), then the warp-specialized kernel, which
     rotates the queries itself. Arguments and results as
@@ -796,7 +797,7 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
             q_rot = scratch("q_rot", sequence_major(*q.shape, q))
 
     out = scratch("out", torch.empty_like(q))
-    lse = scratch("lse", torch.empty(batch, hq, nq, device=q.device, dtype=torch.float32))
+    lse = lse_buffer(q, store_lse)
     k_block, v_block, o_block = [1, block_n, d_pad], [1, block_n, 1, d_pad], [1, WG_ROWS.value, 1, d_pad]
     k_desc = Descriptor(k_rot, [batch * hkv, nk, width], [nk * width, width, 1], k_block,
                         shared_layout(k_block, q.dtype))
@@ -830,14 +831,15 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
             grid = min(n_items, device.multiprocessors(q.device))
     launch(
         rope_attention_fwd_hopper_kernel, (grid,),
-        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse, q_out, *q_out.stride()[:3],
+        q, *q.stride()[:3], k_desc, v_desc, o_desc, out, *out.stride()[:3], lse if store_lse else out, q_out,
+        *q_out.stride()[:3],
         inv_freq, q_positions,
         *row_strides(q_positions), q_temperature, *row_strides(q_temperature), nq, nk, hq, hq // hkv, n_items,
         cu_seqlens_q, cu_seqlens_k, tiles, nk - nq, softmax_scale * LOG2E, rotary_scale**2,
         HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2, INTERLEAVED=interleaved,
         HAS_POS=q_positions is not None, HAS_TEMP=q_temperature is not None, CAUSAL=causal, VARLEN=varlen,
         PAIR_UNITS=pair_units, CONSUMERS=consumers, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        STORE_Q=store_q,
+        STORE_Q=store_q, STORE_LSE=store_lse,
         num_warps=4, maxnreg=maxnreg,
     )
     return out, lse, q_rot
