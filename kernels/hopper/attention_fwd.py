@@ -5,8 +5,8 @@ A work item is BLOCK_M = 64 x CONSUMERS queries (128; 192 at D <= 64 in the natu
 order, where a step's softmax costs as much as its matmuls) of one (batch, query head), or of
 one packed document and head
 (varlen: `kernels.documents` lists the documents' tiles); a program runs items in turn
-(`_work_item`: persistent for non-causal calls and short causal ones, whose items come in
-units of two tiles of equal work; one item each for longer causal calls and documents) as
+(`_work_item`: persistent for non-causal calls, packed documents and short causal calls,
+whose items come in units of two tiles of equal work; one item each for longer causal calls) as
 1 + CONSUMERS warpgroups (`gl.warp_specialize`):
 - a producer (few registers) streams K^ (rotated keys) and V tiles through TMA into a ring
   of STAGES shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier; it runs
@@ -88,8 +88,8 @@ def staged_queries(d_pad, head_dim, pairs, interleaved, varlen):
     """Whether the consumers stage the next item's queries in shared memory (`_stage_q`): its
     copies move 16-byte runs of half-split pairs filling D_PAD (the only layout measured on a
     GPU so far; interleaved pairs would copy whole rows); D = 32 to 128 (at 256 the buffers would
-    not fit beside the ring; at 16 two threads hold each element, untried); dense items (a packed
-    document's program runs one)."""
+    not fit beside the ring; at 16 two threads hold each element, untried); dense items
+    (`_next_rows` decodes no packed document's)."""
     return (32 <= d_pad <= 128 and head_dim == d_pad and not interleaved and 2 * pairs == d_pad
             and not varlen)
 
@@ -252,9 +252,9 @@ def _work_item(item, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TIL
     fastest, and the table's entries past the last tile are items of no rows (nq = 0).
     Non-causal items run through the query tiles of one (batch, head) before the next, so
     the persistent programs running at one time share K/V in L2; causal ones come in units
-    of two tiles of equal work (below). Packed documents' items (one program each) run head
-    fastest, longest first within a document (the heads of a tile read neighbouring bytes
-    of q and, GQA, the same K/V)."""
+    of two tiles of equal work (below). Packed documents' items run head fastest, longest
+    first within a document (the heads of a tile read neighbouring bytes of q and, GQA, the
+    same K/V)."""
     if VARLEN:
         off_b = 0
         off_h = item % HQ
@@ -497,8 +497,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     turn_phase = 0
     # Up to D = 128 a warpgroup fetches the next item's queries during this item's epilogue:
     # into its staging buffer (`_stage_q`), or (interleaved, slot order) into 32 registers;
-    # at D = 256 those would take 64 and spill: it loads them in turn. (Packed documents run
-    # one item per program: there is no next item.)
+    # at D = 256 those would take 64 and spill: it loads them in turn. (Packed documents'
+    # consumers load them in turn too: `_next_rows` decodes dense items only.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
     STAGE_Q: gl.constexpr = staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN)
     if STAGE_Q:
@@ -808,12 +808,14 @@ def rope_attention_fwd_hopper(q, k, v, inv_freq, q_positions, k_positions, q_tem
     q_out = q_rot if store_q else out  # the kernel reads no Q^ arguments unless it stores Q^
     varlen = cu_seqlens_q is not None
     if varlen:
-        # Items are (query tile, head) of the document tiles' table; their lengths vary with
-        # the documents', so one program per item, and the hardware hands out the next as SMs
-        # free up (the table's last entries exit at once).
+        # Items are (query tile, head) of the document tiles' table (its last entries are
+        # empty), run by one program per SM in turn: its producer loads the next item's first
+        # tiles during the last one's epilogue, and each program starts only once (against one
+        # program per item: 1.09-1.16x on the bench's documents, 1.21-1.22x on 1k ones; H100,
+        # bench/RESULTS.md).
         tiles = document_tiles(cu_seqlens_q, nq, block_m)
         n_items = tiles.shape[0] * hq
-        grid, pair_units = n_items, False
+        grid, pair_units = min(n_items, device.multiprocessors(q.device)), False
     else:
         # One program per SM runs items in turn (its producer loads the next item's first
         # tiles during the last one's epilogue): non-causal items are equal, and so are the
