@@ -116,7 +116,8 @@ def test_documents_do_not_see_each_other():
 # portable ones both run: tiles that straddle documents, an empty document and one of a
 # single token, documents with more queries than keys (rows that see no key), the head dims
 # of the Gluon backward (64, 128, 256: its consumers split the features) and one it does not
-# serve (80: the portable backward).
+# serve (80: the portable backward); and more items than an H100 has SMs, so that a persistent
+# Gluon forward program runs several documents' items in turn.
 GPU_CASES = [
     (((100, 300, 1, 700), (100, 300, 1, 700), 8, 2, 128, 128), dict(causal=True)),
     (((100, 0, 257, 64), (100, 0, 257, 64), 4, 4, 128, 64), dict()),
@@ -124,6 +125,7 @@ GPU_CASES = [
     (((200, 190, 450), (200, 190, 450), 4, 2, 64, 64), dict()),  # D <= 64: Gluon items of 192 rows, straddling
     (((77, 200), (77, 200), 2, 1, 80, 48), dict(causal=True, interleaved=True)),
     (((129, 64), (129, 64), 2, 2, 256, 256), dict(causal=True)),
+    (((1000, 37, 600, 1, 900, 450, 130), (1000, 37, 600, 1, 900, 450, 130), 8, 2, 128, 128), dict(causal=True)),
 ]
 
 
