@@ -70,7 +70,7 @@ def scaled_rope_attention(
         seq_len: the length a length-dependent schedule (dynamic NTK, CLEX) sees; default
             Nk. Taken from the shapes, never from the positions: no host sync.
         return_lse: also return the log-sum-exp of the scaled logits, [B, Hq, Nq] float32
-            (differentiable).
+            (differentiable). Without it an inference call computes and allocates none.
         deterministic: make the backward bitwise repeatable. By default the Hopper backward
             sums dq over key blocks with float32 TMA reduce-adds, whose order varies from run
             to run (as FlashAttention-3's default); with True it runs the portable backward
