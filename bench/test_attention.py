@@ -39,7 +39,7 @@ def ropefast_path(case, impl):
         return "torch"
     like = torch.empty(1, case.n, 1, case.head_dim, dtype=DTYPES[case.dtype], device=DEVICE)
     with dispatch.portable_kernels() if impl == "ropefast_portable" else contextlib.nullcontext():
-        return dispatch.forward_path(like, case.causal)
+        return dispatch.forward_path(like)
 
 
 def _label(case, impl):

@@ -109,7 +109,7 @@ def test_model(benchmark, case, mode, impl):
     path = "torch"
     if impl == "ropefast":  # the dense op's forward path at this head dim (causal)
         head_dim = SIZES["hidden_size"] // CASES[case]["num_attention_heads"]
-        path = dispatch.forward_path(torch.empty(1, SEQ_LEN, 1, head_dim, device="cuda", dtype=torch.bfloat16), True)
+        path = dispatch.forward_path(torch.empty(1, SEQ_LEN, 1, head_dim, device="cuda", dtype=torch.bfloat16))
     info.update(gpu=torch.cuda.get_device_name(), case=case, mode=mode, impl=impl, path=path, seq_len=SEQ_LEN, batch=1,
                 params_b=sum(p.numel() for p in model.parameters()) / 1e9, median_ms=ms, tokens_per_s=tokens_per_s,
                 peak_mib=peak_mib(step, "cuda"))

@@ -9,8 +9,8 @@ compiled for a GPU (unset). So the path is fixed at `import ropefast`:
                  Gluon forward and, at head dims 64, 128 and 256, the Gluon backward
                  (`deterministic=True` keeps the portable backward kernels). Below head dim
                  128 the portable forward runs where it is as fast or the Gluon one is
-                 unmeasured (`forward_path`: head dims under 64, and at 64 causal packed
-                 documents and slot-order tiles); `backward_path` says
+                 unmeasured (`forward_path`: head dims under 64, and at 64 slot-order
+                 tiles); `backward_path` says
                  which backward runs. Packed documents (varlen) too: the Gluon kernels take
                  document bounds.
   "kernel"       other CUDA tensors, TRITON_INTERPRET unset: the portable `tl.*` kernels.
@@ -50,10 +50,10 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 # the portable forward on H100; causal ones from 8k queries: 1.01-1.13x; at 3k-6k on persistent
 # pair units, 1.02-1.05x one program per tile, which was level with the portable forward at 4k), and
 # two on pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
-# `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27). Causal packed
-# documents (the Gluon forward 0.99x the portable one with three consumers, 0.92x with two;
-# H100, 2026-11-27), tiles in the slot order (`kernels.rope.slot_order`) and smaller head dims
-# run portable.
+# `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27), and causal packed
+# documents since their programs are persistent (1.007-1.05x in five processes on the bench's
+# documents; H100, 2026-11-27). Tiles in the slot order (`kernels.rope.slot_order`) and smaller
+# head dims run portable.
 HOPPER_SMALL_HEAD_DIM = 64
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
 # are head_dim wide; at D = 256 its warpgroups split the features of 64 keys.
@@ -105,19 +105,18 @@ def path(x: torch.Tensor) -> str:
     return "kernel"
 
 
-def forward_path(q: torch.Tensor, causal: bool, varlen: bool = False, slot_order: bool = False) -> str:
-    """The path of the attention forward on q [B, Nq, Hq, D] (`varlen`: packed documents;
-    `slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
-    "kernel" for "hopper" below head dim 64, and at 64 on causal packed documents and in the
-    slot order, where the portable forward is as fast or the Gluon one unmeasured.
+def forward_path(q: torch.Tensor, slot_order: bool = False) -> str:
+    """The path of the attention forward on q [B, Nq, Hq, D] or packed documents' [1, N, Hq, D]
+    (`slot_order`: the kernels' tiles are in `kernels.rope.slot_order`): `path(q)`, with
+    "kernel" for "hopper" below head dim 64, and at 64 in the slot order, where the portable
+    forward is as fast or the Gluon one unmeasured.
 
-        >>> dispatch.forward_path(torch.empty(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16), causal=True)
-        'hopper'   # on an H100 / H200 ('kernel' with varlen=True)
+        >>> dispatch.forward_path(torch.empty(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16))
+        'hopper'   # on an H100 / H200 ('kernel' with slot_order=True)
     """
     kind = path(q)
     head_dim = q.shape[-1]
-    if kind == "hopper" and (head_dim < HOPPER_SMALL_HEAD_DIM
-                             or head_dim == HOPPER_SMALL_HEAD_DIM and (causal and varlen or slot_order)):
+    if kind == "hopper" and (head_dim < HOPPER_SMALL_HEAD_DIM or head_dim == HOPPER_SMALL_HEAD_DIM and slot_order):
         return "kernel"
     return kind
 

@@ -97,8 +97,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, q_position
     kernels run). `deterministic` only reaches the backward (`attention_bwd`)."""
     for name, x in (("q", q), ("k", k), ("v", v)):  # here, not at the API: data pointers exist at run time only
         check_tma_aligned(name, x)
-    hopper = dispatch.forward_path(q, causal, varlen=cu_seqlens_q is not None,
-                                   slot_order=slot_order(dot_pad(q.shape[-1]), rotary_dim, interleaved)) == "hopper"
+    hopper = dispatch.forward_path(q, slot_order(dot_pad(q.shape[-1]), rotary_dim, interleaved)) == "hopper"
     forward = rope_attention_fwd_hopper if hopper else rope_attention_fwd
     out, lse, q_rot = forward(q, k, v, inv_freq, q_positions, k_positions, q_temperature, rotary_dim=rotary_dim,
                               interleaved=interleaved, causal=causal, softmax_scale=softmax_scale,

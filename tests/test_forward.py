@@ -157,15 +157,11 @@ def test_hopper_gpus_take_the_gluon_path():
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert dispatch.path(q) == ("hopper" if hopper else "kernel")
     assert dispatch.path(q.float()) == "kernel"
-    # D <= 64: the portable forward on causal documents and slot-order tiles
+    # D = 64: the portable forward on slot-order tiles only
     small = torch.empty(1, 4096, 1, 64, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.forward_path(small, causal=True) == ("hopper" if hopper else "kernel")
-    assert dispatch.forward_path(small, causal=False) == ("hopper" if hopper else "kernel")
-    long = torch.empty(1, 16384, 1, 64, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.forward_path(long, causal=True) == ("hopper" if hopper else "kernel")
-    assert dispatch.forward_path(long, causal=True, varlen=True) == "kernel"
-    assert dispatch.forward_path(long, causal=False, slot_order=True) == "kernel"
-    assert dispatch.forward_path(long[..., :32], causal=False) == "kernel"  # unmeasured below 64
+    assert dispatch.forward_path(small) == ("hopper" if hopper else "kernel")
+    assert dispatch.forward_path(small, slot_order=True) == "kernel"
+    assert dispatch.forward_path(small[..., :32]) == "kernel"  # unmeasured below 64
     assert dispatch.backward_path(small) == ("hopper" if hopper else "kernel")  # the Gluon backward is faster
     assert dispatch.backward_path(q, deterministic=True) == "kernel"
     wide = torch.empty(1, 8, 1, 256, device="cuda", dtype=torch.bfloat16)
@@ -210,7 +206,7 @@ def test_inference_forward_memory_is_sdpas_and_one_k(hkv):
         torch.cuda.reset_peak_memory_stats()
         out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
         peak = torch.cuda.max_memory_allocated() - before
-    hopper = dispatch.forward_path(q, causal=True) == "hopper"
+    hopper = dispatch.forward_path(q) == "hopper"
     bound = q.nbytes + (k.nbytes if hopper else k.nbytes + q.nbytes)  # the portable forward also holds Q^
     assert peak <= bound, (peak, bound)
     _, lse = scaled_rope_attention(q, k, v, schedule=yarn, causal=True, return_lse=True)
