@@ -51,9 +51,9 @@ PATHS = ("hopper", "kernel", "interpreter", "reference")
 # pair units, 1.02-1.05x one program per tile, which was level with the portable forward at 4k), and
 # two on pair units on causal calls up to 2k queries (1k: 1.04-1.07x, 2k: 1.02x;
 # `kernels.hopper.attention_fwd.fwd_config`, bench/RESULTS.md, 2026-11-27), and causal packed
-# documents since their programs are persistent (1.007-1.05x in five processes on the bench's
-# documents; H100, 2026-11-27). Tiles in the slot order (`kernels.rope.slot_order`) and smaller
-# head dims run portable.
+# documents since their programs are persistent (the kernel 1.007-1.05x the portable one in five
+# processes on the bench's documents, the op's forward 1.002-1.008x; H100, 2026-11-27). Tiles in
+# the slot order (`kernels.rope.slot_order`) and smaller head dims run portable.
 HOPPER_SMALL_HEAD_DIM = 64
 # The head dims of the Gluon backward (kernels/hopper/attention_bwd.py): its Q^ and K^ tiles
 # are head_dim wide; at D = 256 its warpgroups split the features of 64 keys.
