@@ -148,8 +148,10 @@ CASES = [(64, 64, False, False, False, False, "bf16"), (64, 64, True, False, Fal
          (256, 256, False, False, False, False, "bf16"), (256, 256, True, False, False, False, "bf16"),
          (80, 48, True, True, True, True, "bf16"), (128, 64, True, False, True, True, "fp16"),
          (40, 24, False, False, False, False, "fp16"),
-         # packed documents (always with positions): Llama-style, and D = 256 with everything on
+         # packed documents (always with positions): Llama-style, D = 64 causal (three consumers), and
+         # D = 256 with everything on
          (128, 128, True, False, True, False, "bf16", True), (128, 128, False, False, True, True, "fp16", True),
+         (64, 64, True, False, True, False, "bf16", True),
          (256, 128, True, True, True, True, "bf16", True),
          (128, 128, True, False, False, False, "bf16", False, False),
          (128, 128, True, False, False, False, "bf16", False, None, True),
