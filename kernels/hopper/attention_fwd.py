@@ -14,18 +14,18 @@ whose items come in units of two tiles of equal work; one item each for longer c
 - the consumers own 64 query rows each. Each rotates its rows of q (angles from exact
   fixed-point phases, every logit scale folded in) and stores them to shared memory, where
   the QK^T wgmma reads them (for a call autograd records, they also go to global memory for
-  the backward: `save_q`). Up to D = 128 the rows come in during the previous item's
-  epilogue: half-split pairs filling the head dim are copied raw into a staging buffer
-  (cp.async) and rotated from there chunk by chunk of rows, in a loop (the rotation unrolled over
-  the whole tile made the consumers' code miss in the instruction cache at 1k causal);
-  interleaved pairs and the slot order are loaded into registers. Then per key tile j it
+  the backward: `save_q`). Up to D = 128 the rows come in ahead: half-split pairs filling
+  the head dim are copied raw into a staging buffer (cp.async, issued as soon as the previous
+  item's rows have left it, so the copies fly during that item's key tiles) and rotated from
+  there chunk by chunk of rows, in a loop (the rotation unrolled over the whole tile made the
+  consumers' code miss in the instruction cache at 1k causal); interleaved pairs and the slot
+  order are loaded into registers during the previous item's epilogue. Then per key tile j it
   issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously, runs the softmax of S_j and
   hands the tensor cores to the next consumer through an mbarrier "turn" (ping-pong), so one
   warpgroup's exponentials overlap the others' matmuls. (ptxas places the wait for PV_{j-1}
   before the softmax's first shuffle, so within a warpgroup only the row maximum overlaps it;
   holding the wait back behind a shared-memory store of the row sums ran slower:
-  bench/RESULTS.md.) The epilogue's TMA store of O runs on while the next item starts, and up
-  to D = 128 the next item's queries come in during it.
+  bench/RESULTS.md.) The epilogue's TMA store of O runs on while the next item starts.
 Only tiles that can hold a hidden key (past Nk, or the causal diagonal) are masked.
 
 Feature order. A rotation pairs feature a_i with b_i: (2i, 2i+1) interleaved, (i, i + R/2)
@@ -495,8 +495,9 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
 
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
-    # Up to D = 128 a warpgroup fetches the next item's queries during this item's epilogue:
-    # into its staging buffer (`_stage_q`), or (interleaved, slot order) into 32 registers;
+    # Up to D = 128 a warpgroup fetches the next item's queries ahead: into its staging buffer
+    # (`_stage_q`) once this item's rows have left it, or (interleaved, slot order) into 32
+    # registers during this item's epilogue;
     # at D = 256 those would take 64 and spill: it loads them in turn. (Packed documents'
     # consumers load them in turn too: `_next_rows` decodes dense items only.)
     PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
@@ -553,6 +554,12 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                         first, second = gl.split(rotated)
                         q_pieces.index(2 * CID * CHUNKS + c).store(first)
                         q_pieces.index((2 * CID + 1) * CHUNKS + c).store(second)
+                # the next item's queries: their copies fly during this item's key tiles (each
+                # thread copies over what it has just read). Issued in the epilogue, their latency
+                # showed at the next item's start: this is 1.03-1.04x at 1k causal (H100,
+                # bench/RESULTS.md)
+                _stage_q(raw_smem, item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
+                         n_items, CID, HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
             else:
                 rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
                                       q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS,
@@ -601,10 +608,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
                 mbarrier.arrive(v_empty.index(last), count=1)
 
-            if STAGE_Q:  # the next item's queries: their copies fly during this epilogue
-                _stage_q(raw_smem, item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
-                         n_items, CID, HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
-            elif PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
+            if PREFETCH_Q and not STAGE_Q:  # the next item's queries: their loads fly during this epilogue
                 x = _prefetch_q(item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
                                 n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N,
                                 L3)
