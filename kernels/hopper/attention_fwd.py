@@ -88,10 +88,11 @@ def staged_queries(d_pad, head_dim, pairs, interleaved, varlen):
     """Whether the consumers stage the next item's queries in shared memory (`_stage_q`): its
     copies move 16-byte runs of half-split pairs filling D_PAD (the only layout measured on a
     GPU so far; interleaved pairs would copy whole rows); D = 32 to 128 (at 256 the buffers would
-    not fit beside the ring; at 16 two threads hold each element, untried); dense items
-    (`_next_rows` decodes no packed document's)."""
-    return (32 <= d_pad <= 128 and head_dim == d_pad and not interleaved and 2 * pairs == d_pad
-            and not varlen)
+    not fit beside the ring; at 16 two threads hold each element, untried); packed documents up
+    to D = 64 (1.04-1.06x loading them in turn there; at D = 128 0.98-1.01x on the bench's
+    documents and 0.94-0.98x on 1k ones: H100, bench/RESULTS.md)."""
+    return (32 <= d_pad <= (64 if varlen else 128) and head_dim == d_pad and not interleaved
+            and 2 * pairs == d_pad)
 
 
 @gluon.constexpr_function
@@ -416,15 +417,22 @@ def _kv_step(j, count, q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empt
 
 
 @gluon.jit
-def _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL: gl.constexpr,
-               PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Where a consumer fetches a dense item's queries: (Q at its (batch, head)'s row 0, the
+def _next_rows(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K,
+               TILES, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+    """Where a consumer fetches an item's queries: (Q at its sequence's row 0 and head, the
     tile's first row, the sequence's query count; 0 past the last item)."""
-    off_b, off_h, _, _, nq, _, _, q_start, _, _ = _work_item(item, n_items, NQ, NK, HQ, GROUP, Q, Q, Q, CAUSAL, False,
-                                                             PAIR_UNITS, BLOCK_M, BLOCK_N)
+    if VARLEN:  # the document tiles' table has no entry past the last item
+        item_read = gl.minimum(item, n_items - 1)
+    else:
+        item_read = item
+    off_b, off_h, _, q_begin, nq, _, _, q_start, _, _ = _work_item(
+        item_read, n_items, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_M,
+        BLOCK_N)
     if not PAIR_UNITS:  # pair units have nq = 0 past the last
         nq = gl.where(item < n_items, nq, 0)
-    return Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh, q_start, nq
+    base = Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn + off_h.to(gl.int64) * stride_qh
+    return base, q_start, nq
 
 
 @gluon.jit
@@ -433,20 +441,18 @@ def _prefetch_q(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_i
                 CAUSAL: gl.constexpr, PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 L3: gl.constexpr):
     """`load_rows` of a consumer's rows of a dense item's query tile (zeros past the last item)."""
-    base, q_start, nq = _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL, PAIR_UNITS,
-                                   BLOCK_M, BLOCK_N)
+    base, q_start, nq = _next_rows(item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, Q, Q, Q,
+                                   CAUSAL, False, PAIR_UNITS, BLOCK_M, BLOCK_N)
     return load_rows(base, stride_qn, q_start + CID * WG_ROWS, nq, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, L3)
 
 
 @gluon.jit
-def _stage_q(raw, item, Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID: gl.constexpr,
-             HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, CAUSAL: gl.constexpr,
-             PAIR_UNITS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, L3: gl.constexpr):
-    """Asynchronous copies (cp.async, one group) of a consumer's rows of a dense item's query
-    tile into its chunks of raw [consumers x chunks, `chunk_rows`, D_PAD / 2, 2], as `pair_layout`
-    L3 holds them (each thread later reads what it copied); zeros past the item's rows."""
-    base, q_start, nq = _next_rows(item, Q, stride_qb, stride_qh, NQ, NK, HQ, GROUP, n_items, CAUSAL, PAIR_UNITS,
-                                   BLOCK_M, BLOCK_N)
+def _stage_q(raw, base, q_start, nq, stride_qn, CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
+             PAIRS: gl.constexpr, L3: gl.constexpr):
+    """Asynchronous copies (cp.async, one group) of a consumer's rows of an item's query tile
+    (`_next_rows`: base, q_start, nq) into its chunks of raw [consumers x chunks, `chunk_rows`,
+    D_PAD / 2, 2], as `pair_layout` L3 holds them (each thread later reads what it copied);
+    zeros past the sequence's rows."""
     CR: gl.constexpr = raw.shape[1]
     CHUNKS: gl.constexpr = WG_ROWS // CR
     for c in gl.static_range(CHUNKS):
@@ -496,12 +502,11 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
     count = 0  # tiles consumed so far: the ring position, as the producer's
     turn_phase = 0
     # Up to D = 128 a warpgroup fetches the next item's queries ahead: into its staging buffer
-    # (`_stage_q`) once this item's rows have left it, or (interleaved, slot order) into 32
-    # registers during this item's epilogue;
-    # at D = 256 those would take 64 and spill: it loads them in turn. (Packed documents'
-    # consumers load them in turn too: `_next_rows` decodes dense items only.)
-    PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN)
+    # (`_stage_q`) once this item's rows have left it, or (dense calls: interleaved, slot
+    # order) into 32 registers during this item's epilogue; at D = 256 those would take 64 and
+    # spill: it loads them in turn, as packed documents' consumers do where not staged (D > 64).
     STAGE_Q: gl.constexpr = staged_queries(D_PAD, HEAD_DIM, PAIRS, INTERLEAVED, VARLEN)
+    PREFETCH_Q: gl.constexpr = (D_PAD <= 128) and (not VARLEN) and (not STAGE_Q)
     if STAGE_Q:
         CHUNKS: gl.constexpr = raw_smem.shape[0] // CONSUMERS
         CR: gl.constexpr = raw_smem.shape[1]
@@ -513,8 +518,10 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
         q_pieces = reinterpret(q_smem, dtype, [CONSUMERS * BLOCKS * CHUNKS, CR, Q_COLS],
                                gl.NVMMASharedLayout(swizzle_byte_width=q_smem.layout.swizzle_byte_width,
                                                     element_bitwidth=16, rank=2))
-        _stage_q(raw_smem, gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
-                 HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
+        next_base, next_row, next_rows = _next_rows(gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ,
+                                                    GROUP, n_items, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN,
+                                                    PAIR_UNITS, BLOCK_M, BLOCK_N)
+        _stage_q(raw_smem, next_base, next_row, next_rows, stride_qn, CID, HEAD_DIM, D_PAD, PAIRS, L3)
     elif PREFETCH_Q:
         x = _prefetch_q(gl.program_id(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items, CID,
                         HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
@@ -524,7 +531,13 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
             BLOCK_N)
         if q_start < nq:  # not an entry past the document tiles' last
             row0 = q_start + CID * WG_ROWS
-            if not PREFETCH_Q:  # neither staged nor prefetched (D = 256, packed documents)
+            if STAGE_Q:
+                # where the next item's queries are: decoded before the rotation, so that a packed
+                # document's table reads land during it
+                next_base, next_row, next_rows = _next_rows(
+                    item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP, n_items,
+                    CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL, VARLEN, PAIR_UNITS, BLOCK_M, BLOCK_N)
+            elif not PREFETCH_Q:  # neither staged nor prefetched (D = 256, packed documents)
                 x = load_rows(Q + off_b.to(gl.int64) * stride_qb + q_begin.to(gl.int64) * stride_qn
                               + off_h.to(gl.int64) * stride_qh, stride_qn, row0, nq, HEAD_DIM, D_PAD, PAIRS,
                               INTERLEAVED, L3)
@@ -558,8 +571,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 # thread copies over what it has just read). Issued in the epilogue, their latency
                 # showed at the next item's start: this is 1.03-1.04x at 1k causal (H100,
                 # bench/RESULTS.md)
-                _stage_q(raw_smem, item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
-                         n_items, CID, HEAD_DIM, D_PAD, PAIRS, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N, L3)
+                _stage_q(raw_smem, next_base, next_row, next_rows, stride_qn, CID, HEAD_DIM, D_PAD, PAIRS, L3)
             else:
                 rotated = rotate_rows(x, pos_ptr, stride_pos_n, temp_ptr, stride_temp_n, inc_hi, inc_lo, row0, nq,
                                       q_pos_offset, row_scale, rot_scale, D_PAD, PAIRS, INTERLEAVED, HAS_POS,
@@ -608,7 +620,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.const
                 acc, p = warpgroup_mma_wait(0, deps=[o_token, p])
                 mbarrier.arrive(v_empty.index(last), count=1)
 
-            if PREFETCH_Q and not STAGE_Q:  # the next item's queries: their loads fly during this epilogue
+            if PREFETCH_Q:  # the next item's queries: their loads fly during this epilogue
                 x = _prefetch_q(item + gl.num_programs(0), Q, stride_qb, stride_qn, stride_qh, NQ, NK, HQ, GROUP,
                                 n_items, CID, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, CAUSAL, PAIR_UNITS, BLOCK_M, BLOCK_N,
                                 L3)
