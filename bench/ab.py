@@ -5,6 +5,9 @@ folder, e.g. the last commit's:
     git show HEAD:kernels/hopper/attention_fwd.py > kernels/hopper/fwd_before.py
     python -m bench.ab fwd_before attention_fwd            # env: CASES=0,2 ROUNDS=3 MODE=train
 
+Make the copies where the commits are and let them travel as untracked files: a GPU machine's
+copy of the tree may hold an older history, where `git show HEAD:` gives an older kernel.
+
 Rounds alternate between the builds, with cuDNN SDPA (no RoPE) and `apply_scaled_rope` + cuDNN
 timed in the same rounds, so that clock drift moves every column alike. A line per case and round:
 TF/s of each build (its ratio to cuDNN, to `apply_scaled_rope` + cuDNN), the last build's speed
