@@ -193,7 +193,8 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     from ropefast.kernels.hopper import attention_bwd as hopper_bwd
     from ropefast.kernels.hopper.attention_fwd import shared_layout
 
-    def compile_bwd(head_dim, causal, dtype, varlen=False, rotate_k=True, interleaved=False, positions=False):
+    def compile_bwd(head_dim, causal, dtype, varlen=False, rotate_k=True, interleaved=False, positions=False,
+                    descending=False):
         stages, consumer_regs, maxnreg, block_n = hopper_bwd.bwd_config(head_dim)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         def desc(block, dtype=dtype, layout=None):
@@ -214,7 +215,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
                     HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
-                    STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
+                    DESCENDING=[descending], STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
@@ -228,13 +229,16 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
     print(json.dumps(results))
 """)
 
-# (head dim, causal, dtype[, varlen[, keys rotated inside[, interleaved[, positions]]]]): the head
-# dims the Gluon backward serves (`dispatch.HOPPER_BACKWARD_HEAD_DIMS`), packed documents, keys from the rope
-# pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with positions)
+# (head dim, causal, dtype[, varlen[, keys rotated inside[, interleaved[, positions[, descending]]]]]):
+# the head dims the Gluon backward serves (`dispatch.HOPPER_BACKWARD_HEAD_DIMS`), packed documents, keys
+# from the rope pass (the frequency gradient needs K^) and rotated in the kernel (interleaved, with
+# positions), and the query tiles from the last down (causal GQA)
 BACKWARD_CASES = [(64, False, "bf16"), (64, True, "fp16"), (128, False, "bf16"), (128, True, "bf16"),
                   (128, True, "bf16", True), (64, False, "fp16", True), (128, True, "bf16", False, False),
                   (64, True, "fp16", True, False), (128, False, "fp16", False, True, True, True),
-                  (256, True, "bf16", False, False), (256, False, "fp16", True, False)]
+                  (256, True, "bf16", False, False), (256, False, "fp16", True, False),
+                  (128, True, "bf16", False, True, False, False, True), (128, True, "bf16", True, True, False, False, True),
+                  (64, True, "bf16", False, True, False, False, True), (256, True, "bf16", False, False, False, False, True)]
 # ptxas keeps some values of the D >= 128 consumers in local memory (spill stores + loads; at
 # D = 128 about 20 of each per step in the unmasked loop, 4% of a consumer's stall samples on an
 # H100, bench/RESULTS.md 2026-11-27): at D = 128 136-488 bytes with Triton 3.6's (the

@@ -10,7 +10,8 @@ gradients and the rotation of dq back are shared with the portable backward
 
 A program owns BLOCK_N = 128 keys of one (batch, KV head), or of one packed document and KV
 head (varlen, `kernels.documents`), and loops over the query heads that read that KV head
-and over their 64-query tiles, as three warpgroups
+and over their 64-query tiles (from the last down in short causal GQA calls, whose programs
+then stream the same tiles together: `DESCENDING_MAX_KEYS`), as three warpgroups
 (`gl.warp_specialize`; D = 256 below):
 - a producer (few registers) loads V (and K^) once, then streams each step's Q^ and dO tiles
   through TMA into a ring of STAGES buffers guarded by "ready" / "empty" mbarriers;
@@ -135,10 +136,18 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CAUSAL: gl.con
 
 
 @gluon.jit
+def _query_tile(lo, hi, i, DESCENDING: gl.constexpr):
+    """The i-th query tile of [lo, hi): from the last down where DESCENDING."""
+    if DESCENDING:
+        return hi - 1 - i
+    return lo + i
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem, k_smem,
               v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr,
-              BLOCK_N: gl.constexpr):
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, DESCENDING: gl.constexpr,
+              STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
     """TMA loads: this block's V and (unless the consumers rotate the keys) K^ once, then
     Q^, dO, lse2 and delta of each step into the ring."""
     HKV = HQ // GROUP
@@ -153,7 +162,8 @@ def _producer(q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do
     count = 0  # steps loaded so far: the ring position
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
-        for m in range(m_lo, m_tiles):
+        for i in range(m_tiles - m_lo):
+            m = _query_tile(m_lo, m_tiles, i, DESCENDING)
             stage = count % STAGES
             # an mbarrier starts as if its phase 1 had completed: the first lap does not block
             mbarrier.wait(q_empty.index(stage), ((count // STAGES) & 1) ^ 1)
@@ -392,7 +402,8 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
               stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b, stride_pos_n, NQ, NK, HQ, GROUP,
               CU_SEQLENS_Q, CU_SEQLENS_K, TILES, CID: gl.constexpr, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr,
               PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr, HAS_POS: gl.constexpr, CAUSAL: gl.constexpr,
-              VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+              VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, DESCENDING: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_N: gl.constexpr):
     """One consumer warpgroup: keys [start_n + 64 CID, + 64) of the program's block, or
     (SPLIT: BLOCK_N = 64) features [D_PAD / 2 CID, + D_PAD / 2) of all its keys and its part
     of each step (`_split_step`)."""
@@ -432,22 +443,30 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
     dv = gl.zeros([WG_KEYS, COLS], gl.float32, O_L)
     mbarrier.wait(kv_ready, 0)
     count = 0  # steps consumed so far: the ring position, as the producer's
+    # the masked runs: the diagonal's tiles and the tail's, in the order of the query tiles
+    if DESCENDING:
+        first_lo, first_hi, last_lo, last_hi = m_end, m_tiles, m_lo, m_full
+    else:
+        first_lo, first_hi, last_lo, last_hi = m_lo, m_full, m_end, m_tiles
     for g in range(GROUP):
         dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + q_base  # tile 0's row
-        for m in range(m_lo, m_full):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
-                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
-                           CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
+        for i in range(first_hi - first_lo):
+            dk, dv = _step(count, _query_tile(first_lo, first_hi, i, DESCENDING), shift, dq_row, dk, dv, k_mine,
+                           v_mine, k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                           q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT,
+                           S_L, O_L, DQ_L)
             count += 1
-        for m in range(m_full, m_end):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
-                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
-                           CID, D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT, S_L, O_L, DQ_L)
+        for i in range(m_end - m_full):
+            dk, dv = _step(count, _query_tile(m_full, m_end, i, DESCENDING), shift, dq_row, dk, dv, k_mine, v_mine,
+                           k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                           q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, False, STAGES, SPLIT,
+                           S_L, O_L, DQ_L)
             count += 1
-        for m in range(m_end, m_tiles):
-            dk, dv = _step(count, m, shift, dq_row, dk, dv, k_mine, v_mine, k_block, v_block, q_smem, do_smem,
-                           lse2_smem, delta_smem, ds_smem, dq_smem, q_ready, q_empty, handoff, dq_desc, keys, nq, nk,
-                           CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT, S_L, O_L, DQ_L)
+        for i in range(last_hi - last_lo):
+            dk, dv = _step(count, _query_tile(last_lo, last_hi, i, DESCENDING), shift, dq_row, dk, dv, k_mine,
+                           v_mine, k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                           q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, True, STAGES, SPLIT,
+                           S_L, O_L, DQ_L)
             count += 1
 
     tma.store_wait(0)
@@ -472,8 +491,8 @@ def rope_attention_bwd_hopper_kernel(
     stride_dvb, stride_dvn, stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, K_POS, stride_pos_b,
     stride_pos_n, NQ, NK, HQ, GROUP, CU_SEQLENS_Q, CU_SEQLENS_K, TILES,
     HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, PAIRS: gl.constexpr, INTERLEAVED: gl.constexpr,
-    HAS_POS: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr, STAGES: gl.constexpr,
-    BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    HAS_POS: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, ROTATE_K: gl.constexpr,
+    DESCENDING: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Q^ and K^ sequence-major (2-D descriptors over [rows, D]), V and dO through 4-D
     descriptors over their [B, N, H, D] strides; lse2 (base 2, +inf for rows that saw no
@@ -522,17 +541,17 @@ def rope_attention_bwd_hopper_kernel(
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, q_smem, do_smem, lse2_smem, delta_smem,
                      k_smem, v_smem, kv_ready, q_ready, q_empty, NQ, NK, HQ, GROUP, cu_q, cu_k, tiles,
-                     CAUSAL, VARLEN, ROTATE_K, STAGES, BLOCK_N)),
+                     CAUSAL, VARLEN, ROTATE_K, DESCENDING, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, handoff, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 0, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
-                     VARLEN, ROTATE_K, STAGES, BLOCK_N)),
+                     VARLEN, ROTATE_K, DESCENDING, STAGES, BLOCK_N)),
         (_consumer, (k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, kv_ready, q_ready,
                      q_empty, handoff, dq_desc, DK, stride_dkb, stride_dkn, stride_dkh, DV, stride_dvb, stride_dvn,
                      stride_dvh, K, stride_kb, stride_kn, stride_kh, INV_FREQ, k_pos, stride_pos_b, stride_pos_n, NQ,
                      NK, HQ, GROUP, cu_q, cu_k, tiles, 1, HEAD_DIM, D_PAD, PAIRS, INTERLEAVED, HAS_POS, CAUSAL,
-                     VARLEN, ROTATE_K, STAGES, BLOCK_N)),
+                     VARLEN, ROTATE_K, DESCENDING, STAGES, BLOCK_N)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -556,6 +575,16 @@ class HopperBwdConfig(NamedTuple):
 # of Q^ and dO take 128 KB of shared memory: the warpgroups split the features of 64 keys.
 HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168, 128), 128: HopperBwdConfig(2, 240, 168, 128),
                       256: HopperBwdConfig(2, 240, 168, 64)}
+
+
+# Causal GQA calls of up to this many keys per sequence at D = 128 run each program's query tiles
+# from the last down (DESCENDING): the programs of a KV head (its key blocks) then read the same
+# Q^ and dO tiles at about the same time, where from the diagonal up each reads its own, and a
+# wave's groups hold about 64 MB of Q^, dO and dQ^ against the 50 MB L2. The gradient kernel on
+# an H100 (2026-11-27, H32/8 causal): 1k 1.05-1.09x, 2k 1.03-1.05x, 4k 1.02-1.05x, H16/4 4k
+# 1.03-1.04x; 16k 0.97x (a wave holds about one group, all of whose programs then add into the
+# same dQ^ tiles at once), D = 64 at 4k 0.98-0.99x; MHA level (bench/RESULTS.md).
+DESCENDING_MAX_KEYS = 4096
 
 
 def bwd_config(head_dim):
@@ -611,6 +640,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         tiles = document_tiles(cu_seqlens_k, nk, block_n)
         programs = tiles.shape[0] * hkv
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
+    descending = causal and hq > hkv and d_pad == 128 and cu_seqlens_q is None and nk <= DESCENDING_MAX_KEYS
     if k_rot is not None:  # the rotation's constexprs are unused: one compiled variant for all
         k_positions, rotary_dim, interleaved = None, 0, False
     launch(
@@ -619,7 +649,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
         hq // hkv, cu_seqlens_q, cu_seqlens_k, tiles, HEAD_DIM=head_dim, D_PAD=d_pad, PAIRS=rotary_dim // 2,
         INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal, VARLEN=cu_seqlens_q is not None,
-        ROTATE_K=k_rot is None, STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4,
-        maxnreg=maxnreg,
+        ROTATE_K=k_rot is None, DESCENDING=descending, STAGES=stages, BLOCK_N=block_n,
+        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
