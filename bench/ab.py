@@ -28,7 +28,8 @@ from .peers import Case, build_ropefast, build_sdpa, build_triton_rope_sdpa, mak
 CASES = [Case("bf16", 128, 16, 16, n, causal) for n in (1024, 4096, 16384) for causal in (False, True)] + [
     Case("bf16", 128, 32, 8, 4096, True), Case("bf16", 256, 8, 8, 4096, True), Case("bf16", 256, 8, 8, 4096, False),
     Case("bf16", 128, 32, 8, 1024, True), Case("bf16", 64, 32, 32, 4096, False), Case("bf16", 64, 32, 32, 16384, True),
-    Case("bf16", 64, 32, 32, 1024, True), Case("bf16", 64, 32, 32, 2048, True)]
+    Case("bf16", 64, 32, 32, 1024, True), Case("bf16", 64, 32, 32, 2048, True), Case("bf16", 64, 32, 32, 4096, True),
+    Case("bf16", 64, 32, 32, 1024, False)]
 
 
 def use(module):
