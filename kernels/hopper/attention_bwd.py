@@ -577,14 +577,15 @@ HOPPER_BWD_CONFIGS = {64: HopperBwdConfig(2, 240, 168, 128), 128: HopperBwdConfi
                       256: HopperBwdConfig(2, 240, 168, 64)}
 
 
-# Causal GQA calls of up to this many keys per sequence at D = 128 run each program's query tiles
-# from the last down (DESCENDING): the programs of a KV head (its key blocks) then read the same
-# Q^ and dO tiles at about the same time, where from the diagonal up each reads its own, and a
-# wave's groups hold about 64 MB of Q^, dO and dQ^ against the 50 MB L2. The gradient kernel on
-# an H100 (2026-11-27, H32/8 causal): 1k 1.05-1.09x, 2k 1.03-1.05x, 4k 1.02-1.05x, H16/4 4k
-# 1.03-1.04x; 16k 0.97x (a wave holds about one group, all of whose programs then add into the
-# same dQ^ tiles at once), D = 64 at 4k 0.98-0.99x; MHA level (bench/RESULTS.md).
-DESCENDING_MAX_KEYS = 4096
+# Causal GQA calls of up to this many keys per sequence (per padded head dim) run each program's
+# query tiles from the last down (DESCENDING): the programs of a KV head (its key blocks) then
+# read the same Q^ and dO tiles at about the same time, where from the diagonal up each reads its
+# own and a wave's groups hold about 64 MB of Q^, dO and dQ^ against the 50 MB L2 (half that at
+# D = 64). The gradient kernel on an H100 (2026-11-27), new / old: D = 128 H32/8 causal 1k
+# 1.05-1.09x, 2k 1.03-1.05x, 4k 1.02-1.05x, H16/4 4k 1.03-1.04x, 16k 0.97x (a wave holds about
+# one group, all of whose programs then add into the same dQ^ tiles at once); D = 256 H8/2 1k
+# 1.05-1.08x, 4k level; D = 64 H32/8 1k-2k 1.01-1.02x, 4k 0.98-0.99x; MHA level (bench/RESULTS.md).
+DESCENDING_MAX_KEYS = {64: 2048, 128: 4096, 256: 1024}
 
 
 def bwd_config(head_dim):
@@ -640,7 +641,7 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         tiles = document_tiles(cu_seqlens_k, nk, block_n)
         programs = tiles.shape[0] * hkv
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
-    descending = causal and hq > hkv and d_pad == 128 and cu_seqlens_q is None and nk <= DESCENDING_MAX_KEYS
+    descending = causal and hq > hkv and cu_seqlens_q is None and nk <= DESCENDING_MAX_KEYS[d_pad]
     if k_rot is not None:  # the rotation's constexprs are unused: one compiled variant for all
         k_positions, rotary_dim, interleaved = None, 0, False
     launch(
