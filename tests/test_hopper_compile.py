@@ -213,6 +213,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     stride_pos_b="i32", stride_pos_n="i32", NQ="i32", NK="i32", HQ="i32", GROUP="i32",
                     CU_SEQLENS_Q=("*i32", 16) if varlen else None,
                     CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
+                    TAIL_SEQUENCES="i32",
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
                     HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
                     DESCENDING=[descending], STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
