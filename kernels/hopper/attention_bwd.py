@@ -94,8 +94,9 @@ def _program_item(NQ, NK, HKV, CU_SEQLENS_Q, CU_SEQLENS_K, TILES, TAIL_SEQUENCES
     causal blocks come longest first, except in the last TAIL_SEQUENCES sequences (about a
     wave's worth of programs), whose blocks come longest first across them: otherwise the
     last sequences' longest blocks start last and run on alone (a model of the SMs taking
-    programs in order put a causal GQA 4:1 grid at N = 4k at 1.28x its work spread evenly,
-    1.06x with the tail reordered; the kernel ran 1.08-1.13x faster, bench/RESULTS.md)."""
+    programs in order, `python -m bench.grid_model`, put a causal GQA 4:1 grid at N = 4k at
+    1.28x its work spread evenly, 1.06x with the tail reordered; the kernel ran 1.08-1.13x
+    faster, bench/RESULTS.md)."""
     if VARLEN:
         off_b = 0
         off_hk = gl.program_id(0) % HKV
