@@ -58,7 +58,8 @@ def document_positions_kernel(CU_SEQLENS_Q, CU_SEQLENS_K, Q_POS, K_POS, n_docs, 
 @triton.jit
 def document_tiles_kernel(CU_SEQLENS, TABLE, n_docs, N, n_entries, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """TABLE int32 [n_entries, 2] from cu_seqlens (int32 [n_docs + 1], offsets clamped by
-    `document_bounds`, as the attention kernels clamp them)."""
+    `document_bounds`, as the attention kernels clamp them; decreasing ones can overlap
+    documents, whose tiles past n_entries are dropped)."""
     start = 0  # tiles of the blocks before this one
     for first in range(0, n_docs, BLOCK):
         docs = first + tl.arange(0, BLOCK)
@@ -67,7 +68,7 @@ def document_tiles_kernel(CU_SEQLENS, TABLE, n_docs, N, n_entries, TILE: tl.cons
         tiles = tl.where(inside, (rows + TILE - 1) // TILE, 0)
         before = start + tl.cumsum(tiles, 0) - tiles  # each document's first tile
         for m in range(tl.max(tiles, 0)):
-            present = m < tiles
+            present = (m < tiles) & (before + m < n_entries)  # overlapping offsets could list more
             tl.store(TABLE + 2 * (before + m), docs, mask=present)
             tl.store(TABLE + 2 * (before + m) + 1, tl.zeros_like(docs) + m, mask=present)
         start += tl.sum(tiles, 0)

@@ -187,6 +187,10 @@ def test_document_tiles_lists_every_tile_once():
     table = documents.document_tiles(cu_seqlens(many), sum(many), 128)
     expect = [[d, m] for d, n in enumerate(many) for m in range(-(-n // 128))]
     assert table.tolist() == expect + [[-1, 0]] * (table.shape[0] - len(expect))
+    # decreasing offsets (checked only on request on a GPU) overlap documents: 16 tiles in
+    # 8 + 3 entries, the rest dropped, never written past the table
+    table = documents.document_tiles(torch.tensor([0, 1000, 0, 1000], dtype=torch.int32, device=DEVICE), 1000, 128)
+    assert table.tolist() == [[0, m] for m in range(8)] + [[2, m] for m in range(3)]
 
 
 @requires_kernel
