@@ -211,12 +211,13 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     K=(f"*{dtype}", 16), stride_kb=("i64", 16), stride_kn=("i32", 16), stride_kh=("i32", 16),
                     INV_FREQ=("*fp32", 16), K_POS=("*i64", 16) if positions or varlen else None,
                     stride_pos_b="i32", stride_pos_n="i32", NQ="i32", NK="i32", HQ="i32", GROUP="i32",
-                    CU_SEQLENS_Q=("*i32", 16) if varlen else None,
+                    N_ITEMS="i32", CU_SEQLENS_Q=("*i32", 16) if varlen else None,
                     CU_SEQLENS_K=("*i32", 16) if varlen else None, TILES=("*i32", 16) if varlen else None,
                     TAIL_SEQUENCES="i32",
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
                     HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
-                    DESCENDING=[descending], STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
+                    DESCENDING=[descending], PERSISTENT=[not causal and not varlen and head_dim <= 128],
+                    STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
