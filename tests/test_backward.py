@@ -269,6 +269,7 @@ GPU_CASES = [
     ((3, 129, 129, 2, 2, 80, 80), dict(causal=True, interleaved=True)),  # D no power of two, one row past a tile
     ((2, 333, 333, 4, 2, 128, 128), dict(causal=True)),  # odd N: per-head rows of lse and delta unaligned
     ((4, 832, 832, 24, 8, 128, 128), dict(causal=True)),  # Gluon forward: 3 rounds of pair units, odd tile count
+    ((4, 2048, 2048, 16, 4, 64, 64), dict()),  # full attention: the Hopper backward's programs run 1-2 items each
 ]
 
 
@@ -291,6 +292,7 @@ KEYS_INSIDE_CASES = [
     ((1, 512, 2048, 32, 4, 128, 128), dict(causal=True)),
     ((2, 1000, 1000, 8, 8, 128, 64), dict(interleaved=True, positions=True)),
     ((2, 600, 600, 8, 2, 128, 128), dict(positions=True)),
+    ((4, 1024, 1024, 16, 8, 128, 128), dict(positions=True)),  # 256 full-attention items on the SMs' programs
     ((1, 700, 300, 4, 2, 128, 128), dict(causal=True)),
     ((2, 90, 50, 4, 2, 128, 128), dict()),
     ((2, 777, 777, 8, 1, 64, 64), dict(causal=True, layout="bhsd")),
