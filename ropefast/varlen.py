@@ -205,7 +205,10 @@ def scaled_rope_attention_varlen(
         out, lse = ops.attention(q[None], k[None], v[None], inv_freq, q_positions, k_positions, temperature,
                                  rotary_dim, interleaved, causal, softmax_scale, rotary_scale, cu_seqlens_q,
                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, need_lse=return_lse)
+        # squeeze, not [0]: its backward is a view too, where select's fills a zero tensor of
+        # out's size and copies the gradient into it (on an H100 8% of a training step at 16k
+        # tokens: bench/RESULTS.md)
         if return_lse:
-            lse = lse[0]
-        out = out[0]
+            lse = lse.squeeze(0)
+        out = out.squeeze(0)
     return (out, lse) if return_lse else out

@@ -176,6 +176,17 @@ def test_varlen_deterministic_backward_is_bitwise_repeatable():
 
 
 @requires_kernel
+def test_packed_outputs_hand_their_gradients_back_through_views():
+    # the op runs on [1, total, H, D] views; dropping that dimension by indexing would make
+    # the backward fill a zero tensor of out's size and copy the gradient into it
+    q, k, v = (torch.randn(20, heads, 16, device=DEVICE, requires_grad=True) for heads in (4, 2, 2))
+    cu = cu_seqlens((12, 8))
+    inv_freq = schedules.YaRN(16, factor=4.0, original_max_position_embeddings=16).inv_freq(device=DEVICE)
+    out, lse = scaled_rope_attention_varlen(q, k, v, cu, cu, 12, 12, inv_freq=inv_freq, causal=True, return_lse=True)
+    assert all("Select" not in type(x.grad_fn).__name__ for x in (out, lse))
+
+
+@requires_kernel
 def test_document_tiles_lists_every_tile_once():
     # the table the Hopper kernels index: (document, tile within it), then (-1, 0) up to
     # token count / tile + document count entries; empty documents have no tile
