@@ -56,8 +56,8 @@ def build_varlen(device):
 
 def build_dense(device):
     sched = yarn(HEAD_DIM)
-    # one causal sequence of every token
-    return lambda q, k, v: scaled_rope_attention(q[None], k[None], v[None], schedule=sched, causal=True)[0]
+    # one causal sequence of every token (squeeze, not [0], whose backward copies: in every pipeline)
+    return lambda q, k, v: scaled_rope_attention(q[None], k[None], v[None], schedule=sched, causal=True).squeeze(0)
 
 
 def build_sdpa_loop(device):
@@ -67,9 +67,9 @@ def build_sdpa_loop(device):
     starts = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
 
     def fn(q, k, v):
-        q, k = (apply_scaled_rope(x[None], schedule=sched, positions=positions)[0] for x in (q, k))
+        q, k = (apply_scaled_rope(x[None], schedule=sched, positions=positions).squeeze(0) for x in (q, k))
         outs = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
-                                               enable_gqa=True)[0].transpose(0, 1)
+                                               enable_gqa=True).squeeze(0).transpose(0, 1)
                 for a, b in zip(starts, starts[1:])]
         return torch.cat(outs)
     return fn
@@ -94,7 +94,7 @@ def build_flex_document_mask(device):
         q, k = (apply_scaled_rope(x[None], schedule=sched, positions=positions) for x in (q, k))
         out = flex(q.transpose(1, 2), k.transpose(1, 2), v[None].transpose(1, 2), block_mask=block_mask,
                    enable_gqa=True)
-        return out.transpose(1, 2)[0]
+        return out.transpose(1, 2).squeeze(0)
     return fn
 
 
