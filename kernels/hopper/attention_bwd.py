@@ -483,24 +483,14 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, d
             first_lo, first_hi, last_lo, last_hi = m_lo, m_full, m_end, m_tiles
         for g in range(GROUP):
             dq_row = (off_b * HQ + off_hk * GROUP + g) * gl.cdiv(NQ, BLOCK_M) * BLOCK_M + q_base  # tile 0's row
-            for i in range(first_hi - first_lo):
-                dk, dv = _step(count, _query_tile(first_lo, first_hi, i, DESCENDING), shift, dq_row, dk, dv, k_mine,
-                               v_mine, k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem,
-                               q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, True,
-                               STAGES, SPLIT, S_L, O_L, DQ_L)
-                count += 1
-            for i in range(m_end - m_full):
-                dk, dv = _step(count, _query_tile(m_full, m_end, i, DESCENDING), shift, dq_row, dk, dv, k_mine,
-                               v_mine, k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem,
-                               q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, False,
-                               STAGES, SPLIT, S_L, O_L, DQ_L)
-                count += 1
-            for i in range(last_hi - last_lo):
-                dk, dv = _step(count, _query_tile(last_lo, last_hi, i, DESCENDING), shift, dq_row, dk, dv, k_mine,
-                               v_mine, k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem,
-                               q_ready, q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, True,
-                               STAGES, SPLIT, S_L, O_L, DQ_L)
-                count += 1
+            for run in gl.static_range(3):  # a masked run, the unmasked tiles, a masked run
+                lo, hi = (first_lo, first_hi) if run == 0 else ((m_full, m_end) if run == 1 else (last_lo, last_hi))
+                for i in range(hi - lo):
+                    dk, dv = _step(count, _query_tile(lo, hi, i, DESCENDING), shift, dq_row, dk, dv, k_mine, v_mine,
+                                   k_block, v_block, q_smem, do_smem, lse2_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                                   q_empty, handoff, dq_desc, keys, nq, nk, CID, D_PAD, CAUSAL, VARLEN, run != 1,
+                                   STAGES, SPLIT, S_L, O_L, DQ_L)
+                    count += 1
         if PERSISTENT:  # every matmul of this item that reads K^ or V has been waited for: the
             # producer may load the next item's, and the other warpgroup rotate its keys into K^
             mbarrier.arrive(kv_empty, count=1)
