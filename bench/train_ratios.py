@@ -3,11 +3,16 @@ against `apply_scaled_rope` + cuDNN SDPA and cuDNN SDPA without RoPE, on the sui
 shapes plus GQA 4:1, D=64 and D=256: one table, JSON to $OUT when set. The numbers behind
 bench/RESULTS.md's backward section:
 
-    PYTHONPATH=. python bench/train_ratios.py [quick]
+    PYTHONPATH=. [ROUNDS=3] python bench/train_ratios.py [quick]
+
+Each case times every pipeline once a round, ROUNDS rounds in turn (default 3): cuDNN's own
+time swings by up to 10% between calls of one process, so a ratio comes from the times of one
+round, and the table gives the median and the range over rounds (TF/s: the best round).
 """
 
 import json
 import os
+import statistics
 import sys
 
 import triton
@@ -30,7 +35,7 @@ def cases(quick):
             + [Case("bf16", 256, 8, 8, 4096, True)])
 
 
-def main(quick):
+def main(quick, rounds):
     rows = []
     for case in cases(quick):
         q, k, v = make_inputs(case, "cuda", requires_grad=True)
@@ -42,20 +47,25 @@ def main(quick):
             "fused_deterministic": lambda q, k, v: scaled_rope_attention(q, k, v, schedule=sched, causal=case.causal,
                                                                          deterministic=True),
         }
-        ms = {name: train_ms(fn, q, k, v) for name, fn in pipelines.items()}
-        rows.append(dict(case=case.name, **{name: round(t, 3) for name, t in ms.items()},
-                         tflops_fused=round(case.flops(True) / ms["fused"] / 1e9, 1),
-                         vs_cudnn=round(ms["cudnn"] / ms["fused"], 3),
-                         vs_rope_cudnn=round(ms["rope+cudnn"] / ms["fused"], 3),
-                         deterministic_vs_cudnn=round(ms["cudnn"] / ms["fused_deterministic"], 3)))
+        ms = [{name: train_ms(fn, q, k, v) for name, fn in pipelines.items()} for _ in range(rounds)]
+
+        def ratios(peer, ours="fused"):
+            return sorted(round(r[peer] / r[ours], 3) for r in ms)
+        rows.append(dict(case=case.name, ms=[{name: round(t, 3) for name, t in r.items()} for r in ms],
+                         tflops_fused=round(case.flops(True) / min(r["fused"] for r in ms) / 1e9, 1),
+                         vs_cudnn=ratios("cudnn"), vs_rope_cudnn=ratios("rope+cudnn"),
+                         deterministic_vs_cudnn=ratios("cudnn", "fused_deterministic")))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_ratios.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"{'case':40s} {'fused TF/s':>10s} {'/ cuDNN':>8s} {'/ rope+cuDNN':>12s} {'determ. / cuDNN':>15s}")
+
+    def cell(values):  # median (min-max)
+        return f"{statistics.median(values):.3f} ({values[0]:.3f}-{values[-1]:.3f})"
+    print(f"{'case':40s} {'fused TF/s':>10s} {'/ cuDNN':>20s} {'/ rope+cuDNN':>20s} {'determ. / cuDNN':>20s}")
     for r in rows:
-        print(f"{r['case']:40s} {r['tflops_fused']:10.1f} {r['vs_cudnn']:8.3f} {r['vs_rope_cudnn']:12.3f} "
-              f"{r['deterministic_vs_cudnn']:15.3f}")
+        print(f"{r['case']:40s} {r['tflops_fused']:10.1f} {cell(r['vs_cudnn']):>20s} {cell(r['vs_rope_cudnn']):>20s} "
+              f"{cell(r['deterministic_vs_cudnn']):>20s}")
 
 
 if __name__ == "__main__":
-    main(quick=sys.argv[1:] == ["quick"])
+    main(quick=sys.argv[1:] == ["quick"], rounds=int(os.environ.get("ROUNDS", 3)))
