@@ -691,7 +691,6 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
         hq // hkv, items, cu_seqlens_q, cu_seqlens_k, tiles, tail_sequences, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAIRS=rotary_dim // 2, INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal,
         VARLEN=cu_seqlens_q is not None, ROTATE_K=k_rot is None, DESCENDING=descending, PERSISTENT=persistent,
-        STAGES=stages,
-        BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
