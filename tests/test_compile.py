@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ropefast import apply_scaled_rope, ops, scaled_rope_attention, schedules
+from ropefast import apply_scaled_rope, dispatch, ops, scaled_rope_attention, schedules
 
 from conftest import DEVICE, rel_err, requires_cuda, requires_kernel
 
@@ -91,7 +91,8 @@ def test_rope_op_passes_opcheck():
 
 
 @requires_cuda
-def test_cuda_graph_replays_forward_and_backward():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_graph_replays_forward_and_backward(deterministic):
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     k, v = (torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
@@ -100,9 +101,12 @@ def test_cuda_graph_replays_forward_and_backward():
     yarn = schedules.YaRN(128, factor=4.0, original_max_position_embeddings=64)
 
     def step():
-        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True)
+        out = scaled_rope_attention(q, k, v, schedule=yarn, causal=True, deterministic=deterministic)
         return [out, *torch.autograd.grad(out, (q, k, v), grad)]
 
+    # the default Hopper backward sums dq with atomics in a varying order: dq matches closely,
+    # everything else (and every output of the deterministic path) bitwise
+    atomic_dq = dispatch.backward_path(q, deterministic=deterministic) == "hopper"
     stream = torch.cuda.Stream()  # warm up (compiles, fills caches) on a side stream, as capture wants
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -117,5 +121,8 @@ def test_cuda_graph_replays_forward_and_backward():
                 x.mul_(scale)
         graph.replay()
         expect = step()
-        for got, want in zip(captured, expect):
-            assert torch.equal(got, want)
+        for index, (got, want) in enumerate(zip(captured, expect)):
+            if atomic_dq and index == 1:
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+            else:
+                assert torch.equal(got, want), index
