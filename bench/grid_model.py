@@ -2,7 +2,7 @@
 programs to SMs in grid order as they free up, and a program lasts its query-tile steps plus a
 fixed start and end. It needs no GPU; its grid orders mirror `_program_item` in
 kernels/hopper/attention_bwd.py (a sequence's key blocks together, longest first; causal grids'
-last TAIL_SEQUENCES sequences longest first across them).
+last `tail_sequences` longest first across them).
 
     python -m bench.grid_model [SMS]
 
@@ -15,6 +15,8 @@ TF/s of its full call before the tail order and 1.08-1.13x faster with it (bench
 import heapq
 import math
 import sys
+
+from ropefast.kernels.hopper.attention_bwd import tail_sequences
 
 BLOCK_M = 64  # queries per step
 PROGRAM_OVERHEAD = 3  # a program's start and end, in steps
@@ -48,7 +50,7 @@ def main(sms):
     print(f"| causal shape | grid end / even, {sms} SMs | with the tail order |")
     print("| --- | --- | --- |")
     for name, batch, hq, hkv, n, block_n in SHAPES:
-        tail = min(batch * hkv, math.ceil(sms / math.ceil(n / block_n)))
+        tail = tail_sequences(batch * hkv, math.ceil(n / block_n), sms)
         ends = []
         for t in (0, tail):
             steps = program_steps(batch, hq, hkv, n, block_n, t)

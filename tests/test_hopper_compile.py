@@ -216,7 +216,7 @@ BACKWARD_COMPILE = PRELUDE + textwrap.dedent("""
                     TAIL_SEQUENCES="i32",
                     HEAD_DIM=[head_dim], D_PAD=[head_dim], PAIRS=[head_dim // 2], INTERLEAVED=[interleaved],
                     HAS_POS=[positions or varlen], CAUSAL=[causal], VARLEN=[varlen], ROTATE_K=[rotate_k],
-                    DESCENDING=[descending], PERSISTENT=[not causal and not varlen and head_dim <= 128],
+                    DESCENDING=[descending], PERSISTENT=[hopper_bwd.persistent(causal, varlen, head_dim)],
                     STAGES=[stages], BLOCK_N=[block_n], CONSUMER_REGS=[consumer_regs])
         source = GluonASTSource(fn=hopper_bwd.rope_attention_bwd_hopper_kernel, **signature_of(args))
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))

@@ -623,6 +623,22 @@ def bwd_config(head_dim):
     return HOPPER_BWD_CONFIGS[head_dim]
 
 
+def persistent(causal, varlen, d_pad):
+    """Whether a call's items run in turn on one program per SM (PERSISTENT): full attention's
+    items, all of equal work, do, so that a program starts once and its producer loads the
+    next item's V and first tiles while the consumers finish one (gradient kernel on an H100,
+    new / old: 1k 1.02-1.05x, 4k 1.00-1.08x, 16k 1.05-1.08x; GQA 4:1 and D = 64 level; at
+    D = 256 0.98x, so not there). Causal and packed items run one program each, as SMs free
+    up: a fixed share per program would end unevenly."""
+    return not causal and not varlen and d_pad <= 128
+
+
+def tail_sequences(sequences, key_blocks, sms):
+    """TAIL_SEQUENCES of a dense causal call: about a wave's worth of its last sequences,
+    whose key blocks run longest first across them (`_program_item`)."""
+    return min(sequences, cdiv(sms, key_blocks))
+
+
 def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal, cu_seqlens_q=None,
                               cu_seqlens_k=None, keys, config=None):
     """The gradient kernel of `kernels.attention_bwd.rope_attention_bwd` on Hopper: from dO,
@@ -668,29 +684,24 @@ def rope_attention_bwd_hopper(do, out, lse, dlse, q_rot, k_rot, v, dk, *, causal
     sms = device.multiprocessors(q_rot.device)
     if cu_seqlens_q is None:
         tiles, items = None, cdiv(nk, block_n) * batch * hkv
-        # causal: the last wave's worth of sequences run their blocks longest first across them
-        tail_sequences = min(batch * hkv, cdiv(sms, cdiv(nk, block_n)))
+        # (read by causal calls only: 0 elsewhere, one compiled variant)
+        tail = tail_sequences(batch * hkv, cdiv(nk, block_n), sms) if causal else 0
     else:  # (key block, KV head) of the document tiles' table
         tiles = document_tiles(cu_seqlens_k, nk, block_n)
         items = tiles.shape[0] * hkv
-        tail_sequences = 0
-    # Full attention's items (all of equal work) run on one program per SM in turn: a program
-    # starts once, and its producer loads the next item's V and first tiles while the consumers
-    # finish one (gradient kernel on an H100, new / old: 1k 1.02-1.05x, 4k 1.00-1.08x, 16k
-    # 1.05-1.08x; GQA 4:1 and D = 64 level; at D = 256 0.98x, so not there). Causal and packed
-    # items run one program each, as SMs free up: a fixed share per program would end unevenly.
-    persistent = not causal and cu_seqlens_q is None and d_pad <= 128
+        tail = 0
+    on_sms = persistent(causal, cu_seqlens_q is not None, d_pad)
     k, inv_freq, k_positions, rotary_dim, interleaved = keys
     descending = causal and hq > hkv and cu_seqlens_q is None and nk <= DESCENDING_MAX_KEYS[d_pad]
     if k_rot is not None:  # the rotation's constexprs are unused: one compiled variant for all
         k_positions, rotary_dim, interleaved = None, 0, False
     launch(
-        rope_attention_bwd_hopper_kernel, (min(items, sms) if persistent else items,),
+        rope_attention_bwd_hopper_kernel, (min(items, sms) if on_sms else items,),
         q_desc, k_desc, v_desc, do_desc, lse2_desc, delta_desc, dq_desc, dk, *dk.stride()[:3], dv,
         *dv.stride()[:3], k, *k.stride()[:3], inv_freq, k_positions, *row_strides(k_positions), nq, nk, hq,
-        hq // hkv, items, cu_seqlens_q, cu_seqlens_k, tiles, tail_sequences, HEAD_DIM=head_dim, D_PAD=d_pad,
+        hq // hkv, items, cu_seqlens_q, cu_seqlens_k, tiles, tail, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAIRS=rotary_dim // 2, INTERLEAVED=interleaved, HAS_POS=k_positions is not None, CAUSAL=causal,
-        VARLEN=cu_seqlens_q is not None, ROTATE_K=k_rot is None, DESCENDING=descending, PERSISTENT=persistent,
+        VARLEN=cu_seqlens_q is not None, ROTATE_K=k_rot is None, DESCENDING=descending, PERSISTENT=on_sms,
         STAGES=stages, BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )
     return dq_acc[:, :, :nq, :head_dim].transpose(1, 2), dv
